@@ -1,0 +1,38 @@
+# Two entry points for a newcomer: `make demo` (set up, then run the embedded MNIST T-shirt demo)
+# and `make test` (set up, then lint and run the test suite).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on disk here; a bare `torch` requirement would pull a multi-GB CUDA
+# build, so without CUDA we pin the CPU build before installing the project.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+
+.PHONY: setup test demo lint bench clean
+
+$(BIN)/retrack: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	@-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
+		echo "note: could not install Debian's dataset-fashion-mnist; retrack demo uses the shipped data."; \
+	fi
+	touch $(BIN)/retrack
+
+setup: $(BIN)/retrack
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/retrack demo
+
+bench: setup
+	$(BIN)/python bench/bench_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,16 @@
+"""retrack: data unlearning for diffusion models (ReTrack and its baselines)."""
+
+from retrack.errors import UserError
+
+__version__ = "0.1.0"
+
+__all__ = ["UserError", "__version__", "unlearn", "sample"]
+
+
+def __getattr__(name: str):
+    # The public API imports torch and diffusers; load it lazily so `retrack --help` stays quick.
+    if name in ("unlearn", "sample"):
+        from retrack import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

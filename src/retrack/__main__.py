@@ -1,0 +1,3 @@
+from retrack.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""Image sets as uint8 arrays with content hashes, the loaders that build them, and forget specs.
+
+Everything downstream (neighbours, caches, run records) identifies data by content, never by
+path, so a changed file can never be mistaken for the one that was there before.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrack.errors import UserError, require
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images as uint8 (N, H, W, C), with one content digest per image and one for the set."""
+
+    images: np.ndarray
+    source: str
+
+    def __post_init__(self) -> None:
+        require(self.images.ndim == 4, f"images must be (N,H,W,C), got shape {self.images.shape}")
+        require(self.images.dtype == np.uint8, f"images must be uint8, got {self.images.dtype}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image, the layout models see."""
+        _, h, w, c = self.images.shape
+        return (c, h, w)
+
+    def image_digests(self) -> list[str]:
+        return [image_digest(im) for im in self.images]
+
+    def digest(self) -> str:
+        """Hash of the whole set (shape and bytes): the key of every cache built from it."""
+        h = hashlib.sha256(str(self.images.shape).encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        return h.hexdigest()
+
+    def subset(self, indices: np.ndarray) -> ImageSet:
+        return ImageSet(self.images[indices], f"{self.source}[subset]")
+
+    def as_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Float (N, C, H, W) in [-1, 1], the range every model here is trained on."""
+        return to_model_range(torch.from_numpy(self.images).to(device))
+
+
+def to_model_range(images_uint8_nhwc: torch.Tensor) -> torch.Tensor:
+    return images_uint8_nhwc.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Model-range (N, C, H, W) tensor to uint8 (N, H, W, C)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_digest(image: np.ndarray) -> str:
+    h = hashlib.sha256(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------
+
+
+def load_images(path: str | Path) -> ImageSet:
+    """Load a folder of images, an .npz with `images`, or a torchvision-style dataset folder."""
+    p = Path(path)
+    require(p.exists(), f"data path {str(p)!r} does not exist.")
+    if p.is_file():
+        require(p.suffix == ".npz", f"data file {str(p)!r} is not an .npz (expected an 'images' array).")
+        return _load_npz(p)
+    idx = _find_idx_images(p)
+    if idx is not None:
+        return ImageSet(_nhwc(read_idx(idx)), str(p))
+    cifar = _find_cifar(p)
+    if cifar is not None:
+        return ImageSet(_load_cifar(cifar), str(p))
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    require(bool(files), f"data folder {str(p)!r} holds no png/jpg images, IDX files or CIFAR-10 batches.")
+    images = [_read_image_file(f) for f in files]
+    odd = next((f for f, im in zip(files, images) if im.shape != images[0].shape), None)
+    require(odd is None, f"image {str(odd)!r} differs in size or channels from {str(files[0])!r}.")
+    return ImageSet(np.stack(images), str(p))
+
+
+def _nhwc(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    return np.ascontiguousarray(images)
+
+
+def _load_npz(p: Path) -> ImageSet:
+    try:
+        with np.load(p) as z:
+            require("images" in z.files, f"{str(p)!r} has no 'images' array (found {z.files}).")
+            images = z["images"]
+    except (OSError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"could not read {str(p)!r}: {e}.") from None
+    require(images.dtype == np.uint8, f"'images' in {str(p)!r} must be uint8, got {images.dtype}.")
+    require(images.ndim in (3, 4), f"'images' in {str(p)!r} must be (N,H,W) or (N,H,W,C), got {images.shape}.")
+    return ImageSet(_nhwc(images), str(p))
+
+
+def _read_image_file(f: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            im = im.convert("L") if im.mode in ("L", "1", "I;16", "LA") else im.convert("RGB")
+            arr = np.array(im)
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"could not read image {str(f)!r}: {e}.") from None
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX image file (MNIST/Fashion-MNIST format), gzipped or not, as uint8 (N,H,W)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    require(len(data) >= 16 and data[2] == 0x08 and data[3] == 3, f"{str(path)!r} is not an IDX image file.")
+    n, h, w = (int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
+    require(len(data) == 16 + n * h * w, f"{str(path)!r} is truncated.")
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def read_idx_labels(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    require(len(data) >= 8 and data[3] == 1, f"{str(path)!r} is not an IDX label file.")
+    return np.frombuffer(data, dtype=np.uint8, offset=8)
+
+
+def find_idx(root: Path, stem: str) -> Path | None:
+    """Find `stem` (e.g. train-images-idx3-ubyte) under a torchvision-style folder, gz or not."""
+    for sub in ("", "raw", "MNIST/raw", "FashionMNIST/raw"):
+        for name in (stem, stem + ".gz"):
+            f = root / sub / name
+            if f.is_file():
+                return f
+    return None
+
+
+def _find_idx_images(root: Path) -> Path | None:
+    return find_idx(root, "train-images-idx3-ubyte")
+
+
+def _find_cifar(root: Path) -> Path | None:
+    for d in (root, root / "cifar-10-batches-py"):
+        if (d / "data_batch_1").is_file():
+            return d
+    return None
+
+
+def _load_cifar(d: Path) -> np.ndarray:
+    chunks = []
+    for i in range(1, 6):
+        with open(d / f"data_batch_{i}", "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        chunks.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+    return np.ascontiguousarray(np.concatenate(chunks).transpose(0, 2, 3, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forget specs and the remain/forget split
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into one ImageSet: what must be forgotten and what remains."""
+
+    forget: np.ndarray
+    remain: np.ndarray
+
+
+def parse_forget(spec: str, data: ImageSet) -> np.ndarray:
+    """Turn '17,42', '@indices.txt' or image paths (matched by content) into sorted indices."""
+    spec = spec.strip()
+    require(bool(spec), "the forget spec is empty.")
+    if spec.startswith("@"):
+        f = Path(spec[1:])
+        require(f.is_file(), f"forget index file {str(f)!r} does not exist.")
+        tokens = [t.strip() for t in f.read_text().splitlines() if t.strip() and not t.startswith("#")]
+        require(bool(tokens), f"forget index file {str(f)!r} holds no indices.")
+    else:
+        tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    indices: list[int] = []
+    lookup: dict[str, list[int]] | None = None
+    for tok in tokens:
+        if _is_int(tok):
+            indices.append(int(tok))
+            continue
+        require(Path(tok).is_file(), f"forget entry {tok!r} is neither an index nor an existing image file.")
+        if lookup is None:
+            lookup = {}
+            for i, d in enumerate(data.image_digests()):
+                lookup.setdefault(d, []).append(i)
+        image = _read_image_file(Path(tok))
+        found = lookup.get(image_digest(image))
+        require(found is not None, f"forget image {tok!r} does not occur in the data.")
+        indices.extend(found)
+    n = len(data)
+    bad = [i for i in indices if not 0 <= i < n]
+    require(not bad, f"forget index {bad[0] if bad else ''} is out of range for {n} images.")
+    require(len(set(indices)) == len(indices), f"forget indices contain duplicates: {_dups(indices)}.")
+    return np.array(sorted(indices), dtype=np.int64)
+
+
+def split(data: ImageSet, forget: np.ndarray) -> Split:
+    require(len(forget) > 0, "the forget set is empty.")
+    mask = np.ones(len(data), dtype=bool)
+    mask[forget] = False
+    remain = np.nonzero(mask)[0]
+    require(len(remain) > 0, "the forget set covers the whole data set: nothing would remain.")
+    return Split(forget=np.asarray(forget, dtype=np.int64), remain=remain)
+
+
+def _is_int(tok: str) -> bool:
+    return tok.lstrip("-").isdigit()
+
+
+def _dups(indices: list[int]) -> list[int]:
+    seen: set[int] = set()
+    return sorted({i for i in indices if i in seen or seen.add(i)})

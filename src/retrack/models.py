@@ -1,0 +1,155 @@
+"""One model contract for everything downstream: a Denoiser that predicts ε at integer timesteps.
+
+Loading accepts a diffusers pipeline directory (`unet/` + `scheduler/`), a bare `UNet2DModel`
+directory (optionally with `scheduler_config.json` beside it) or a hub id; saving writes the same
+layout the model came in, so an unlearned model drops in where the original was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from retrack.errors import UserError, require
+
+Layout = Literal["pipeline", "bare"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """γ_t = sqrt(ᾱ_t) and σ_t = sqrt(1 − ᾱ_t) from the model's own scheduler."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float64
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def gamma_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ_t, σ_t for integer timesteps t, shaped to broadcast against `like` (B, C, H, W)."""
+        a = self.alphas_cumprod.to(like.device)[t.to(like.device)].to(like.dtype)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
+
+
+class Denoiser(nn.Module):
+    """ε-prediction at integer timesteps, whatever the UNet's own prediction type.
+
+    v- and x0-predicting models are converted exactly (ε = γ·v + σ·x, ε = (x − γ·x0)/σ), so every
+    objective, sampler and metric can speak ε alone.
+    """
+
+    def __init__(self, unet: nn.Module, schedule: Schedule, prediction_type: str = "epsilon"):
+        super().__init__()
+        require(
+            prediction_type in ("epsilon", "v_prediction", "sample"),
+            f"prediction type {prediction_type!r} is not supported (epsilon, v_prediction, sample).",
+        )
+        self.unet = unet
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.unet(x, t).sample
+        if self.prediction_type == "epsilon":
+            return out
+        gamma, sigma = self.schedule.gamma_sigma(t, x)
+        if self.prediction_type == "v_prediction":
+            return gamma * out + sigma * x
+        return (x - gamma * out) / sigma
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        cfg = self.unet.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(cfg.in_channels), int(h), int(w))
+
+
+@dataclass
+class LoadedModel:
+    """A Denoiser plus what is needed to write it back in the layout it came in."""
+
+    denoiser: Denoiser
+    scheduler: object
+    layout: Layout
+    source: str
+
+
+def load_model(model: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a diffusers UNet2DModel and its scheduler from a local directory or a hub id."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    path = Path(model)
+    if path.exists():
+        require(path.is_dir(), f"model path {str(path)!r} is not a directory.")
+        if (path / "unet").is_dir():
+            layout: Layout = "pipeline"
+        else:
+            require(
+                (path / "config.json").is_file(),
+                f"model directory {str(path)!r} has neither a unet/ subfolder nor a config.json.",
+            )
+            layout = "bare"
+    elif _looks_like_hub_id(str(model)):
+        layout = "pipeline"
+    else:
+        raise UserError(f"model path {str(model)!r} does not exist.")
+    _refuse_conditional(path, layout)
+    try:
+        sub = "unet" if layout == "pipeline" else None
+        unet = UNet2DModel.from_pretrained(str(model), subfolder=sub)
+        if layout == "pipeline":
+            scheduler = DDPMScheduler.from_pretrained(str(model), subfolder="scheduler")
+        elif (path / "scheduler_config.json").is_file():
+            scheduler = DDPMScheduler.from_pretrained(str(path))
+        else:
+            scheduler = DDPMScheduler()  # diffusers' default: linear β, 1000 steps
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"could not load a diffusers UNet2DModel from {str(model)!r}: {_first_line(e)}") from None
+    schedule = Schedule(scheduler.alphas_cumprod.to(torch.float64))
+    denoiser = Denoiser(unet, schedule, scheduler.config.prediction_type).to(device)
+    return LoadedModel(denoiser, scheduler, layout, str(model))
+
+
+def save_model(loaded: LoadedModel, out: Path) -> None:
+    """Write the (possibly fine-tuned) UNet and scheduler in the layout the model came in."""
+    unet = loaded.denoiser.unet
+    if loaded.layout == "pipeline":
+        unet.save_pretrained(out / "unet")
+        loaded.scheduler.save_pretrained(out / "scheduler")
+        src_index = Path(loaded.source) / "model_index.json"
+        if src_index.is_file():
+            shutil.copy(src_index, out / "model_index.json")
+        else:
+            index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                     "scheduler": ["diffusers", type(loaded.scheduler).__name__]}
+            (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    else:
+        unet.save_pretrained(out)
+        loaded.scheduler.save_pretrained(out)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _refuse_conditional(path: Path, layout: Layout) -> None:
+    cfg = path / ("unet" if layout == "pipeline" else "") / "config.json"
+    if cfg.is_file():
+        try:
+            cls = json.loads(cfg.read_text()).get("_class_name", "UNet2DModel")
+        except json.JSONDecodeError:
+            raise UserError(f"{str(cfg)!r} is not valid JSON.") from None
+        require(cls == "UNet2DModel", f"{str(cfg)!r} holds a {cls}; only unconditional UNet2DModel is supported.")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
