@@ -1,0 +1,1 @@
+"""One module per `retrack` subcommand; each exposes `register(subparsers)`."""
