@@ -94,7 +94,7 @@ def load_images(path: str | Path) -> ImageSet:
     files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     require(bool(files), f"data folder {str(p)!r} holds no png/jpg images, IDX files or CIFAR-10 batches.")
     images = [_read_image_file(f) for f in files]
-    odd = next((f for f, im in zip(files, images) if im.shape != images[0].shape), None)
+    odd = next((f for f, im in zip(files, images, strict=False) if im.shape != images[0].shape), None)
     require(odd is None, f"image {str(odd)!r} differs in size or channels from {str(files[0])!r}.")
     return ImageSet(np.stack(images), str(p))
 

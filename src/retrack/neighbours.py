@@ -1,0 +1,95 @@
+"""Exact Euclidean k-nearest remain images of each forget image, streamed and cached by content.
+
+Distances are computed on the uint8 pixel values in float64, where ‖a‖² + ‖b‖² − 2⟨a, b⟩ is exact,
+so the order is the exact order in the model's input space (an affine rescaling of pixels). The
+remain set is visited in chunks, so extra memory is O(F·(K + chunk)) whatever its size. Ties go
+to the smaller remain index. The cache key hashes the images themselves and K, so a changed data
+set can never reuse a stale list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retrack.errors import require
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("RETRACK_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "retrack")
+    return Path(root) / "neighbours"
+
+
+def cache_key(remain: np.ndarray, forget: np.ndarray, k: int) -> str:
+    h = hashlib.sha256(f"knn-v1|k={k}|{remain.shape}|{forget.shape}".encode())
+    h.update(np.ascontiguousarray(remain).tobytes())
+    h.update(np.ascontiguousarray(forget).tobytes())
+    return h.hexdigest()[:32]
+
+
+def nearest_neighbours(
+    remain: np.ndarray,
+    forget: np.ndarray,
+    k: int,
+    chunk: int = 4096,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (F, K) into `remain` of each forget image's K nearest, and their distances.
+
+    Args:
+        remain, forget: uint8 image arrays (N, ...) and (F, ...) of the same image shape.
+        k: neighbours per forget image, 1 ≤ k ≤ N.
+    Returns:
+        (indices int64 (F, K) sorted nearest first, Euclidean distances float64 (F, K) in pixels).
+    """
+    require(remain.shape[1:] == forget.shape[1:], "forget and remain images differ in shape.")
+    n = remain.shape[0]
+    require(1 <= k <= n, f"K = {k} must be between 1 and the remain set's size {n}.")
+    f = torch.from_numpy(forget.reshape(len(forget), -1)).double()
+    f_sq = f.pow(2).sum(1, keepdim=True)
+    best_d = torch.empty((len(forget), 0), dtype=torch.float64)
+    best_i = torch.empty((len(forget), 0), dtype=torch.int64)
+    for start in tqdm(range(0, n, chunk), desc="nearest neighbours", disable=not progress,
+                      dynamic_ncols=True):
+        r = torch.from_numpy(remain[start : start + chunk].reshape(-1, f.shape[1])).double()
+        d = (f_sq + r.pow(2).sum(1)[None, :] - 2.0 * f @ r.T).clamp_min(0.0)
+        idx = torch.arange(start, start + r.shape[0], dtype=torch.int64).expand(len(forget), -1)
+        # Earlier chunks hold smaller indices, so a stable sort keeps ties in index order.
+        d_all, i_all = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)
+        order = torch.sort(d_all, dim=1, stable=True).indices[:, :k]
+        best_d, best_i = d_all.gather(1, order), i_all.gather(1, order)
+    return best_i.numpy(), best_d.sqrt().numpy()
+
+
+def cached_nearest_neighbours(
+    remain: np.ndarray,
+    forget: np.ndarray,
+    k: int,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """nearest_neighbours() through an on-disk cache keyed by the images' content and K."""
+    require(1 <= k <= remain.shape[0],
+            f"K = {k} must be between 1 and the remain set's size {remain.shape[0]}.")
+    cache_dir = cache_dir or default_cache_dir()
+    path = cache_dir / f"{cache_key(remain, forget, k)}.npy"
+    if path.is_file():
+        cached = np.load(path)
+        if cached.shape == (len(forget), k):
+            return cached
+    indices, _ = nearest_neighbours(remain, forget, k, progress=progress)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, indices)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache location only costs recomputation
+    return indices

@@ -1,0 +1,111 @@
+"""What every unlearning objective shares: the batch it reads, noising, and gradient rules.
+
+An objective is a pure function of tensors. `prepare` turns clean images into the one batch of
+noisy inputs the model sees (a single forward per step); `terms` turns the model's ε prediction
+into named scalar loss terms (squared error summed over C,H,W, averaged over the batch: the
+reduction the paper's learning rates assume). The trainer owns models, gradients and devices and
+combines the terms with the objective's `GradientRule`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+
+from retrack.models import Schedule
+
+
+@dataclass
+class TrainBatch:
+    """Clean images in model range for one step; which parts are filled depends on the method.
+
+    `neighbours` holds, per forget row, indices into `bank` (the remain images as uint8 NCHW);
+    None with a bank means "every remain image" (ReTrack's untruncated objective).
+    """
+
+    remain: torch.Tensor | None = None
+    forget: torch.Tensor | None = None
+    neighbours: torch.Tensor | None = None
+    bank: torch.Tensor | None = None
+
+
+@dataclass
+class Prepared:
+    """Noisy inputs for one forward pass, their timesteps and whatever the loss compares against."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WeightedSum:
+    """g = ∇ Σ_i w_i·term_i: one backward pass."""
+
+    weights: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TwoGradientRule:
+    """g = g_main + c·g_corr with c = coefficient(⟨g_main, g_corr⟩, ‖g_corr‖²).
+
+    EraseDiff and SISS both have this form, so the trainer keeps one extra copy of the gradients
+    (g_main) and combines in place, instead of the three copies of the reference code.
+    """
+
+    main: str
+    corr: str
+    kind: str  # "erasediff" or "siss"
+    value: float  # η for EraseDiff, s for SISS
+
+    def coefficient(self, dot: float, sq_norm: float) -> float:
+        if sq_norm <= 0.0:
+            return 0.0
+        if self.kind == "erasediff":
+            return max(self.value - dot / sq_norm, 0.0)
+        if self.kind == "siss":
+            return -self.value / sq_norm**0.5
+        raise ValueError(f"unknown two-gradient rule {self.kind!r}")
+
+
+GradientRule = WeightedSum | TwoGradientRule
+
+
+class Objective(Protocol):
+    """One unlearning method; see objectives/<name>.py."""
+
+    name: ClassVar[str]
+    needs_remain: ClassVar[bool]
+    needs_forget: ClassVar[bool]
+    needs_neighbours: ClassVar[bool]
+
+    def prepare(self, batch: TrainBatch, schedule: Schedule, gen: torch.Generator) -> Prepared: ...
+
+    def terms(self, eps: torch.Tensor, prepared: Prepared) -> dict[str, torch.Tensor]: ...
+
+    @property
+    def rule(self) -> GradientRule: ...
+
+
+def noise_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU generator, so a seed gives the same run on any device."""
+    return torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+
+
+def draw_timesteps(n: int, schedule: Schedule, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.randint(0, schedule.num_steps, (n,), generator=gen).to(device)
+
+
+def noisy(
+    x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: Schedule
+) -> torch.Tensor:
+    """x_t = γ_t·x0 + σ_t·ε."""
+    gamma, sigma = schedule.gamma_sigma(t, x0)
+    return gamma * x0 + sigma * eps
+
+
+def sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared error summed over C, H, W: shape (B,)."""
+    return (pred - target).pow(2).flatten(1).sum(1)
