@@ -80,23 +80,25 @@ def weighted_target(
         gamma, sigma: γ_t, σ_t broadcastable to x_t.
         bank: remain images, uint8 (N, C, H, W) on any device.
         neighbours: (B, K) indices into bank, or None for all N remain images.
-        chunk: neighbours per chunk; by default about 16M float64 values per chunk.
+        chunk: neighbours per chunk; by default about 4M float64 values (32 MB) per chunk.
     Returns:
         (v̄ of shape (B, C, H, W), spread of shape (B,)); no gradient flows through p.
     """
     b = x_t.shape[0]
     xf = x_t.flatten(1).double()
-    g, s = gamma.reshape(b, 1, 1).double(), sigma.reshape(b, 1, 1).double()
+    g, s = gamma.reshape(b, 1).double(), sigma.reshape(b, 1).double()
+    x_sq = xf.pow(2).sum(1, keepdim=True)
     total = bank.shape[0] if neighbours is None else neighbours.shape[1]
-    chunk = chunk or max(1, (1 << 24) // (b * xf.shape[1]))
+    chunk = chunk or max(1, (1 << 22) // (b * xf.shape[1]))
     run_max = torch.full((b,), -torch.inf, dtype=torch.float64, device=x_t.device)
     norm = torch.zeros_like(run_max)
     acc_a = torch.zeros_like(xf)  # Σ w_k a_k
     acc_sq = torch.zeros_like(run_max)  # Σ w_k ‖v_k‖²
     for k0 in range(0, total, chunk):
-        a = _gather(bank, neighbours, k0, min(total, k0 + chunk), b, x_t.device)
-        v = (xf[:, None, :] - g * a) / s  # (B, c, D)
-        sq = v.pow(2).sum(-1)
+        a = _gather(bank, neighbours, k0, min(total, k0 + chunk), b, x_t.device)  # (B, c, D)
+        # ‖v_k‖² = (‖x‖² − 2γ⟨x, a_k⟩ + γ²‖a_k‖²)/σ², without a (B, c, D) difference tensor.
+        cross = torch.einsum("bd,bcd->bc", xf, a)
+        sq = ((x_sq - 2 * g * cross + g.pow(2) * a.pow(2).sum(-1)) / s.pow(2)).clamp_min(0.0)
         logits = -0.5 * sq
         new_max = torch.maximum(run_max, logits.max(1).values)
         scale = torch.exp(run_max - new_max)
@@ -106,7 +108,7 @@ def weighted_target(
         acc_sq = acc_sq * scale + (w * sq).sum(1)
         run_max = new_max
     mean_a = acc_a / norm[:, None]
-    v_bar = (xf - g[:, :, 0] * mean_a) / s[:, :, 0]
+    v_bar = (xf - g * mean_a) / s
     spread = (acc_sq / norm - v_bar.pow(2).sum(1)).clamp_min(0.0)
     return v_bar.view_as(x_t).to(x_t.dtype), spread.to(x_t.dtype)
 

@@ -1,0 +1,133 @@
+"""Cost of one ReTrack step against one forward+backward of the same UNet on the 2B images it touches,
+and peak memory of a ReTrack step for K = 1 and K = 1000 (each in a fresh process).
+
+    python bench/bench_step.py [--batch-size 128] [--repeats 10] [--device cpu]
+
+Uses the shipped MNIST T-shirt UNet architecture (randomly initialised) on synthetic 28×28 data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import yaml
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "src", "retrack", "recipes", "mnist_tshirt",
+                      "pretrain.yaml")
+
+
+def setup(batch: int, k: int, device: str):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from retrack import objectives
+    from retrack.models import Denoiser, Schedule
+    from retrack.trainer import TrainData
+
+    recipe = yaml.safe_load(open(RECIPE))
+    torch.manual_seed(0)
+    unet = UNet2DModel(**recipe["unet"])
+    sched = DDPMScheduler(**recipe["scheduler"])
+    model = Denoiser(unet, Schedule(sched.alphas_cumprod.double())).to(device)
+    g = torch.Generator().manual_seed(0)
+    remain = torch.randint(0, 256, (5000, 1, 28, 28), generator=g, dtype=torch.uint8)
+    forget = torch.randint(0, 256, (51, 1, 28, 28), generator=g, dtype=torch.uint8)
+    table = torch.stack([torch.randperm(5000, generator=g)[:k] for _ in range(51)])
+    return model, objectives.build("retrack", lam=0.005), TrainData(remain, forget, table)
+
+
+def retrack_step(model, objective, data, opt, batch, gen, device):
+    from retrack.trainer import draw_batch
+
+    b = draw_batch(objective, data, batch, gen, device)
+    prep = objective.prepare(b, model.schedule, gen)
+    terms = objective.terms(model(prep.x, prep.t), prep)
+    loss = sum(w * terms[n] for n, w in objective.rule.weights.items())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def plain_step(model, x, t):
+    (model(x, t) - x).pow(2).flatten(1).sum(1).mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(batch: int, repeats: int, device: str) -> dict:
+    model, objective, data = setup(batch, 10, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.95, 0.999), weight_decay=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * batch, 1, 28, 28, device=device)
+    t = torch.randint(0, 1000, (2 * batch,), device=device)
+    retrack_times, plain_times = [], []
+    for i in range(repeats + 2):  # interleaved, side by side; the first two are warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        retrack_step(model, objective, data, opt, batch, gen, device)
+        sync(device)
+        t1 = time.perf_counter()
+        plain_step(model, x, t)
+        sync(device)
+        t2 = time.perf_counter()
+        if i >= 2:
+            retrack_times.append(t1 - t0)
+            plain_times.append(t2 - t1)
+    r, p = sorted(retrack_times)[len(retrack_times) // 2], sorted(plain_times)[len(plain_times) // 2]
+    return {"retrack_step_s": r, "forward_backward_2B_s": p, "ratio": r / p}
+
+
+def peak_memory_child(batch: int, k: int, device: str) -> None:
+    model, objective, data = setup(batch, k, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    gen = torch.Generator().manual_seed(0)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        retrack_step(model, objective, data, opt, batch, gen, device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB → MB on Linux
+    print(json.dumps({"k": k, "peak_mb": peak}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--child-k", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child_k is not None:
+        return peak_memory_child(args.batch_size, args.child_k, args.device)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device {args.device}, batch {args.batch_size}")
+    timing = time_steps(args.batch_size, args.repeats, args.device)
+    print(f"ReTrack step (K=10, B={args.batch_size}): {timing['retrack_step_s']:.3f} s (median)")
+    print(f"forward+backward on 2B={2 * args.batch_size} images: {timing['forward_backward_2B_s']:.3f} s")
+    print(f"ratio: {timing['ratio']:.3f} (target ≤ 1.10)")
+    peaks = {}
+    for k in (1, 1000):
+        out = subprocess.run([sys.executable, __file__, "--child-k", str(k), "--batch-size",
+                              str(args.batch_size), "--device", args.device],
+                             capture_output=True, text=True, check=True).stdout
+        peaks[k] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
+        print(f"peak memory of a ReTrack step, K={k}: {peaks[k]:.0f} MB")
+    print(f"K=1000 / K=1: {peaks[1000] / peaks[1]:.3f} (target ≤ 1.05)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""`retrack demo`: forget the memorised T-shirt of the shipped MNIST model, on a laptop CPU.
+
+Samples before and after with the same seeds, runs ReTrack with the paper's MNIST settings, and
+writes the unlearned model, metrics.json, sample grids and the T-shirt beside the K remain images
+its trajectories are redirected to. The data set and forget list are written too, so the
+unlearning step can be rerun by hand with `retrack unlearn`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrack.errors import require
+from retrack.grid import save_grid
+from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+
+HERE = Path(__file__).resolve().parent
+SHIPPED_MODEL = HERE / "model"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "retrack-demo"
+    samples: int = 1000
+    sampling_steps: int = 50
+    sampler: str = "ddim"
+    seed: int = 0
+    k: int = 10
+    lam: float = 0.005
+    steps: int = 50
+    batch_size: int = 128
+    lr: float = 5e-5
+    model: str = str(SHIPPED_MODEL)
+    device: str = "cpu"
+    overwrite: bool = False
+    nll: bool = True
+
+
+def write_data(out: Path) -> tuple[Path, Path, np.ndarray]:
+    """Build MNIST T-shirt into out/data/: the .npz and the forget list (one index per line)."""
+    from retrack.recipes.mnist_tshirt import build_mnist_tshirt
+
+    built = build_mnist_tshirt()
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    data_path, forget_path = out / "data" / "mnist_tshirt.npz", out / "data" / "forget.txt"
+    np.savez(data_path, images=built.data.images)
+    forget_path.write_text("".join(f"{i}\n" for i in built.forget))
+    return data_path, forget_path, built.tshirt
+
+
+def evaluate_model(model_dir: Path, cfg: DemoConfig, tshirt: np.ndarray, remain: np.ndarray) -> tuple[dict, np.ndarray]:
+    from retrack.models import load_model
+    from retrack.recipes.mnist_tshirt.evaluation import sample_metrics, tshirt_nll
+    from retrack.sampling import sample
+
+    loaded = load_model(model_dir, cfg.device)
+    samples = sample(loaded.denoiser, loaded.scheduler.config, cfg.samples, cfg.sampling_steps,
+                     cfg.sampler, cfg.seed)
+    metrics = sample_metrics(samples, tshirt, remain)
+    if cfg.nll:
+        metrics["nll"] = tshirt_nll(loaded.denoiser, tshirt, seed=cfg.seed)
+    return metrics, samples
+
+
+def neighbours_figure(tshirt: np.ndarray, remain: np.ndarray, k: int, path: Path) -> None:
+    from retrack.neighbours import nearest_neighbours
+
+    idx, _ = nearest_neighbours(remain, tshirt[None], k, progress=False)
+    save_grid(np.concatenate([tshirt[None], remain[idx[0]]]), path, ncol=k + 1, scale=4)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Everything `retrack demo` does; returns the metrics written to metrics.json."""
+    from retrack.api import unlearn
+
+    out = Path(cfg.out)
+    check_output(out, cfg.overwrite, [Path(cfg.model)])
+    require(Path(cfg.model).is_dir(), f"model {cfg.model!r} does not exist.")
+    with atomic_directory(out) as tmp:
+        data_path, forget_path, tshirt = write_data(tmp)
+        with np.load(data_path) as z:
+            images = z["images"]
+        forget = np.loadtxt(forget_path, dtype=np.int64, ndmin=1)
+        remain = np.delete(images, forget, axis=0)
+        print("1/4 evaluating the shipped model")
+        before, samples_before = evaluate_model(Path(cfg.model), cfg, tshirt, remain)
+        print("2/4 unlearning the T-shirt with ReTrack")
+        unlearn(cfg.model, str(data_path), f"@{forget_path}", str(tmp / "model"), method="retrack",
+                steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, k=cfg.k, lam=cfg.lam,
+                seed=cfg.seed, device=cfg.device, cache_dir=str(tmp / "cache"))
+        print("3/4 evaluating the unlearned model")
+        after, samples_after = evaluate_model(tmp / "model", cfg, tshirt, remain)
+        print("4/4 writing figures")
+        save_grid(samples_before[:100], tmp / "samples_before.png", scale=3)
+        save_grid(samples_after[:100], tmp / "samples_after.png", scale=3)
+        save_grid(_nearest_to(samples_before, tshirt)[:16], tmp / "tshirt_like_before.png", scale=4)
+        save_grid(_nearest_to(samples_after, tshirt)[:16], tmp / "tshirt_like_after.png", scale=4)
+        neighbours_figure(tshirt, remain, cfg.k, tmp / "neighbours.png")
+        metrics = {"before": before, "after": after}
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "demo_run.json", environment_record(cfg, seed=cfg.seed))
+        _remove_cache(tmp / "cache")
+    return metrics
+
+
+def _nearest_to(samples: np.ndarray, tshirt: np.ndarray) -> np.ndarray:
+    """Samples ordered by L2 distance to the T-shirt: its copies, if any, come first."""
+    d = np.sqrt(((samples.astype(np.float64) - tshirt[None]) ** 2 / 255.0**2).reshape(len(samples), -1).sum(1))
+    return samples[np.argsort(d, kind="stable")]
+
+
+def _remove_cache(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def format_table(metrics: dict) -> str:
+    rows = [("Frequency ↓", "frequency", lambda v: f"{100 * v:.3f}%"), ("NLL ↑ (bits/dim)", "nll", "{:.2f}".format),
+            ("FID ↓", "fid", "{:.2f}".format), ("IS ↑", "is", "{:.2f}".format)]
+    lines = ["| metric | before | after |", "|---|---|---|"]
+    for label, key, fmt in rows:
+        if key in metrics["before"]:
+            lines.append(f"| {label} | {fmt(metrics['before'][key])} | {fmt(metrics['after'][key])} |")
+    return "\n".join(lines)
+
+
+def load_metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
