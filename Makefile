@@ -23,7 +23,7 @@ $(BIN)/retrack: pyproject.toml
 setup: $(BIN)/retrack
 
 lint: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 
 test: setup lint
 	$(BIN)/python -m pytest
