@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import tiny_unet
 
+from conftest import tiny_unet
 from retrack.recipes.mnist_tshirt.demo import DemoConfig, format_table, run_demo
 
 

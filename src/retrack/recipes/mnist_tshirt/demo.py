@@ -109,8 +109,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _nearest_to(samples: np.ndarray, tshirt: np.ndarray) -> np.ndarray:
     """Samples ordered by L2 distance to the T-shirt: its copies, if any, come first."""
-    d = np.sqrt(((samples.astype(np.float64) - tshirt[None]) ** 2 / 255.0**2).reshape(len(samples), -1).sum(1))
-    return samples[np.argsort(d, kind="stable")]
+    from retrack.metrics.copies import l2_distances
+
+    return samples[np.argsort(l2_distances(samples, tshirt[None])[:, 0], kind="stable")]
 
 
 def _remove_cache(path: Path) -> None:
