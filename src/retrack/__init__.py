@@ -4,7 +4,7 @@ from retrack.errors import UserError
 
 __version__ = "0.1.0"
 
-__all__ = ["UserError", "__version__", "unlearn", "sample"]
+__all__ = ["UserError", "__version__", "unlearn", "sample", "evaluate"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from retrack import api
 
         return getattr(api, name)
+    if name == "evaluate":
+        from retrack.evaluate import evaluate
+
+        return evaluate
     raise AttributeError(name)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retrack.errors import require
+from retrack.errors import UserError, require
 
 Divergence = Literal["hutchinson", "exact"]
 # The paper's bpd offset for data in [-1, 1]: log2(128) = 7 bits per dimension (see bits_per_dim).
@@ -52,7 +52,7 @@ class VPSchedule:
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> VPSchedule:
         ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
         require(bool((ab > 0).all() and (ab < 1).all() and (ab[1:] < ab[:-1]).all()),
-                "the NLL needs a schedule with 1 > ᾱ_0 > ... > ᾱ_T > 0 (zero terminal SNR has none).")
+                "the NLL needs a schedule with 1 > ᾱ_0 > ... > ᾱ_T > 0 (not zero terminal SNR).")
         knots = torch.cat([ab.new_zeros(1), ab.log()])
         return cls(knots, _pchip_slopes(knots, 1 / (knots.shape[0] - 1)))
 
@@ -125,7 +125,7 @@ _B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
 _E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
 _SAFETY, _MIN_FACTOR, _MAX_FACTOR, _EXPONENT = 0.9, 0.2, 10.0, -1 / 5
 
-# fun(t (b,), y (b, n), rows (b,)) -> dy/dt (b, n); `rows` says which samples of the batch these are.
+# fun(t (b,), y (b, n), rows (b,)) -> dy/dt (b, n); `rows` says which images of the batch these are.
 OdeFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -146,11 +146,12 @@ def _initial_step(fun: OdeFunction, t0: torch.Tensor, y0: torch.Tensor, f0: torc
     tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
     h1 = torch.where(tiny, torch.clamp(h0 * 1e-3, min=1e-6),
                      (0.01 / torch.maximum(d1, d2)) ** (1 / 5))
-    return torch.minimum(torch.minimum(100 * h0, h1), interval)
+    h = torch.minimum(torch.minimum(100 * h0, h1), interval)
+    return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6))  # NaN output
 
 
 def _dopri_step(fun: OdeFunction, t: torch.Tensor, y: torch.Tensor, f: torch.Tensor,
-                h: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                h: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One Dormand–Prince step of size h per row: (y_new, f(t + h, y_new), error estimate)."""
     k = [f]
     for s in range(1, 6):
@@ -188,13 +189,13 @@ def solve_rk45(fun: OdeFunction, y0: torch.Tensor, t0: float, t1: float, rtol: f
         min_step = 10 * (torch.nextafter(ta, torch.full_like(ta, math.inf)) - ta)
         too_small = rejected[active] & (h[active] < min_step)
         if bool(too_small.any()):
-            raise RuntimeError(f"RK45 step size underflow at t={float(ta[too_small][0]):.6g}.")
+            raise FloatingPointError(f"RK45 step size underflow at t={float(ta[too_small][0]):.3g}")
         t_new = torch.clamp(ta + torch.maximum(h[active], min_step), max=t1)
         ha = t_new - ta
         y_new, f_new, err = _dopri_step(fun, ta, ya, f[active], ha, active)
         nfe[active] += 6
         scale = atol + torch.maximum(ya.abs(), y_new.abs()) * rtol
-        norm = _rms(err / scale)
+        norm = _rms(err / scale).nan_to_num(nan=math.inf)  # a non-finite step is rejected
         ok = norm < 1
         grow = torch.where(norm == 0, torch.full_like(norm, _MAX_FACTOR),
                            (_SAFETY * norm.pow(_EXPONENT)).clamp(max=_MAX_FACTOR))
@@ -207,7 +208,7 @@ def solve_rk45(fun: OdeFunction, y0: torch.Tensor, t0: float, t1: float, rtol: f
         active = active[t[active] < t1]
         if on_step is not None and active.numel():
             on_step(float((t[active].min() - t0) / (t1 - t0)))
-    raise RuntimeError(f"RK45 did not reach t={t1} within {max_steps} steps.")
+    raise FloatingPointError(f"RK45 did not reach t={t1} within {max_steps} steps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +228,8 @@ def _epsilon(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
     return gamma * out + sigma * x if kind == "v_prediction" else (x - gamma * out) / sigma
 
 
-def _trace_jacobian(out: torch.Tensor, x: torch.Tensor, probes: torch.Tensor | None) -> torch.Tensor:
+def _trace_jacobian(out: torch.Tensor, x: torch.Tensor,
+                    probes: torch.Tensor | None) -> torch.Tensor:
     """tr(∂out/∂x) per sample: exact (one backward per dimension) or Hutchinson (one per probe).
 
     Hutchinson: E_v[vᵀ J v] = tr J for Rademacher v; the probes (b, P, D) are fixed per image for
@@ -302,7 +304,8 @@ def image_generator(seed: int, index: int, stream: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def rademacher_probes(n: int, probes: int, dim: int, seed: int, first_index: int = 0) -> torch.Tensor:
+def rademacher_probes(n: int, probes: int, dim: int, seed: int,
+                      first_index: int = 0) -> torch.Tensor:
     """(n, probes, dim) of ±1, drawn per image from (seed, first_index + i)."""
     out = torch.empty(n, probes, dim)
     for i in range(n):
@@ -344,7 +347,8 @@ def log_likelihood(
     Returns:
         FlowLikelihood with per-image log p, its two parts and the number of evaluations.
     """
-    require(divergence in ("hutchinson", "exact"), f"divergence {divergence!r} is not hutchinson or exact.")
+    require(divergence in ("hutchinson", "exact"),
+            f"divergence {divergence!r} is not hutchinson or exact.")
     require(probes >= 1, f"--probes must be at least 1, got {probes}.")
     require(0 < t_start < t_end <= 1, f"need 0 < t_start < t_end <= 1, got {t_start}, {t_end}.")
     device, dtype = model_device_dtype(denoiser)
@@ -360,6 +364,9 @@ def log_likelihood(
     try:
         rhs = _flow_rhs(denoiser, vp, shape, dtype, probe)
         y1, nfe = solve_rk45(rhs, y0, t_start, t_end, rtol, atol, on_step=on_step)
+    except FloatingPointError as e:
+        raise UserError(f"the probability-flow ODE failed ({e}): the model's output is not finite "
+                        "or its ODE is too stiff.") from None
     finally:
         denoiser.train(was_training)
     z, delta = y1[:, :dim], y1[:, dim]
@@ -367,7 +374,8 @@ def log_likelihood(
     return FlowLikelihood(prior + delta, prior, delta, nfe, dim)
 
 
-def to_ode_input(images: np.ndarray, dequantize: bool, seed: int, first_index: int = 0) -> torch.Tensor:
+def to_ode_input(images: np.ndarray, dequantize: bool, seed: int,
+                 first_index: int = 0) -> torch.Tensor:
     """uint8 (N, H, W, C) to model range (N, C, H, W), optionally uniformly dequantised.
 
     Without dequantisation x = v/127.5 − 1 (the training range); with it, x = 2(v + u)/256 − 1,
@@ -376,8 +384,8 @@ def to_ode_input(images: np.ndarray, dequantize: bool, seed: int, first_index: i
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float64)
     if not dequantize:
         return x / 127.5 - 1
-    noise = torch.stack([torch.rand(x.shape[1:], generator=image_generator(seed, first_index + i, 0),
-                                    dtype=torch.float64) for i in range(x.shape[0])])
+    gens = [image_generator(seed, first_index + i, stream=0) for i in range(x.shape[0])]
+    noise = torch.stack([torch.rand(x.shape[1:], generator=g, dtype=torch.float64) for g in gens])
     return (x + noise) / 128 - 1
 
 

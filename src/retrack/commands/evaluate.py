@@ -1,0 +1,101 @@
+"""`retrack evaluate`: the paper's metrics of one model for one forget set, into metrics.json."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP_METRICS = ("comma-separated: nll (bits/dim of the forget images), reconstruction (similarity "
+                "after noising to T/4 and denoising), copies (fraction of samples copying a forget "
+                "image), fid (vs the remain set), is, clipiqa")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="measure forgetting and quality of a model",
+        description="Compute the paper's metrics for the --forget images of --data and write one "
+        "JSON object keyed by metric name, each with the settings it was computed with. Every "
+        "weight file (SSCD, Inception, CLIP, classifiers) is a local path: nothing is downloaded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="diffusers pipeline folder, bare UNet folder, or hub id")
+    p.add_argument("--data", required=True,
+                   help="image folder, .npz with 'images', or MNIST/CIFAR folder")
+    p.add_argument("--forget", required=True, help="'17,42', '@indices.txt', or image files")
+    p.add_argument("--metrics", default="nll,copies,fid,is", help=HELP_METRICS)
+    p.add_argument("--out", required=True, help="output JSON file")
+    _sampling_flags(p)
+    _instrument_flags(p)
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image for nll")
+    p.add_argument("--dequantize", action="store_true", help="uniform dequantisation for nll")
+    p.add_argument("--t-start", type=int, default=None,
+                   help="reconstruction start timestep (default T/4)")
+    p.add_argument("--copy-rule", default="l2", choices=("l2", "descriptor"),
+                   help="l2: L2 over [0,1] pixels below the threshold (paper); descriptor: "
+                   "--descriptor similarity above it")
+    p.add_argument("--copy-threshold", type=float, default=None,
+                   help="copy threshold (default 10 for l2, the paper's value for 28x28 images; "
+                   "0.5 for descriptor)")
+    p.add_argument("--is-splits", type=int, default=10, help="splits of the Inception Score")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of samples, probes and reconstruction noise")
+    p.add_argument("--num-samples", type=int, default=1000,
+                   help="samples for copies, fid, is, clipiqa")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"), help="reverse process")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+
+
+def _instrument_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--descriptor", default=None,
+                   help="reconstruction similarity: sscd, ssim, pixel_cosine or a TorchScript "
+                   "file; unset: sscd if --sscd is given, else pixel_cosine")
+    p.add_argument("--sscd", default=None, help="sscd_disc_mixup TorchScript file")
+    p.add_argument("--inception", default=None,
+                   help="torch-fidelity Inception weights (pt_inception-2015-12-05) for fid/is")
+    p.add_argument("--classifier", default=None,
+                   help="IS classifier instead of Inception: 'mnist' (shipped digit classifier) "
+                   "or a TorchScript file mapping uint8 (N,C,H,W) to logits")
+    p.add_argument("--fid-features", default=None,
+                   help="FID features instead of Inception: 'mnist' or a TorchScript file mapping "
+                   "uint8 (N,C,H,W) to (N,F)")
+    p.add_argument("--clip", default=None, help="local transformers CLIP folder for clipiqa")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from retrack.evaluate import EvaluateConfig, evaluate, parse_metrics, resolved
+    from retrack.runrecord import check_output, environment_record, write_json
+
+    out = Path(args.out)
+    inputs = [Path(p) for p in (args.model, args.data) if Path(p).exists()]
+    check_output(out, args.overwrite, inputs)
+    fields = set(EvaluateConfig.__dataclass_fields__) - {"metrics"}
+    settings = {k: getattr(args, k) for k in fields}
+    metrics = parse_metrics(args.metrics)
+    cfg = resolved(EvaluateConfig(metrics=metrics, **settings))
+    results = evaluate(args.model, args.data, args.forget, metrics, progress=not args.quiet,
+                       **settings)
+    write_json(out, results)
+    write_json(out.with_name(out.stem + ".run.json"),
+               environment_record(cfg, model=args.model, data=args.data, forget=args.forget))
+    for name, res in results.items():
+        print(f"{name:>15}: {_headline(res)}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _headline(res: dict) -> str:
+    for key in ("mean", "value", "fraction"):
+        if key in res:
+            extra = f" ({res['descriptor']})" if "descriptor" in res else ""
+            return f"{res[key]:.6g}{extra}"
+    return ""

@@ -1,0 +1,293 @@
+"""evaluate(): the paper's metrics of one model against one forget set, as one JSON-able dict.
+
+Protocol (REFERENCE.md, "Evaluation protocols"): NLL and the reconstruction probe are measured on
+the forget images (each distinct image once: the MNIST T-shirt set holds 606 copies of one
+image); samples are drawn once and shared by copies, FID, IS and CLIP-IQA; copies are counted
+against the forget images and removed before FID/IS; FID's real set is the remain set.
+Every weight file is a local path, and every missing one is reported before any long work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrack.data import ImageSet, image_digest, load_images, parse_forget, split
+from retrack.errors import require
+from retrack.models import LoadedModel, load_model
+
+METRICS = ("nll", "reconstruction", "copies", "fid", "is", "clipiqa")
+SAMPLE_METRICS = ("copies", "fid", "is", "clipiqa")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Every setting of one evaluation; each is a flag of `retrack evaluate` of the same name."""
+
+    metrics: tuple[str, ...] = ("nll", "copies", "fid", "is")
+    seed: int = 0
+    num_samples: int = 1000
+    steps: int = 50
+    sampler: str = "ddim"
+    batch_size: int = 64
+    descriptor: str | None = None  # None: sscd when --sscd is given, else pixel_cosine
+    sscd: str | None = None
+    inception: str | None = None
+    classifier: str | None = None  # IS logits: "mnist" (shipped digit classifier) or TorchScript
+    fid_features: str | None = None  # None: Inception; "mnist" or a TorchScript feature module
+    clip: str | None = None
+    probes: int = 1
+    dequantize: bool = False
+    t_start: int | None = None  # reconstruction start; None: T/4
+    copy_rule: str = "l2"
+    copy_threshold: float | None = None  # None: 10 (l2, paper) or 0.5 (descriptor)
+    is_splits: int = 10
+    device: str | None = None
+
+
+def parse_metrics(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """'nll,fid' or a list of names to a validated tuple, in the order given."""
+    names = [m.strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [m for m in names if m]
+    require(bool(names), "--metrics is empty; choose from " + ", ".join(METRICS) + ".")
+    bad = [m for m in names if m not in METRICS]
+    require(not bad, f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}." if bad else "")
+    require(len(set(names)) == len(names), f"--metrics names a metric twice: {','.join(names)}.")
+    return tuple(names)
+
+
+def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
+    """Fill defaults that depend on other settings and check everything a user can get wrong."""
+    from retrack.metrics import quality
+
+    m = parse_metrics(cfg.metrics)
+    for name, value in (("--num-samples", cfg.num_samples), ("--steps", cfg.steps),
+                        ("--batch-size", cfg.batch_size), ("--probes", cfg.probes),
+                        ("--is-splits", cfg.is_splits)):
+        require(value >= 1, f"{name} must be at least 1, got {value}.")
+    require(cfg.sampler in ("ddpm", "ddim"),
+            f"--sampler must be ddpm or ddim, got {cfg.sampler!r}.")
+    require(cfg.copy_rule in ("l2", "descriptor"),
+            f"--copy-rule must be l2 or descriptor, got {cfg.copy_rule!r}.")
+    if "fid" in m:
+        require(cfg.fid_features is not None or cfg.inception is not None, quality.FID_NEEDS)
+    if "is" in m:
+        require(cfg.classifier is not None or cfg.inception is not None, quality.IS_NEEDS)
+    if "clipiqa" in m:
+        require(cfg.clip is not None, quality.CLIP_NEEDS)
+    for flag, path in (("--sscd", cfg.sscd), ("--inception", cfg.inception), ("--clip", cfg.clip)):
+        require(path is None or Path(path).exists(), f"{flag} {str(path)!r} does not exist.")
+    descriptor = cfg.descriptor or ("sscd" if cfg.sscd else "pixel_cosine")
+    threshold = cfg.copy_threshold
+    if threshold is None:
+        threshold = 10.0 if cfg.copy_rule == "l2" else 0.5
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return replace(cfg, metrics=m, descriptor=descriptor, copy_threshold=float(threshold),
+                   device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The instruments: descriptors and classifiers, loaded before any long work
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Instruments:
+    descriptor: Any = None  # metrics.similarity.Descriptor
+    fid_features: torch.nn.Module | None = None  # None: Inception from --inception
+    classifier: torch.nn.Module | None = None  # None: Inception from --inception
+
+
+def _module(spec: str, device: str, flag: str, kind: str) -> torch.nn.Module:
+    """'mnist' (the shipped digit classifier's features or logits) or a TorchScript file."""
+    from retrack.metrics.similarity import load_torchscript
+
+    if spec == "mnist":
+        from retrack.recipes.mnist_tshirt.classifier import (
+            DigitFeatures,
+            DigitLogits,
+            load_digit_classifier,
+        )
+
+        clf = load_digit_classifier(device)
+        return DigitFeatures(clf) if kind == "features" else DigitLogits(clf)
+    return load_torchscript(spec, torch.device(device), what=flag)
+
+
+def load_instruments(cfg: EvaluateConfig) -> Instruments:
+    from retrack.metrics.similarity import make_descriptor
+
+    found = Instruments()
+    uses_copies = any(m in cfg.metrics for m in ("copies", "fid", "is"))
+    if "reconstruction" in cfg.metrics or (cfg.copy_rule == "descriptor" and uses_copies):
+        found.descriptor = make_descriptor(cfg.descriptor, cfg.sscd, cfg.batch_size, cfg.device)
+    if "fid" in cfg.metrics and cfg.fid_features is not None:
+        found.fid_features = _module(cfg.fid_features, cfg.device, "--fid-features", "features")
+    if "is" in cfg.metrics and cfg.classifier is not None:
+        found.classifier = _module(cfg.classifier, cfg.device, "--classifier", "logits")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# One evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the metrics share: the model, the distinct forget images, the remain set, samples."""
+
+    cfg: EvaluateConfig
+    loaded: LoadedModel
+    targets: np.ndarray  # distinct forget images, uint8 (M, H, W, C)
+    remain: np.ndarray
+    tools: Instruments
+    progress: bool
+    _samples: np.ndarray | None = None
+    _copies: Any = None
+
+    def sample_settings(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"seed": c.seed, "num_samples": c.num_samples, "steps": c.steps,
+                "sampler": c.sampler}
+
+    def samples(self) -> np.ndarray:
+        if self._samples is None:
+            from retrack.sampling import sample
+
+            c = self.cfg
+            self._samples = sample(self.loaded.denoiser, dict(self.loaded.scheduler.config),
+                                   c.num_samples, c.steps, c.sampler, c.seed, c.batch_size,
+                                   self.progress)
+        return self._samples
+
+    def copies(self):
+        """Copies of the forget images among the samples (computed once, also for FID/IS)."""
+        if self._copies is None:
+            from retrack.metrics.copies import copies_descriptor, copies_l2
+
+            c = self.cfg
+            if c.copy_rule == "l2":
+                self._copies = copies_l2(self.samples(), self.targets, c.copy_threshold)
+            else:
+                self._copies = copies_descriptor(self.samples(), self.targets,
+                                                 self.tools.descriptor, c.copy_threshold)
+        return self._copies
+
+    def kept(self) -> np.ndarray:
+        return self.samples()[~self.copies().is_copy]
+
+
+def _nll(run: _Run) -> dict[str, Any]:
+    from retrack.metrics.likelihood import BPD_OFFSET, nll_bits_per_dim
+
+    c = run.cfg
+    bpd = nll_bits_per_dim(run.loaded.denoiser, run.targets, dequantize=c.dequantize,
+                           probes=c.probes, seed=c.seed, batch_size=c.batch_size,
+                           progress=run.progress)
+    return {"unit": "bits/dim", "mean": float(bpd.mean()), "per_image": bpd.tolist(),
+            "settings": {"seed": c.seed, "probes": c.probes, "dequantize": c.dequantize,
+                         "offset": BPD_OFFSET, "rtol": 1e-5, "atol": 1e-5, "t_start": 1e-5,
+                         "divergence": "hutchinson"}}
+
+
+def _reconstruction(run: _Run) -> dict[str, Any]:
+    from retrack.metrics.similarity import reconstruction_similarity
+
+    c = run.cfg
+    res = reconstruction_similarity(run.loaded.denoiser, dict(run.loaded.scheduler.config),
+                                    run.targets, run.tools.descriptor, c.t_start, c.seed,
+                                    c.batch_size, run.progress)
+    out = res.summary()
+    out["settings"] = {"seed": c.seed, "descriptor": res.descriptor, "t_start": res.t_start,
+                       "sampler": "ddpm"}
+    return out
+
+
+def _copies(run: _Run) -> dict[str, Any]:
+    return {**run.copies().summary(), "targets": "forget", "settings": run.sample_settings()}
+
+
+def _fid(run: _Run) -> dict[str, Any]:
+    from retrack.metrics.quality import frechet_distance
+
+    c, kept = run.cfg, run.kept()
+    value = frechet_distance(run.remain, kept, run.tools.fid_features, c.inception,
+                             c.batch_size, c.device, run.progress)
+    return {"value": value, "real": "remain", "num_real": len(run.remain),
+            "num_generated": len(kept), "excluded_copies": int(run.copies().is_copy.sum()),
+            "features": c.fid_features or "inception", "settings": run.sample_settings()}
+
+
+def _is(run: _Run) -> dict[str, Any]:
+    from retrack.metrics.quality import inception_score
+
+    c, kept = run.cfg, run.kept()
+    mean, std = inception_score(kept, run.tools.classifier, c.inception, c.is_splits,
+                                c.batch_size, c.device, c.seed, run.progress)
+    return {"mean": mean, "std": std, "splits": c.is_splits, "num_generated": len(kept),
+            "excluded_copies": int(run.copies().is_copy.sum()),
+            "classifier": c.classifier or "inception", "settings": run.sample_settings()}
+
+
+def _clipiqa(run: _Run) -> dict[str, Any]:
+    from retrack.metrics.quality import clip_iqa
+
+    c = run.cfg
+    value = clip_iqa(run.samples(), c.clip, batch_size=c.batch_size, device=c.device,
+                     progress=run.progress)
+    return {"mean": value, "prompt": "quality", "num_generated": c.num_samples,
+            "settings": run.sample_settings()}
+
+
+RUNNERS = {"nll": _nll, "reconstruction": _reconstruction, "copies": _copies, "fid": _fid,
+           "is": _is, "clipiqa": _clipiqa}
+
+
+def distinct(images: np.ndarray) -> np.ndarray:
+    """Each distinct image once, in order of first appearance."""
+    seen: dict[str, int] = {}
+    for i, im in enumerate(images):
+        seen.setdefault(image_digest(im), i)
+    return images[sorted(seen.values())]
+
+
+def evaluate(
+    model: str | Path | LoadedModel,
+    data: str | Path | ImageSet,
+    forget: str | list[int] | np.ndarray,
+    metrics: str | list[str] | tuple[str, ...] = ("nll", "copies", "fid", "is"),
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
+    """The paper's metrics of `model` for the `forget` images of `data`.
+
+    Args:
+        model: diffusers folder or hub id (loaded on `device`), or an already loaded model.
+        data: image folder, .npz, torchvision-style folder, or an ImageSet.
+        forget: "17,42", "@indices.txt", image paths, or a list of indices.
+        metrics: any of nll, reconstruction, copies, fid, is, clipiqa ("nll,fid" or a list).
+        **settings: any other field of EvaluateConfig (seed, num_samples, steps, descriptor, ...).
+    Returns:
+        {metric name: {its values..., "settings": {what it was computed with}}}.
+    """
+    unknown = sorted(set(settings) - set(EvaluateConfig.__dataclass_fields__))
+    require(not unknown, f"unknown evaluate setting {unknown[0]!r}." if unknown else "")
+    if isinstance(model, LoadedModel):
+        settings["device"] = str(next(model.denoiser.parameters()).device)
+    cfg = resolved(EvaluateConfig(metrics=parse_metrics(metrics), **settings))
+    tools = load_instruments(cfg)
+    images = data if isinstance(data, ImageSet) else load_images(data)
+    spec = forget if isinstance(forget, str) else ",".join(str(int(i)) for i in forget)
+    parts = split(images, parse_forget(spec, images))
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, cfg.device)
+    want = loaded.denoiser.sample_shape
+    require(images.shape == want, f"the data's images are {images.shape} (C, H, W) but the model "
+                                  f"takes {want}.")
+    run = _Run(cfg, loaded, distinct(images.images[parts.forget]), images.images[parts.remain],
+               tools, progress)
+    return {name: RUNNERS[name](run) for name in cfg.metrics}
