@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "neighbours.png to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="retrack-demo", help="output folder")
-    p.add_argument("--samples", type=int, default=1000, help="samples before and after")
+    p.add_argument("--samples", type=int, default=500, help="samples before and after")
     p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps per sample")
     p.add_argument("--seed", type=int, default=0, help="seed of unlearning and sampling")
     p.add_argument("--no-nll", action="store_true", help="skip the T-shirt's NLL (an ODE solve)")

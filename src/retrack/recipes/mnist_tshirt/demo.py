@@ -25,7 +25,7 @@ SHIPPED_MODEL = HERE / "model"
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "retrack-demo"
-    samples: int = 1000
+    samples: int = 500
     sampling_steps: int = 50
     sampler: str = "ddim"
     seed: int = 0
