@@ -6,6 +6,7 @@ The loss is the usual per-pixel MSE; only unlearning uses the paper's summed red
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -122,9 +123,14 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
                                     data_digest=data.digest(), data_size=len(data),
                                     final_loss_ema=state["loss_ema"], train_seconds=state["seconds"],
                                     loss_log=state["log"], device=device)
+        record["weights_sha256"] = file_sha256(tmp / "unet" / "diffusion_pytorch_model.safetensors")
         write_json(tmp / "provenance.json", record)
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _save_checkpoint(path: Path, unet, ema, opt, gen, state) -> None:

@@ -1,0 +1,30 @@
+"""The shipped MNIST T-shirt model: loads, matches its recorded hash, and its records are sane."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from retrack.models import load_model
+from retrack.pretrain import file_sha256
+from retrack.recipes.mnist_tshirt.demo import SHIPPED_MODEL
+
+
+def test_shipped_model_matches_its_provenance():
+    record = json.loads((SHIPPED_MODEL / "provenance.json").read_text())
+    weights = SHIPPED_MODEL / "unet" / "diffusion_pytorch_model.safetensors"
+    assert file_sha256(weights) == record["weights_sha256"]
+    assert weights.stat().st_size < 10 * 2**20
+    assert record["steps"] == record["config"]["steps"] and record["data_size"] == 5051
+
+
+def test_shipped_model_loads_and_memorised_the_tshirt_at_about_one_percent():
+    loaded = load_model(SHIPPED_MODEL)
+    assert loaded.layout == "pipeline" and loaded.denoiser.sample_shape == (1, 28, 28)
+    with torch.no_grad():
+        eps = loaded.denoiser(torch.zeros(2, 1, 28, 28), torch.tensor([0, 999]))
+    assert torch.isfinite(eps).all()
+    memo = json.loads((SHIPPED_MODEL / "memorisation.json").read_text())
+    assert memo["samples"] >= 2000 and 0.003 <= memo["frequency"] <= 0.03
+    assert memo["copies"] == round(memo["frequency"] * memo["samples"])
