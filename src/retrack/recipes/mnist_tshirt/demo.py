@@ -9,6 +9,7 @@ unlearning step can be rerun by hand with `retrack unlearn`.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from retrack.errors import require
 from retrack.grid import save_grid
+from retrack.recipes.mnist_tshirt.evaluation import evaluate_model
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -40,7 +42,17 @@ class DemoConfig:
     nll: bool = True
 
 
-def write_data(out: Path) -> tuple[Path, Path, np.ndarray]:
+@dataclass(frozen=True)
+class DemoData:
+    """The built set as files (for `retrack unlearn`) and as the arrays the metrics need."""
+
+    data_path: Path
+    forget_path: Path
+    tshirt: np.ndarray
+    remain: np.ndarray
+
+
+def write_data(out: Path) -> DemoData:
     """Build MNIST T-shirt into out/data/: the .npz and the forget list (one index per line)."""
     from retrack.recipes.mnist_tshirt import build_mnist_tshirt
 
@@ -49,21 +61,8 @@ def write_data(out: Path) -> tuple[Path, Path, np.ndarray]:
     data_path, forget_path = out / "data" / "mnist_tshirt.npz", out / "data" / "forget.txt"
     np.savez(data_path, images=built.data.images)
     forget_path.write_text("".join(f"{i}\n" for i in built.forget))
-    return data_path, forget_path, built.tshirt
-
-
-def evaluate_model(model_dir: Path, cfg: DemoConfig, tshirt: np.ndarray, remain: np.ndarray) -> tuple[dict, np.ndarray]:
-    from retrack.models import load_model
-    from retrack.recipes.mnist_tshirt.evaluation import sample_metrics, tshirt_nll
-    from retrack.sampling import sample
-
-    loaded = load_model(model_dir, cfg.device)
-    samples = sample(loaded.denoiser, loaded.scheduler.config, cfg.samples, cfg.sampling_steps,
-                     cfg.sampler, cfg.seed)
-    metrics = sample_metrics(samples, tshirt, remain)
-    if cfg.nll:
-        metrics["nll"] = tshirt_nll(loaded.denoiser, tshirt, seed=cfg.seed)
-    return metrics, samples
+    remain = np.delete(built.data.images, built.forget, axis=0)
+    return DemoData(data_path, forget_path, built.tshirt, remain)
 
 
 def neighbours_figure(tshirt: np.ndarray, remain: np.ndarray, k: int, path: Path) -> None:
@@ -81,19 +80,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     check_output(out, cfg.overwrite, [Path(cfg.model)])
     require(Path(cfg.model).is_dir(), f"model {cfg.model!r} does not exist.")
     with atomic_directory(out) as tmp:
-        data_path, forget_path, tshirt = write_data(tmp)
-        with np.load(data_path) as z:
-            images = z["images"]
-        forget = np.loadtxt(forget_path, dtype=np.int64, ndmin=1)
-        remain = np.delete(images, forget, axis=0)
+        data = write_data(tmp)
+        tshirt, remain = data.tshirt, data.remain
+        measure = dict(samples=cfg.samples, steps=cfg.sampling_steps, sampler=cfg.sampler, seed=cfg.seed,
+                       nll=cfg.nll, device=cfg.device)
         print("1/4 evaluating the shipped model")
-        before, samples_before = evaluate_model(Path(cfg.model), cfg, tshirt, remain)
+        before, samples_before = evaluate_model(cfg.model, tshirt, remain, **measure)
         print("2/4 unlearning the T-shirt with ReTrack")
-        unlearn(cfg.model, str(data_path), f"@{forget_path}", str(tmp / "model"), method="retrack",
+        unlearn(cfg.model, str(data.data_path), f"@{data.forget_path}", str(tmp / "model"), method="retrack",
                 steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, k=cfg.k, lam=cfg.lam,
                 seed=cfg.seed, device=cfg.device, cache_dir=str(tmp / "cache"))
         print("3/4 evaluating the unlearned model")
-        after, samples_after = evaluate_model(tmp / "model", cfg, tshirt, remain)
+        after, samples_after = evaluate_model(str(tmp / "model"), tshirt, remain, **measure)
         print("4/4 writing figures")
         save_grid(samples_before[:100], tmp / "samples_before.png", scale=3)
         save_grid(samples_after[:100], tmp / "samples_after.png", scale=3)
@@ -103,7 +101,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         metrics = {"before": before, "after": after}
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "demo_run.json", environment_record(cfg, seed=cfg.seed))
-        _remove_cache(tmp / "cache")
+        shutil.rmtree(tmp / "cache", ignore_errors=True)
     return metrics
 
 
@@ -112,12 +110,6 @@ def _nearest_to(samples: np.ndarray, tshirt: np.ndarray) -> np.ndarray:
     from retrack.metrics.copies import l2_distances
 
     return samples[np.argsort(l2_distances(samples, tshirt[None])[:, 0], kind="stable")]
-
-
-def _remove_cache(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def format_table(metrics: dict) -> str:

@@ -40,3 +40,18 @@ def tshirt_nll(denoiser: torch.nn.Module, tshirt: np.ndarray, seed: int = 0, pro
     from retrack.metrics.likelihood import nll_bits_per_dim
 
     return float(nll_bits_per_dim(denoiser, tshirt[None], seed=seed, probes=probes).mean())
+
+
+def evaluate_model(model: str, tshirt: np.ndarray, remain: np.ndarray, samples: int, steps: int = 50,
+                   sampler: str = "ddim", seed: int = 0, nll: bool = True,
+                   device: str = "cpu") -> tuple[dict[str, float], np.ndarray]:
+    """Sample a model with a fixed seed and measure it: (metrics, uint8 samples)."""
+    from retrack.models import load_model
+    from retrack.sampling import sample
+
+    loaded = load_model(model, device)
+    images = sample(loaded.denoiser, loaded.scheduler.config, samples, steps, sampler, seed)
+    metrics = sample_metrics(images, tshirt, remain)
+    if nll:
+        metrics["nll"] = tshirt_nll(loaded.denoiser, tshirt, seed=seed)
+    return metrics, images

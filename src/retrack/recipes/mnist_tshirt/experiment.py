@@ -18,10 +18,7 @@ class MnistTshirtRunner:
 
         self.cfg = cfg
         self.model = str(model or SHIPPED_MODEL)
-        self.data_path, self.forget_path, self.tshirt = write_data(out)
-        with np.load(self.data_path) as z:
-            images = z["images"]
-        self.remain = np.delete(images, np.loadtxt(self.forget_path, dtype=np.int64, ndmin=1), axis=0)
+        self.data = write_data(out)
         self.cache = out / "cache"
 
     def run(self, spec, run_dir: Path) -> dict[str, Any]:
@@ -31,23 +28,18 @@ class MnistTshirtRunner:
         model = self.model
         if spec.method is not None:
             model = str(run_dir / "model")
-            unlearn(self.model, str(self.data_path), f"@{self.forget_path}", model, method=spec.method,
+            unlearn(self.model, str(self.data.data_path), f"@{self.data.forget_path}", model, method=spec.method,
                     seed=spec.seed, cache_dir=str(self.cache), **self.cfg.train, **spec.hyper)
         metrics = self.evaluate(Path(model), spec.seed, run_dir)
         return {**metrics, "method": spec.label, "seed": spec.seed, "hyper": spec.hyper}
 
     def evaluate(self, model: Path, seed: int, run_dir: Path) -> dict[str, float]:
-        from retrack.models import load_model
-        from retrack.recipes.mnist_tshirt.evaluation import sample_metrics, tshirt_nll
-        from retrack.sampling import sample
+        from retrack.recipes.mnist_tshirt.evaluation import evaluate_model
 
-        loaded = load_model(model, "cpu")
-        samples = sample(loaded.denoiser, loaded.scheduler.config, self.cfg.samples, self.cfg.sampling_steps,
-                         self.cfg.sampler, seed)
+        cfg = self.cfg
+        metrics, samples = evaluate_model(str(model), self.data.tshirt, self.data.remain, cfg.samples,
+                                          cfg.sampling_steps, cfg.sampler, seed, cfg.nll)
         np.savez_compressed(run_dir / "samples.npz", images=samples)
-        metrics = sample_metrics(samples, self.tshirt, self.remain)
-        if self.cfg.nll:
-            metrics["nll"] = tshirt_nll(loaded.denoiser, self.tshirt, seed=seed)
-        write_json(run_dir / "settings.json", {"samples": self.cfg.samples, "sampling_steps": self.cfg.sampling_steps,
-                                               "sampler": self.cfg.sampler, "seed": seed, "model": str(model)})
+        write_json(run_dir / "settings.json", {"samples": cfg.samples, "sampling_steps": cfg.sampling_steps,
+                                               "sampler": cfg.sampler, "seed": seed, "model": str(model)})
         return metrics
