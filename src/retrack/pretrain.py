@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -49,10 +50,19 @@ class PretrainRecipe:
 
 
 def recipe_data(name: str) -> ImageSet:
-    if name == "mnist_tshirt":
+    """A built-in set by name, else any path load_images reads.
+
+    `mnist_tshirt_remain` is the MNIST T-shirt set without its T-shirt copies: the data of the
+    model retrained from scratch, the gold standard an unlearned model is compared against.
+    """
+    if name in ("mnist_tshirt", "mnist_tshirt_remain"):
         from retrack.recipes.mnist_tshirt import build_mnist_tshirt
 
-        return build_mnist_tshirt().data
+        built = build_mnist_tshirt()
+        if name == "mnist_tshirt":
+            return built.data
+        keep = np.setdiff1d(np.arange(len(built.data)), built.forget)
+        return ImageSet(np.ascontiguousarray(built.data.images[keep]), name)
     return load_images(name)
 
 
