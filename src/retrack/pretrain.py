@@ -52,14 +52,17 @@ class PretrainRecipe:
 def recipe_data(name: str) -> ImageSet:
     """A built-in set by name, else any path load_images reads.
 
-    `mnist_tshirt_remain` is the MNIST T-shirt set without its T-shirt copies: the data of the
-    model retrained from scratch, the gold standard an unlearned model is compared against.
+    `mnist_tshirt` (the paper's) and `mnist_boot` are MNIST digits plus ≈1% copies of one
+    Fashion-MNIST image; a `_remain` suffix drops the copies: the data of the model retrained from
+    scratch, the gold standard an unlearned model is compared against.
     """
-    if name in ("mnist_tshirt", "mnist_tshirt_remain"):
-        from retrack.recipes.mnist_tshirt import build_mnist_tshirt
+    from retrack.recipes.mnist_tshirt import PLANTED, build_mnist_planted
 
-        built = build_mnist_tshirt()
-        if name == "mnist_tshirt":
+    base = name.removesuffix("_remain")
+    planted = base.removeprefix("mnist_")
+    if base.startswith("mnist_") and planted in PLANTED:
+        built = build_mnist_planted(planted)
+        if name == base:
             return built.data
         keep = np.setdiff1d(np.arange(len(built.data)), built.forget)
         return ImageSet(np.ascontiguousarray(built.data.images[keep]), name)
