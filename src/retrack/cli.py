@@ -18,9 +18,9 @@ COMMANDS = ("unlearn", "sample", "evaluate", "pretrain", "demo", "experiment")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own usage errors: exit 2 with one sentence
-        self.print_usage(sys.stderr)
-        print(f"retrack: error: {message}", file=sys.stderr)
+    def error(self, message: str) -> None:
+        # argparse's own errors (unknown flag, missing value, a flag's type check): one line, exit 2.
+        print(f"retrack: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -20,8 +20,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from retrack.errors import require
-
 PACKAGES = ("retrack-unlearning", "torch", "diffusers", "accelerate", "torchmetrics", "numpy", "safetensors")
 
 
@@ -55,14 +53,11 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_output(out: Path, overwrite: bool, protected: list[Path] | None = None) -> None:
-    """Refuse an existing output unless asked to overwrite, and never write over an input."""
-    out = out.resolve()
-    for p in protected or []:
-        p = Path(p).resolve()
-        require(out != p and p not in out.parents and out not in p.parents,
-                f"output {str(out)!r} overlaps the input {str(p)!r}; choose another --out.")
-    require(not out.exists() or overwrite, f"output {str(out)!r} exists; pass --overwrite to replace it.")
+def check_output(out: Path, overwrite: bool, protected: list[Path] | None = None, flag: str = "--out") -> None:
+    """Refuse an existing output unless asked to overwrite, an input's path, or an unwritable place."""
+    from retrack.validation import check_output as check
+
+    check(out, flag, overwrite, protected or [])
 
 
 @contextlib.contextmanager

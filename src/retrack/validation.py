@@ -1,0 +1,495 @@
+"""One parser for every flag, Python argument and config key: types, ranges, choices, paths.
+
+A bad value must cost a second, not an hour, so every command resolves its whole configuration
+through these checks before it loads a model or touches data. Each check is a small frozen object
+that turns a raw value (a flag's string, a YAML scalar, a Python argument) into the typed value,
+or raises `InvalidValue`: one sentence naming the value, what is allowed and the flag that fixes
+it. The same objects serve three places:
+
+- argparse: ``p.add_argument("--steps", type=Int(min=1), default=50)``; argparse prefixes the
+  message with the flag (``argument --steps: must be an integer ≥ 1, got '0'``);
+- a command's frozen config dataclass: ``steps: int = option(Int(min=1), 50)``, checked in
+  `__post_init__` by `Validated`, so the Python API gets the same checks as the CLI;
+- a YAML section: ``Config.from_mapping(raw, where="train: of x.yaml")`` also names unknown keys
+  (with the closest known one).
+
+Strings are parsed strictly: ASCII digits only (Python's int() accepts '٣' and '1_0'), finite
+floats only, no bools where numbers are wanted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import numbers
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from retrack.errors import UserError
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+MAX_LIST = 100_000
+_INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
+_RANGE = re.compile(r"([0-9]+)\s*-\s*([0-9]+)", re.ASCII)
+
+
+class InvalidValue(UserError, argparse.ArgumentTypeError):
+    """A value outside what a flag or key allows; argparse and the CLI both print it as one line."""
+
+
+def _fail(name: str | None, allowed: str, value: Any) -> InvalidValue:
+    shown = repr(value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value)
+    subject = f"{name} must be" if name else "must be"
+    return InvalidValue(f"{subject} {allowed}, got {shown}.")
+
+
+def _num(x: float) -> str:
+    if isinstance(x, int):
+        return str(x)
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def _bounds(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '≥'} {_num(lo)}"
+    if hi is not None:
+        return f"{'<' if hi_open else '≤'} {_num(hi)}"
+    return ""
+
+
+def parse_int_text(text: str) -> int | None:
+    """The int of an ASCII decimal string ('  -3 ', '+7'), else None: never raises."""
+    text = text.strip()
+    return int(text) if _INT.fullmatch(text) else None
+
+
+class Check:
+    """Base of every check: `check(value, name)` returns the parsed value or raises InvalidValue."""
+
+    def __call__(self, value: Any, name: str | None = None) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Int(Check):
+    """An integer within [min, max]; strings must be plain ASCII decimals."""
+
+    min: int | None = None
+    max: int | None = None
+
+    def describe(self) -> str:
+        b = _bounds(self.min, self.max)
+        return f"an integer {b}".rstrip()
+
+    def __call__(self, value: Any, name: str | None = None) -> int:
+        if isinstance(value, str):
+            parsed = parse_int_text(value)
+        elif isinstance(value, bool):
+            parsed = None
+        elif isinstance(value, numbers.Integral):
+            parsed = int(value)
+        elif isinstance(value, float) and value.is_integer():
+            parsed = int(value)
+        else:
+            parsed = None
+        if parsed is None or (self.min is not None and parsed < self.min) or (
+                self.max is not None and parsed > self.max):
+            raise _fail(name, self.describe(), value)
+        return parsed
+
+
+@dataclass(frozen=True)
+class Float(Check):
+    """A finite number within the bounds (open or closed); inf and nan are never allowed."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+
+    def describe(self) -> str:
+        return f"a finite number {_bounds(self.min, self.max, self.min_open, self.max_open)}".rstrip()
+
+    def __call__(self, value: Any, name: str | None = None) -> float:
+        parsed: float | None = None
+        if isinstance(value, str):
+            text = value.strip()
+            parsed = float(text) if _FLOAT.fullmatch(text) else None
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            parsed = float(value)
+        if parsed is None or not math.isfinite(parsed) or not self._inside(parsed):
+            raise _fail(name, self.describe(), value)
+        return parsed
+
+    def _inside(self, x: float) -> bool:
+        lo_ok = self.min is None or (x > self.min if self.min_open else x >= self.min)
+        hi_ok = self.max is None or (x < self.max if self.max_open else x <= self.max)
+        return lo_ok and hi_ok
+
+
+@dataclass(frozen=True)
+class Choice(Check):
+    """One of a fixed set of names (case-sensitive, surrounding spaces ignored)."""
+
+    options: tuple[str, ...]
+
+    def __init__(self, *options: str):
+        object.__setattr__(self, "options", tuple(options))
+
+    def describe(self) -> str:
+        if len(self.options) == 1:
+            return repr(self.options[0])
+        return "one of " + ", ".join(self.options)
+
+    def __call__(self, value: Any, name: str | None = None) -> str:
+        text = value.strip() if isinstance(value, str) else None
+        if text not in self.options:
+            raise _fail(name, self.describe(), value)
+        return text
+
+
+@dataclass(frozen=True)
+class Either(Check):
+    """The first of several checks that accepts the value, e.g. Either(Choice('all'), Int(min=1))."""
+
+    checks: tuple[Check, ...]
+
+    def __init__(self, *checks: Check):
+        object.__setattr__(self, "checks", tuple(checks))
+
+    def describe(self) -> str:
+        return " or ".join(c.describe() for c in self.checks)
+
+    def __call__(self, value: Any, name: str | None = None) -> Any:
+        for check in self.checks:
+            try:
+                return check(value)
+            except InvalidValue:
+                continue
+        raise _fail(name, self.describe(), value)
+
+
+@dataclass(frozen=True)
+class Optional(Check):
+    """None passes through unchanged (meaning 'the default'); anything else goes to `check`."""
+
+    check: Check
+
+    def describe(self) -> str:
+        return self.check.describe()
+
+    def __call__(self, value: Any, name: str | None = None) -> Any:
+        return None if value is None else self.check(value, name)
+
+
+@dataclass(frozen=True)
+class Bool(Check):
+    """true/false, yes/no, 1/0 (YAML and Python bools pass as they are)."""
+
+    def describe(self) -> str:
+        return "true or false"
+
+    def __call__(self, value: Any, name: str | None = None) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = value.strip().lower() if isinstance(value, str) else None
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        raise _fail(name, self.describe(), value)
+
+
+@dataclass(frozen=True)
+class Text(Check):
+    """A non-empty string (paths, names); nothing else about it is checked here."""
+
+    def describe(self) -> str:
+        return "a non-empty string"
+
+    def __call__(self, value: Any, name: str | None = None) -> str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value.strip():
+            raise _fail(name, self.describe(), value)
+        return value
+
+
+@dataclass(frozen=True)
+class Pair(Check):
+    """Two values of one check, e.g. AdamW betas: (0.9, 0.999) or '0.9,0.999'."""
+
+    check: Check
+
+    def describe(self) -> str:
+        return f"two values, each {self.check.describe()}"
+
+    def __call__(self, value: Any, name: str | None = None) -> tuple[Any, Any]:
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, Sequence) and len(items) == 2:
+            return (self.check(items[0], name), self.check(items[1], name))
+        raise _fail(name, self.describe(), value)
+
+
+@dataclass(frozen=True)
+class IntList(Check):
+    """'0-9', '0,3,5', '0-2,7' or a list of ints: ascending ranges, no duplicates, not empty."""
+
+    item: Check = Int(min=0)
+
+    def describe(self) -> str:
+        return f"a list like 0-9 or 0,3,5 of values, each {self.item.describe()}"
+
+    def __call__(self, value: Any, name: str | None = None) -> list[int]:
+        parts: Iterable[Any]
+        if isinstance(value, str):
+            parts = [p for p in value.split(",")]
+        elif isinstance(value, Sequence) or hasattr(value, "tolist"):
+            parts = list(value.tolist() if hasattr(value, "tolist") else value)
+        else:
+            parts = [value]
+        out: list[int] = []
+        for part in parts:
+            m = _RANGE.fullmatch(part.strip()) if isinstance(part, str) else None
+            if m:
+                lo, hi = self.item(m.group(1), name), self.item(m.group(2), name)
+                if hi < lo:
+                    raise InvalidValue(f"{name or 'the range'} {part.strip()!r} runs backwards; "
+                                       f"write {hi}-{lo}.")
+                if hi - lo >= MAX_LIST:
+                    raise InvalidValue(f"{name or 'the range'} {part.strip()!r} holds more than "
+                                       f"{MAX_LIST} values.")
+                out += range(lo, hi + 1)
+            else:
+                try:
+                    out.append(self.item(part, None))
+                except InvalidValue:
+                    raise _fail(name, self.describe(), value) from None
+        if not out or len(out) > MAX_LIST:
+            raise _fail(name, self.describe(), value)
+        seen: set[int] = set()
+        dup = next((v for v in out if v in seen or seen.add(v)), None)
+        if dup is not None:
+            raise InvalidValue(f"{name or 'the list'} {value!r} names {dup} twice.")
+        return out
+
+
+SEED = Int(min=0, max=SEED_MAX)
+POSITIVE_INT = Int(min=1)
+
+
+def parse_seeds(text: Any, name: str = "--seeds") -> list[int]:
+    """'0-9' or '0,3,5' (or a list) → seeds, each a non-negative 64-bit integer."""
+    return IntList(SEED)(text, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Device(Check):
+    """'cpu', 'cuda', 'cuda:N' or 'mps', and only if this machine has it; None = cuda if any."""
+
+    def describe(self) -> str:
+        return "cpu, cuda, cuda:N or mps"
+
+    def __call__(self, value: Any, name: str | None = None) -> str:
+        import torch
+
+        flag = name or "--device"
+        if value is None:
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        text = str(value).strip()
+        m = re.fullmatch(r"(cpu|cuda|mps)(?::([0-9]+))?", text, re.ASCII)
+        if not m or (m.group(1) != "cuda" and m.group(2) is not None and m.group(2) != "0"):
+            raise _fail(flag, self.describe(), value)
+        kind, index = m.group(1), int(m.group(2) or 0)
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise InvalidValue(f"{flag} {text}: this machine has no usable CUDA device "
+                                   f"(torch {torch.__version__}); use {flag} cpu.")
+            if index >= torch.cuda.device_count():
+                raise InvalidValue(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA "
+                                   f"device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+        if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise InvalidValue(f"{flag} {text}: MPS is not available on this machine; use {flag} cpu.")
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------
+
+
+def existing_file(value: Any, flag: str, what: str = "file") -> Path:
+    p = Path(Text()(value, flag))
+    if not p.exists():
+        raise UserError(f"{flag}: {what} {str(p)!r} does not exist.")
+    if not p.is_file():
+        raise UserError(f"{flag}: {what} {str(p)!r} is not a file.")
+    return p
+
+
+def existing_dir(value: Any, flag: str, what: str = "folder") -> Path:
+    p = Path(Text()(value, flag))
+    if not p.exists():
+        raise UserError(f"{flag}: {what} {str(p)!r} does not exist.")
+    if not p.is_dir():
+        raise UserError(f"{flag}: {what} {str(p)!r} is not a folder.")
+    return p
+
+
+def check_output(out: Path | str, flag: str = "--out", overwrite: bool = False,
+                 protected: Iterable[Path | str] = (), suffix: str | None = None) -> Path:
+    """Refuse an output that exists (unless overwrite), overlaps an input, or cannot be written.
+
+    Writability is probed by creating and removing a temporary folder in the nearest existing
+    ancestor, so '/proc/x', a path below a file, or a read-only folder fail now, not after the work
+    (permission bits alone lie to root). Nothing is left behind.
+    """
+    out = Path(Text()(out, flag))
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise UserError(f"{flag} must end in {suffix}, got {str(out)!r}.")
+    resolved = out.resolve()
+    for p in protected:
+        p = Path(p).resolve()
+        if resolved == p or p in resolved.parents or resolved in p.parents:
+            raise UserError(f"{flag} {str(out)!r} overlaps the input {str(p)!r}; choose another {flag}.")
+    if out.exists() and not overwrite:
+        raise UserError(f"{flag} {str(out)!r} exists; pass --overwrite to replace it.")
+    _probe_writable(resolved, out, flag)
+    return out
+
+
+def _probe_writable(resolved: Path, shown: Path, flag: str) -> None:
+    ancestor = resolved.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{flag} {str(shown)!r} lies below {str(ancestor)!r}, which is a file; "
+                        f"choose another {flag}.")
+    try:
+        probe = tempfile.mkdtemp(dir=ancestor, prefix=".retrack-probe-")
+    except OSError as e:
+        raise UserError(f"{flag} {str(shown)!r} cannot be written ({e.strerror or e} in "
+                        f"{str(ancestor)!r}); choose another {flag}.") from None
+    shutil.rmtree(probe, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen config dataclasses whose fields carry their checks
+# ---------------------------------------------------------------------------------------------
+
+
+def option(check: Check | None, default: Any = dataclasses.MISSING, flag: str | None = None, **kw: Any):
+    """A dataclass field checked by `check` (its message names `flag`, default '--field-name')."""
+    meta = {"check": check, "flag": flag}
+    if isinstance(default, list | dict | set):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+class Validated:
+    """Mixin for frozen dataclasses: every field declared with option() is parsed on creation."""
+
+    unknown_hint: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            check = f.metadata.get("check")
+            if check is not None:
+                object.__setattr__(self, f.name, check(getattr(self, f.name), flag_of(f)))
+
+    @classmethod
+    def from_mapping(cls, raw: Any, where: str, **fixed: Any):
+        """Build from a YAML mapping, naming unknown keys and bad values by key and `where`."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise UserError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}.")
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key in raw:
+            if key not in known:
+                raise UserError(f"unknown key {key!r} in {where}{_did_you_mean(str(key), known)}.")
+        values = {}
+        for key, value in raw.items():
+            check = known[key].metadata.get("check")
+            values[key] = check(value, f"{key!r} in {where}") if check is not None else value
+        return cls(**values, **fixed)
+
+    @classmethod
+    def check_keys(cls, given: Iterable[str], what: str = "setting") -> None:
+        """Refuse Python keyword arguments that are not fields (with the closest known one)."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key in given:
+            if key not in known:
+                raise UserError(f"unknown {what} {key!r}{_did_you_mean(key, known)}.")
+
+
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(known))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading text files whose libraries raise their own exceptions
+# ---------------------------------------------------------------------------------------------
+
+
+def read_text(path: Path | str, what: str) -> str:
+    """A UTF-8 text file, or one sentence naming it."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {str(p)!r} is not UTF-8 text (byte {e.start}).") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {str(p)!r} is a folder, not a file.") from None
+    except FileNotFoundError:
+        raise UserError(f"{what} {str(p)!r} does not exist.") from None
+    except OSError as e:
+        raise UserError(f"could not read {what} {str(p)!r}: {e.strerror or e}.") from None
+
+
+def load_yaml(path: Path | str, what: str = "config") -> Any:
+    """Parse a YAML file; a syntax error becomes one sentence with its line and column."""
+    import yaml
+
+    text = read_text(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise UserError(f"{what} {str(path)!r} is not valid YAML{where}: {problem}.") from None
+
+
+def load_json(path: Path | str, what: str = "file") -> Any:
+    import json
+
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}).") from None
