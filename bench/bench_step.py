@@ -1,5 +1,7 @@
 """Cost of one ReTrack step against one forward+backward of the same UNet on the 2B images it touches,
-and peak memory of a ReTrack step for K = 1 and K = 1000 (each in a fresh process).
+the cost of each ReTrack option (--lam auto, --surgery, min-SNR forget weighting, forget t-min)
+against a paper ReTrack step, and peak memory of a ReTrack step for K = 1 and K = 1000 (each in a
+fresh process).
 
     python bench/bench_step.py [--batch-size 128] [--repeats 10] [--device cpu]
 
@@ -24,6 +26,15 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "src", "retrack", "recipe
                       "pretrain.yaml")
 
 
+VARIANTS = {  # label → ReTrack options beside the paper's objective
+    "lam auto": {"lam": "auto"},
+    "surgery": {"surgery": True},
+    "min-snr weighting": {"forget_weighting": "min-snr"},
+    "forget t-min 10": {"forget_t_min": 10},
+    "all together": {"lam": "auto", "surgery": True, "forget_weighting": "min-snr", "forget_t_min": 10},
+}
+
+
 def setup(batch: int, k: int, device: str):
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -43,14 +54,18 @@ def setup(batch: int, k: int, device: str):
     return model, objectives.build("retrack", lam=0.005), TrainData(remain, forget, table)
 
 
-def retrack_step(model, objective, data, opt, batch, gen, device):
-    from retrack.trainer import draw_batch
+def retrack_step(model, objective, data, opt, batch, gen, device, accelerator=None):
+    from retrack.objectives.base import SplitRule
+    from retrack.trainer import draw_batch, split_step
 
     b = draw_batch(objective, data, batch, gen, device)
     prep = objective.prepare(b, model.schedule, gen)
-    terms = objective.terms(model(prep.x, prep.t), prep)
-    loss = sum(w * terms[n] for n, w in objective.rule.weights.items())
-    loss.backward()
+    if isinstance(objective.rule, SplitRule):
+        split_step(objective.rule, model, objective, prep, list(model.parameters()), accelerator)
+    else:
+        terms = objective.terms(model(prep.x, prep.t), prep)
+        loss = sum(w * terms[n] for n, w in objective.rule.weights.items())
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -66,27 +81,34 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(batch: int, repeats: int, device: str) -> dict:
+def time_steps(batch: int, repeats: int, device: str, variants: bool = True) -> dict:
+    from accelerate import Accelerator
+
+    from retrack import objectives
+
     model, objective, data = setup(batch, 10, device)
+    accelerator = Accelerator(cpu=(device == "cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.95, 0.999), weight_decay=1e-6)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2 * batch, 1, 28, 28, device=device)
     t = torch.randint(0, 1000, (2 * batch,), device=device)
-    retrack_times, plain_times = [], []
+    steps = {"retrack": lambda: retrack_step(model, objective, data, opt, batch, gen, device)}
+    for label, options in (VARIANTS.items() if variants else ()):
+        variant = objectives.build("retrack", **{"lam": 0.005, **options})
+        steps[label] = lambda v=variant: retrack_step(model, v, data, opt, batch, gen, device, accelerator)
+    steps["plain"] = lambda: plain_step(model, x, t)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(repeats + 2):  # interleaved, side by side; the first two are warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        retrack_step(model, objective, data, opt, batch, gen, device)
-        sync(device)
-        t1 = time.perf_counter()
-        plain_step(model, x, t)
-        sync(device)
-        t2 = time.perf_counter()
-        if i >= 2:
-            retrack_times.append(t1 - t0)
-            plain_times.append(t2 - t1)
-    r, p = sorted(retrack_times)[len(retrack_times) // 2], sorted(plain_times)[len(plain_times) // 2]
-    return {"retrack_step_s": r, "forward_backward_2B_s": p, "ratio": r / p}
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    r, p = med.pop("retrack"), med.pop("plain")
+    return {"retrack_step_s": r, "forward_backward_2B_s": p, "ratio": r / p, "variants_s": med}
 
 
 def peak_memory_child(batch: int, k: int, device: str) -> None:
@@ -109,16 +131,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-variants", action="store_true", help="time the paper's ReTrack step only")
     ap.add_argument("--child-k", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_k is not None:
         return peak_memory_child(args.batch_size, args.child_k, args.device)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}, batch {args.batch_size}")
-    timing = time_steps(args.batch_size, args.repeats, args.device)
+    timing = time_steps(args.batch_size, args.repeats, args.device, not args.no_variants)
     print(f"ReTrack step (K=10, B={args.batch_size}): {timing['retrack_step_s']:.3f} s (median)")
     print(f"forward+backward on 2B={2 * args.batch_size} images: {timing['forward_backward_2B_s']:.3f} s")
     print(f"ratio: {timing['ratio']:.3f} (target ≤ 1.10)")
+    for label, seconds in timing["variants_s"].items():
+        print(f"ReTrack {label}: {seconds:.3f} s, {seconds / timing['retrack_step_s']:.3f}× a paper "
+              "ReTrack step (target ≤ 1.10)")
     peaks = {}
     for k in (1, 1000):
         out = subprocess.run([sys.executable, __file__, "--child-k", str(k), "--batch-size",

@@ -27,6 +27,8 @@ class UnlearnConfig:
     """Every setting of one unlearning run; saved, fully resolved, beside the output model.
 
     Defaults are the paper's MNIST T-shirt settings; None for lam/s/eta means the method's own.
+    lam="auto" and the fields after `eta` are ReTrack's options beside the paper's objective
+    (objectives/retrack.py); their defaults leave it exactly the paper's.
     """
 
     model: str
@@ -42,9 +44,14 @@ class UnlearnConfig:
     clip: float = 1.0
     seed: int = 0
     k: int | str = 10
-    lam: float | None = None
+    lam: float | str | None = None
     s: float | None = None
     eta: float | None = None
+    lam_ratio: float = 1.0
+    surgery: bool = False
+    forget_weighting: str = "none"
+    snr_gamma: float = 5.0
+    forget_t_min: int = 0
     device: str | None = None
     overwrite: bool = False
     cache_dir: str | None = None
@@ -74,6 +81,9 @@ def unlearn(model: str, data: str, forget: str, out: str, progress: bool = True,
     parts = split(images, parse_forget(cfg.forget, images))
     loaded = load_model(cfg.model, cfg.device)
     _check_fits(images, loaded)
+    steps = loaded.denoiser.schedule.num_steps
+    require(cfg.forget_t_min < steps, f"--forget-t-min must be below the model's {steps} timesteps, "
+                                      f"got {cfg.forget_t_min}.")
     objective = _objective(cfg)
     remain, forget_imgs = images.images[parts.remain], images.images[parts.forget]
     table = None
@@ -100,16 +110,40 @@ def _validated(cfg: UnlearnConfig) -> UnlearnConfig:
         require(k.isdigit(), f"--k must be a positive integer or 'all', got {k!r}.")
         k = int(k)
     require(k == "all" or int(k) >= 1, f"--k must be a positive integer or 'all', got {k}.")
-    if cfg.lam is not None:
-        require(0.0 <= cfg.lam <= 1.0, f"--lam must be between 0 and 1, got {cfg.lam}.")
+    _check_variant_options(cfg, cls)
+    if cfg.lam is not None and cfg.lam != "auto":
+        require(0.0 <= cfg.lam <= 1.0, f"--lam must be between 0 and 1 or 'auto', got {cfg.lam}.")
     defaults = {f: getattr(cls, f) for f in ("lam", "s", "eta") if hasattr(cls, f)}
     resolved = {f: getattr(cfg, f) if getattr(cfg, f) is not None else defaults.get(f) for f in defaults}
     return replace(cfg, k=k, device=cfg.device or default_device(), **resolved)
 
 
+VARIANT_OPTIONS = ("lam_ratio", "surgery", "forget_weighting", "snr_gamma", "forget_t_min")
+
+
+def _check_variant_options(cfg: UnlearnConfig, cls: type) -> None:
+    """Options a method does not have are an error, not silently ignored."""
+    require(cfg.lam != "auto" or hasattr(cls, "lam_ratio"),
+            f"--lam auto balances an unlearning and a remain gradient; method {cfg.method!r} has no such λ.")
+    for name in VARIANT_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        require(getattr(cfg, name) == UnlearnConfig.__dataclass_fields__[name].default or hasattr(cls, name),
+                f"{flag} is an option of retrack; method {cfg.method!r} does not have it.")
+    if isinstance(cfg.lam, str) and cfg.lam != "auto":
+        raise UserError(f"--lam must be a number between 0 and 1 or 'auto', got {cfg.lam!r}.")
+    require(cfg.lam_ratio > 0, f"--lam-ratio must be positive, got {cfg.lam_ratio}.")
+    require(cfg.snr_gamma > 0, f"--snr-gamma must be positive, got {cfg.snr_gamma}.")
+    require(cfg.forget_t_min >= 0, f"--forget-t-min must be ≥ 0, got {cfg.forget_t_min}.")
+    from retrack.objectives.retrack import FORGET_WEIGHTINGS
+
+    require(cfg.forget_weighting in FORGET_WEIGHTINGS, f"unknown --forget-weighting "
+            f"{cfg.forget_weighting!r}; choose one of {', '.join(FORGET_WEIGHTINGS)}.")
+
+
 def _objective(cfg: UnlearnConfig):
     try:
-        return objectives.build(cfg.method, lam=cfg.lam, s=cfg.s, eta=cfg.eta)
+        return objectives.build(cfg.method, lam=cfg.lam, s=cfg.s, eta=cfg.eta,
+                                **{name: getattr(cfg, name) for name in VARIANT_OPTIONS})
     except ValueError as e:
         raise UserError(f"{e}.") from None
 

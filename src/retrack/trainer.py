@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 
 from retrack.errors import UserError, require
 from retrack.models import Denoiser
-from retrack.objectives.base import Objective, TrainBatch, TwoGradientRule, WeightedSum
+from retrack.objectives.base import (
+    Objective,
+    Prepared,
+    SplitRule,
+    TrainBatch,
+    TwoGradientRule,
+    WeightedSum,
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,35 @@ def apply_rule(rule, terms: dict[str, torch.Tensor], params: list[torch.nn.Param
         p.grad = gc.mul_(c).add_(gm)
 
 
+def split_step(
+    rule: SplitRule, model, objective, prepared: Prepared, params: list[torch.nn.Parameter], accelerator,
+    step: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each term from its own rows' forward and backward, then g = a·g_first + b·g_second in p.grad.
+
+    Costs what one fused step costs (every row goes through the model once) and keeps one extra
+    copy of the gradients. Returns the terms and what the rule chose (λ, cosine, norms) for the log.
+    """
+    n = prepared.split
+    terms, grads = {}, []
+    for name, rows in ((rule.first, slice(0, n)), (rule.second, slice(n, None))):
+        terms[name] = objective.term(name, model(prepared.x[rows], prepared.t[rows]), prepared)
+        _check_finite({name: terms[name]}, step)
+        accelerator.backward(terms[name])
+        grads.append([accelerator.reduce(_grad(p).clone(), "mean") for p in params])
+        for p in params:
+            p.grad = None
+    g1, g2 = grads
+    dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g1, g2, strict=True))
+    sq1 = sum(float(a.double().pow(2).sum()) for a in g1)
+    sq2 = sum(float(b.double().pow(2).sum()) for b in g2)
+    a, b, lam = rule.coefficients(dot, sq1, sq2)
+    for p, x, y in zip(params, g1, g2, strict=True):
+        p.grad = x.mul_(a).add_(y, alpha=b)
+    cos = dot / (sq1 * sq2) ** 0.5 if sq1 > 0 and sq2 > 0 else 0.0
+    return terms, {"lam": lam, "cos": cos, f"norm_{rule.first}": sq1**0.5, f"norm_{rule.second}": sq2**0.5}
+
+
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
@@ -106,7 +142,8 @@ def train(
                             weight_decay=settings.weight_decay)
     model, opt = accelerator.prepare(denoiser, opt)
     params = [p for p in model.parameters() if p.requires_grad]
-    two_grads = isinstance(objective.rule, TwoGradientRule)
+    rule = objective.rule
+    two_grads = isinstance(rule, TwoGradientRule | SplitRule)
     log: list[dict[str, float]] = []
     model.train()
     bar = tqdm(range(settings.steps), desc=f"unlearn ({objective.name})", dynamic_ncols=True,
@@ -116,16 +153,22 @@ def train(
         prepared = objective.prepare(batch, denoiser.schedule, gen)
         # Two-gradient rules average the gradients themselves, so DDP must not sync each backward.
         ctx = accelerator.no_sync(model) if two_grads else contextlib.nullcontext()
+        chosen: dict[str, float] = {}
         with ctx:
-            terms = objective.terms(model(prepared.x, prepared.t), prepared)
-            _check_finite(terms, step)
-            apply_rule(objective.rule, terms, params, accelerator)
+            if isinstance(rule, SplitRule):
+                terms, chosen = split_step(rule, model, objective, prepared, params,
+                                             accelerator, step)
+            else:
+                terms = objective.terms(model(prepared.x, prepared.t), prepared)
+                _check_finite(terms, step)
+                apply_rule(rule, terms, params, accelerator)
         grad_norm = float(accelerator.clip_grad_norm_(params, settings.clip))
         require(math.isfinite(grad_norm), f"the gradient norm became {grad_norm} at step {step}; "
                 "the input model is untouched and nothing was written.")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        entry = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": grad_norm}
+        entry = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}, **chosen,
+                 "grad_norm": grad_norm}
         log.append(entry)
         bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
     model.eval()

@@ -36,9 +36,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and timesteps")
     p.add_argument("--k", default="10",
                    help="retrack: nearest remain images per forget image, or 'all' (untruncated)")
-    p.add_argument("--lam", type=float, default=None,
-                   help="retrack: weight λ of the unlearning term (default 0.005); "
+    p.add_argument("--lam", type=_lam, default=None,
+                   help="retrack: weight λ of the unlearning term (default 0.005), or 'auto' to choose "
+                   "it per step from the gradient norms (see --lam-ratio); "
                    "siss: forget-mixing probability λ (default 0.5)")
+    p.add_argument("--lam-ratio", type=float, default=1.0,
+                   help="retrack with --lam auto: target of λ‖∇L_unlearn‖ / ((1−λ)‖∇L_remain‖)")
+    p.add_argument("--surgery", action="store_true",
+                   help="retrack: remove from ∇L_unlearn its component opposing ∇L_remain when "
+                   "their inner product is negative (PCGrad)")
+    p.add_argument("--forget-weighting", default="none",
+                   help="retrack: weighting of the forget rows over timesteps: 'none' (the paper's) "
+                   "or 'min-snr' (weight min(SNR_t, γ)/SNR_t, see --snr-gamma)")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="retrack with min-snr: the SNR cap γ")
+    p.add_argument("--forget-t-min", type=int, default=0,
+                   help="retrack: forget rows draw timesteps from t-min … T−1 (0: all, the paper's)")
     p.add_argument("--s", type=float, default=None, help="siss: norm of the subtracted forget gradient (default 5)")
     p.add_argument("--eta", type=float, default=None, help="erasediff: η of the gradient rule (default 1e-3)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -56,6 +68,19 @@ def run(args: argparse.Namespace) -> int:
                   method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                   betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, clip=args.clip,
                   seed=args.seed, k=args.k, lam=args.lam, s=args.s, eta=args.eta,
+                  lam_ratio=args.lam_ratio, surgery=args.surgery,
+                  forget_weighting=args.forget_weighting, snr_gamma=args.snr_gamma,
+                  forget_t_min=args.forget_t_min,
                   device=args.device, overwrite=args.overwrite, cache_dir=args.cache_dir)
     print(f"wrote {out}")
     return 0
+
+
+def _lam(text: str) -> float | str:
+    """A number, or 'auto' (ReTrack's λ chosen per step from the gradient norms)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None

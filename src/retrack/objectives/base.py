@@ -38,6 +38,7 @@ class Prepared:
     x: torch.Tensor
     t: torch.Tensor
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    split: int | None = None  # rows x[:split] feed the first term of a SplitRule, the rest the second
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,37 @@ class TwoGradientRule:
         raise ValueError(f"unknown two-gradient rule {self.kind!r}")
 
 
-GradientRule = WeightedSum | TwoGradientRule
+@dataclass(frozen=True)
+class SplitRule:
+    """g = λ·g_first' + (1−λ)·g_second, each gradient from its own forward over its own rows.
+
+    The two gradients are taken separately at the cost of one fused step (the rows of each term
+    go through the model on their own, so nothing is computed twice). Two optional changes to
+    ReTrack's plain weighted sum use them:
+    - surgery (PCGrad, Yu et al. 2020): g_first' = g_first − (⟨g_first, g_second⟩/‖g_second‖²)·g_second
+      when the inner product is negative, so the unlearning step never undoes remain fit;
+    - lam=None ("auto"): λ solves λ‖g_first'‖ = ratio·(1−λ)‖g_second‖ at every step, i.e. the
+      paper's "two terms of similar order" without tuning λ per model and data set.
+    """
+
+    first: str
+    second: str
+    lam: float | None = None
+    ratio: float = 1.0
+    surgery: bool = False
+
+    def coefficients(self, dot: float, sq_first: float, sq_second: float) -> tuple[float, float, float]:
+        """(a, b, λ) with g = a·g_first + b·g_second, from ⟨g1, g2⟩, ‖g1‖², ‖g2‖²."""
+        c = -dot / sq_second if self.surgery and dot < 0.0 and sq_second > 0.0 else 0.0
+        norm_first = max(sq_first + 2.0 * c * dot + c * c * sq_second, 0.0) ** 0.5
+        lam = self.lam
+        if lam is None:
+            pull = self.ratio * sq_second**0.5
+            lam = pull / (norm_first + pull) if norm_first > 0.0 else 0.5
+        return lam, lam * c + (1.0 - lam), lam
+
+
+GradientRule = WeightedSum | TwoGradientRule | SplitRule
 
 
 class Objective(Protocol):
@@ -87,6 +118,12 @@ class Objective(Protocol):
 
     @property
     def rule(self) -> GradientRule: ...
+
+
+class SplitObjective(Objective, Protocol):
+    """An objective whose rule may be a SplitRule: each term is computed from its own rows' ε."""
+
+    def term(self, name: str, eps: torch.Tensor, prepared: Prepared) -> torch.Tensor: ...
 
 
 def noise_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

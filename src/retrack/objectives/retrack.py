@@ -6,18 +6,28 @@ redirects the trajectories that led to a_u toward its neighbours. Because
 Σ_k p_k‖e − v_k‖² = ‖e − v̄‖² + (Σ_k p_k‖v_k‖² − ‖v̄‖²) with v̄ = Σ_k p_k v_k, only the weighted
 target v̄ ever meets the model output; it is accumulated over neighbour chunks with a running
 log-sum-exp, so memory does not grow with K (K = all remain images is the untruncated objective).
+
+Options beside the paper's objective (all off by default, so the defaults are Algorithm 1):
+- `lam="auto"` with `lam_ratio` R: λ per step such that λ‖∇L_unlearn‖ = R·(1−λ)‖∇L_remain‖;
+- `surgery`: drop the component of ∇L_unlearn that opposes ∇L_remain (PCGrad);
+- `forget_weighting="min-snr"` with `snr_gamma` γ: each forget row's term is weighted by
+  min(SNR_t, γ)/SNR_t. The target error of a forget row grows like SNR_t·‖a_u − ā‖², so near
+  t = 0 (SNR ≈ 10⁴) a handful of rows dominate the whole loss; the cap bounds every row's term
+  by γ·‖a_u − ā‖², as min-SNR weighting (Hang et al. 2023) does for training;
+- `forget_t_min`: forget rows draw t from {t_min, …, T−1} instead of {0, …, T−1}.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 from retrack.objectives import register
 from retrack.objectives.base import (
     Prepared,
+    SplitRule,
     TrainBatch,
     WeightedSum,
     draw_timesteps,
@@ -26,12 +36,20 @@ from retrack.objectives.base import (
     sse,
 )
 
+ForgetWeighting = Literal["none", "min-snr"]
+FORGET_WEIGHTINGS: tuple[str, ...] = ("none", "min-snr")
+
 
 @register
 @dataclass(frozen=True)
 class ReTrack:
-    lam: float = 0.005
+    lam: float | Literal["auto"] = 0.005
     chunk: int | None = None
+    lam_ratio: float = 1.0
+    surgery: bool = False
+    forget_weighting: ForgetWeighting = "none"
+    snr_gamma: float = 5.0
+    forget_t_min: int = 0
 
     name: ClassVar[str] = "retrack"
     needs_remain: ClassVar[bool] = True
@@ -39,29 +57,65 @@ class ReTrack:
     needs_neighbours: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"ReTrack needs 0 ≤ λ ≤ 1, got {self.lam}")
+        if self.lam != "auto" and not (isinstance(self.lam, int | float) and 0.0 <= self.lam <= 1.0):
+            raise ValueError(f"ReTrack needs 0 ≤ λ ≤ 1 or 'auto', got {self.lam}")
+        if not self.lam_ratio > 0.0:
+            raise ValueError(f"ReTrack needs a positive λ ratio, got {self.lam_ratio}")
+        if self.forget_weighting not in FORGET_WEIGHTINGS:
+            raise ValueError(f"unknown forget weighting {self.forget_weighting!r}; choose one of "
+                             f"{', '.join(FORGET_WEIGHTINGS)}")
+        if not self.snr_gamma > 0.0:
+            raise ValueError(f"ReTrack needs a positive SNR cap γ, got {self.snr_gamma}")
+        if self.forget_t_min < 0:
+            raise ValueError(f"the forget t-min must be ≥ 0, got {self.forget_t_min}")
 
     def prepare(self, batch: TrainBatch, schedule, gen: torch.Generator) -> Prepared:
         f, r = batch.forget, batch.remain
         x0 = torch.cat([f, r])
+        n = f.shape[0]
         t = draw_timesteps(x0.shape[0], schedule, gen, x0.device)
+        if self.forget_t_min > 0:
+            if self.forget_t_min >= schedule.num_steps:
+                raise ValueError(f"the forget t-min must be below the model's {schedule.num_steps} "
+                                 f"timesteps, got {self.forget_t_min}")
+            t[:n] = torch.randint(self.forget_t_min, schedule.num_steps, (n,), generator=gen).to(t.device)
         eps = noise_like(x0, gen)
         x = noisy(x0, t, eps, schedule)
-        n = f.shape[0]
         gamma, sigma = schedule.gamma_sigma(t[:n], f)
         target, spread = weighted_target(x[:n], gamma, sigma, batch.bank, batch.neighbours, self.chunk)
-        return Prepared(x, t, {"target": target, "spread": spread, "eps": eps[n:]})
+        targets = {"target": target, "spread": spread, "eps": eps[n:]}
+        if self.forget_weighting == "min-snr":
+            targets["weight"] = min_snr_weight(schedule.alphas_cumprod, t[:n], self.snr_gamma).to(f)
+        return Prepared(x, t, targets, split=n)
 
     def terms(self, eps: torch.Tensor, prepared: Prepared) -> dict[str, torch.Tensor]:
+        n = prepared.targets["target"].shape[0]
+        return {"unlearn": self.term("unlearn", eps[:n], prepared),
+                "remain": self.term("remain", eps[n:], prepared)}
+
+    def term(self, name: str, eps: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        """One term from the ε of its own rows: forget rows for "unlearn", remain rows for "remain"."""
         tg = prepared.targets
-        n = tg["target"].shape[0]
-        unlearn = (sse(eps[:n], tg["target"]) + tg["spread"]).mean()
-        return {"unlearn": unlearn, "remain": sse(eps[n:], tg["eps"]).mean()}
+        if name == "remain":
+            return sse(eps, tg["eps"]).mean()
+        per_row = sse(eps, tg["target"]) + tg["spread"]
+        if "weight" in tg:
+            per_row = per_row * tg["weight"]
+        return per_row.mean()
 
     @property
-    def rule(self) -> WeightedSum:
+    def rule(self) -> WeightedSum | SplitRule:
+        if self.lam == "auto" or self.surgery:
+            lam = None if self.lam == "auto" else float(self.lam)
+            return SplitRule("unlearn", "remain", lam, self.lam_ratio, self.surgery)
         return WeightedSum({"unlearn": self.lam, "remain": 1.0 - self.lam})
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR_t, γ)/SNR_t with SNR_t = ᾱ_t/(1 − ᾱ_t), per timestep."""
+    a = alphas_cumprod.to(t.device)[t].double()
+    snr = a / (1.0 - a)
+    return snr.clamp(max=gamma) / snr
 
 
 @torch.no_grad()
