@@ -46,3 +46,22 @@ def tiny_data(tmp_path: Path) -> Path:
 
 def tree_digest(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def tiny_denoiser(seed: int = 0):
+    """The tiny UNet behind the Denoiser contract, on diffusers' default linear schedule."""
+    from diffusers import DDPMScheduler
+
+    from retrack.models import Denoiser, Schedule
+
+    return Denoiser(tiny_unet(seed=seed), Schedule(DDPMScheduler().alphas_cumprod.double()))
+
+
+def tiny_train_data():
+    """30 remain and 3 forget 8×8 images with 4 (arbitrary) neighbours each, the same every call."""
+    from retrack.trainer import TrainData
+
+    g = torch.Generator().manual_seed(1)
+    remain = torch.randint(0, 256, (30, 1, 8, 8), generator=g, dtype=torch.uint8)
+    forget = torch.randint(0, 256, (3, 1, 8, 8), generator=g, dtype=torch.uint8)
+    return TrainData(remain, forget, torch.stack([torch.randperm(30, generator=g)[:4] for _ in range(3)]))

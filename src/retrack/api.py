@@ -16,7 +16,8 @@ from retrack.errors import UserError, require
 from retrack.models import LoadedModel, load_model, save_model
 from retrack.neighbours import cached_nearest_neighbours
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
-from retrack.trainer import TrainData, TrainSettings, neighbour_table, train
+from retrack.trainer import TrainData, TrainSettings, neighbour_table, per_process_batch, train
+from retrack.validation import Int
 
 RUN_RECORD = "retrack_run.json"
 STEP_LOG = "retrack_log.json"
@@ -38,6 +39,7 @@ class UnlearnConfig:
     method: str = "retrack"
     steps: int = 50
     batch_size: int = 128
+    grad_accum: int = 1
     lr: float = 5e-5
     betas: tuple[float, float] = (0.95, 0.999)
     weight_decay: float = 1e-6
@@ -91,8 +93,7 @@ def unlearn(model: str, data: str, forget: str, out: str, progress: bool = True,
         table = cached_nearest_neighbours(remain, forget_imgs, int(cfg.k),
                                           Path(cfg.cache_dir) if cfg.cache_dir else None, progress)
     train_data = TrainData(_nchw(remain), _nchw(forget_imgs), neighbour_table(table))
-    settings_ = TrainSettings(cfg.steps, cfg.batch_size, cfg.lr, tuple(cfg.betas), cfg.weight_decay,
-                              cfg.clip, cfg.seed)
+    settings_ = _train_settings(cfg)
     log = train(loaded.denoiser, objective, train_data, settings_, cfg.device, progress)
     if _is_main_process():
         _write_output(out_path, loaded, cfg, objective, images, parts, table, log)
@@ -103,6 +104,8 @@ def _validated(cfg: UnlearnConfig) -> UnlearnConfig:
     cls = objectives.method_class(cfg.method)
     require(cfg.steps > 0, f"--steps must be positive, got {cfg.steps}.")
     require(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}.")
+    Int(min=1)(cfg.grad_accum, "--grad-accum")
+    per_process_batch(_train_settings(cfg), process_count())
     require(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}.")
     require(cfg.clip > 0, f"--clip must be positive, got {cfg.clip}.")
     k = cfg.k
@@ -140,6 +143,19 @@ def _check_variant_options(cfg: UnlearnConfig, cls: type) -> None:
             f"{cfg.forget_weighting!r}; choose one of {', '.join(FORGET_WEIGHTINGS)}.")
 
 
+def _train_settings(cfg: UnlearnConfig) -> TrainSettings:
+    return TrainSettings(cfg.steps, cfg.batch_size, cfg.lr, tuple(cfg.betas), cfg.weight_decay,
+                         cfg.clip, cfg.seed, cfg.grad_accum)
+
+
+def process_count() -> int:
+    """Processes of this run as `accelerate launch` (or MPI) announces them, read before any
+    distributed state exists so that a bad batch split fails before a model is loaded."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
 def _objective(cfg: UnlearnConfig):
     try:
         return objectives.build(cfg.method, lam=cfg.lam, s=cfg.s, eta=cfg.eta,
@@ -173,6 +189,7 @@ def _write_output(out, loaded, cfg, objective, images, parts, table, log) -> Non
         cfg,
         objective=asdict(objective),
         seed=cfg.seed,
+        processes=process_count(),
         data={"source": images.source, "digest": images.digest(), "size": len(images),
               "forget_indices": parts.forget, "forget_size": len(parts.forget),
               "remain_size": len(parts.remain)},

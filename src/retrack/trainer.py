@@ -3,13 +3,15 @@
 The trainer owns the model, optimiser and devices; objectives stay pure functions of tensors.
 Several GPUs go through Hugging Face Accelerate (`accelerate launch`): every process draws its
 own share of the batch from a generator seeded by (seed, process index), and gradients are
-averaged across processes before they are combined and clipped.
+averaged across processes before they are combined and clipped. A batch too large for memory is
+split into micro-batches (`grad_accum`) whose gradients add up to exactly the full batch's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,7 @@ from retrack.objectives.base import (
     TrainBatch,
     TwoGradientRule,
     WeightedSum,
+    split_prepared,
 )
 
 
@@ -39,6 +42,7 @@ class TrainSettings:
     weight_decay: float = 1e-6
     clip: float = 1.0
     seed: int = 0
+    grad_accum: int = 1  # micro-batches per step; they sum to batch_size
 
 
 @dataclass
@@ -71,21 +75,9 @@ def draw_batch(objective: Objective, data: TrainData, n: int, gen: torch.Generat
 
 def apply_rule(rule, terms: dict[str, torch.Tensor], params: list[torch.nn.Parameter], accelerator) -> None:
     """Leave the combined gradient of the objective in p.grad for every parameter."""
-    if isinstance(rule, WeightedSum):
-        accelerator.backward(sum(w * terms[name] for name, w in rule.weights.items()))
-        return
-    require(isinstance(rule, TwoGradientRule), f"unknown gradient rule {rule!r}")
-    accelerator.backward(terms[rule.main], retain_graph=True)
-    g_main = [accelerator.reduce(_grad(p).clone(), "mean") for p in params]
-    for p in params:
-        p.grad = None
-    accelerator.backward(terms[rule.corr])
-    g_corr = [accelerator.reduce(_grad(p), "mean") for p in params]
-    dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_main, g_corr, strict=True))
-    sq = sum(float(b.double().pow(2).sum()) for b in g_corr)
-    c = rule.coefficient(dot, sq)
-    for p, gm, gc in zip(params, g_main, g_corr, strict=True):
-        p.grad = gc.mul_(c).add_(gm)
+    acc = GradientAccumulator(rule, params, accelerator)
+    acc.add(terms)
+    acc.finish()
 
 
 def split_step(
@@ -97,28 +89,114 @@ def split_step(
     Costs what one fused step costs (every row goes through the model once) and keeps one extra
     copy of the gradients. Returns the terms and what the rule chose (λ, cosine, norms) for the log.
     """
-    n = prepared.split
-    terms, grads = {}, []
-    for name, rows in ((rule.first, slice(0, n)), (rule.second, slice(n, None))):
-        terms[name] = objective.term(name, model(prepared.x[rows], prepared.t[rows]), prepared)
-        _check_finite({name: terms[name]}, step)
-        accelerator.backward(terms[name])
-        grads.append([accelerator.reduce(_grad(p).clone(), "mean") for p in params])
-        for p in params:
+    acc = GradientAccumulator(rule, params, accelerator)
+    terms = acc.add_split(model, objective, prepared, step)
+    return terms, acc.finish()
+
+
+class GradientAccumulator:
+    """Sums the gradients of micro-batches and applies the gradient rule once, to the totals.
+
+    A weighted sum is linear, so its micro-batch gradients simply add up in p.grad. The
+    two-gradient rules (EraseDiff, SISS, ReTrack's SplitRule options) are not: their coefficients
+    depend on the whole batch's inner product and norms, so their two gradients are accumulated
+    apart (the first in one extra copy of the parameters, the second in p.grad), averaged across
+    processes, and combined once.
+    """
+
+    def __init__(self, rule, params: list[torch.nn.Parameter], accelerator) -> None:
+        require(isinstance(rule, WeightedSum | TwoGradientRule | SplitRule), f"unknown gradient rule {rule!r}")
+        self.rule, self.params, self.accelerator = rule, params, accelerator
+        self.g_first: list[torch.Tensor] | None = None
+
+    def add(self, terms: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+        """Add the gradient of `scale` × one forward's terms (weighted sums and TwoGradientRule)."""
+        rule = self.rule
+        if isinstance(rule, WeightedSum):
+            self.accelerator.backward(scale * sum(w * terms[name] for name, w in rule.weights.items()))
+            return
+        require(isinstance(rule, TwoGradientRule), f"{rule!r} takes each term from its own rows.")
+        self._add_first(scale * terms[rule.main], retain_graph=True)
+        self.accelerator.backward(scale * terms[rule.corr])
+
+    def add_split(self, model, objective, prepared: Prepared, step: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """SplitRule: add each term's gradient from a forward over its own rows only."""
+        rule, n = self.rule, prepared.split
+        terms = {}
+        for name, rows in ((rule.first, slice(0, n)), (rule.second, slice(n, None))):
+            terms[name] = objective.term(name, model(prepared.x[rows], prepared.t[rows]), prepared)
+            _check_finite({name: terms[name]}, step)
+            if name == rule.first:
+                self._add_first(scale * terms[name])
+            else:
+                self.accelerator.backward(scale * terms[name])
+        return terms
+
+    def _add_first(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        second_so_far = [p.grad for p in self.params]
+        for p in self.params:
             p.grad = None
-    g1, g2 = grads
-    dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g1, g2, strict=True))
-    sq1 = sum(float(a.double().pow(2).sum()) for a in g1)
-    sq2 = sum(float(b.double().pow(2).sum()) for b in g2)
-    a, b, lam = rule.coefficients(dot, sq1, sq2)
-    for p, x, y in zip(params, g1, g2, strict=True):
-        p.grad = x.mul_(a).add_(y, alpha=b)
-    cos = dot / (sq1 * sq2) ** 0.5 if sq1 > 0 and sq2 > 0 else 0.0
-    return terms, {"lam": lam, "cos": cos, f"norm_{rule.first}": sq1**0.5, f"norm_{rule.second}": sq2**0.5}
+        self.accelerator.backward(loss, retain_graph=retain_graph)
+        g = [_grad(p) for p in self.params]
+        self.g_first = g if self.g_first is None else [a.add_(b) for a, b in zip(self.g_first, g, strict=True)]
+        for p, h in zip(self.params, second_so_far, strict=True):
+            p.grad = h
+
+    def finish(self) -> dict[str, float]:
+        """Leave the rule's combined gradient in p.grad; returns what a SplitRule chose, for the log."""
+        rule = self.rule
+        if isinstance(rule, WeightedSum):
+            return {}
+        require(self.g_first is not None, "no micro-batch was added before finish().")
+        reduce = self.accelerator.reduce
+        g1 = [reduce(g, "mean") for g in self.g_first]
+        g2 = [reduce(_grad(p), "mean") for p in self.params]
+        self.g_first = None
+        dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g1, g2, strict=True))
+        sq2 = sum(float(b.double().pow(2).sum()) for b in g2)
+        if isinstance(rule, TwoGradientRule):
+            c = rule.coefficient(dot, sq2)
+            for p, gm, gc in zip(self.params, g1, g2, strict=True):
+                p.grad = gc.mul_(c).add_(gm)
+            return {}
+        sq1 = sum(float(a.double().pow(2).sum()) for a in g1)
+        a, b, lam = rule.coefficients(dot, sq1, sq2)
+        for p, x, y in zip(self.params, g1, g2, strict=True):
+            p.grad = x.mul_(a).add_(y, alpha=b)
+        cos = dot / (sq1 * sq2) ** 0.5 if sq1 > 0 and sq2 > 0 else 0.0
+        return {"lam": lam, "cos": cos, f"norm_{rule.first}": sq1**0.5, f"norm_{rule.second}": sq2**0.5}
 
 
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def batch_gradient(model, objective: Objective, prepared: Prepared, grad_accum: int,
+                   params: list[torch.nn.Parameter], accelerator, step: int = 0) -> dict[str, float]:
+    """Leave the combined gradient of one batch in p.grad, one micro-batch at a time.
+
+    DDP averages gradients across processes on a backward outside `no_sync`: for a weighted sum
+    that is the last micro-batch's (the sum so far travels once); the two-gradient rules keep
+    every backward local and average their two gradients themselves. Returns the batch's terms
+    and, for a SplitRule, what it chose.
+    """
+    rule = objective.rule
+    acc = GradientAccumulator(rule, params, accelerator)
+    local = not isinstance(rule, WeightedSum)
+    micro = split_prepared(prepared, grad_accum)
+    totals: dict[str, float] = {}
+    for j, mb in enumerate(micro):
+        last = j == len(micro) - 1
+        with accelerator.no_sync(model) if local or not last else contextlib.nullcontext():
+            if isinstance(rule, SplitRule):
+                terms = acc.add_split(model, objective, mb, step, 1.0 / grad_accum)
+            else:
+                terms = objective.terms(model(mb.x, mb.t), mb)
+                _check_finite(terms, step)
+                acc.add(terms, 1.0 / grad_accum)
+        for name, v in terms.items():
+            totals[name] = totals.get(name, 0.0) + float(v.detach()) / grad_accum
+    return {**totals, **acc.finish()}
 
 
 def train(
@@ -128,51 +206,54 @@ def train(
     settings: TrainSettings,
     device: str | None = None,
     progress: bool = True,
+    on_gradient: Callable[[int, list[torch.nn.Parameter]], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Fine-tune `denoiser` in place with `objective`; returns the per-step log."""
+    """Fine-tune `denoiser` in place with `objective`; returns the per-step log.
+
+    `on_gradient(step, params)`, if given, sees every step's combined gradient in p.grad (averaged
+    across processes, before clipping) and the weights it will update.
+    """
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=(device == "cpu"))
-    n = settings.batch_size // accelerator.num_processes
-    require(n * accelerator.num_processes == settings.batch_size and n > 0,
-            f"--batch-size {settings.batch_size} must be a multiple of the "
-            f"{accelerator.num_processes} processes.")
+    n = per_process_batch(settings, accelerator.num_processes)
     gen = torch.Generator().manual_seed(settings.seed * 1_000 + accelerator.process_index)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=settings.lr, betas=settings.betas,
                             weight_decay=settings.weight_decay)
     model, opt = accelerator.prepare(denoiser, opt)
     params = [p for p in model.parameters() if p.requires_grad]
-    rule = objective.rule
-    two_grads = isinstance(rule, TwoGradientRule | SplitRule)
     log: list[dict[str, float]] = []
     model.train()
     bar = tqdm(range(settings.steps), desc=f"unlearn ({objective.name})", dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
     for step in bar:
+        # The whole batch is drawn and noised at once, so accumulation changes no draw.
         batch = draw_batch(objective, data, n, gen, accelerator.device)
         prepared = objective.prepare(batch, denoiser.schedule, gen)
-        # Two-gradient rules average the gradients themselves, so DDP must not sync each backward.
-        ctx = accelerator.no_sync(model) if two_grads else contextlib.nullcontext()
-        chosen: dict[str, float] = {}
-        with ctx:
-            if isinstance(rule, SplitRule):
-                terms, chosen = split_step(rule, model, objective, prepared, params,
-                                             accelerator, step)
-            else:
-                terms = objective.terms(model(prepared.x, prepared.t), prepared)
-                _check_finite(terms, step)
-                apply_rule(rule, terms, params, accelerator)
+        terms = batch_gradient(model, objective, prepared, settings.grad_accum, params, accelerator, step)
+        if on_gradient is not None:
+            on_gradient(step, params)
         grad_norm = float(accelerator.clip_grad_norm_(params, settings.clip))
         require(math.isfinite(grad_norm), f"the gradient norm became {grad_norm} at step {step}; "
                 "the input model is untouched and nothing was written.")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        entry = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}, **chosen,
-                 "grad_norm": grad_norm}
+        entry = {"step": step, **terms, "grad_norm": grad_norm}
         log.append(entry)
         bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
     model.eval()
     return log
+
+
+def per_process_batch(settings: TrainSettings, processes: int) -> int:
+    """Draws per process and step; the batch must split evenly over processes and micro-batches."""
+    n, k = settings.batch_size // processes, settings.grad_accum
+    require(settings.batch_size % processes == 0 and n > 0,
+            f"--batch-size {settings.batch_size} must be a multiple of the {processes} processes.")
+    require(k >= 1 and n % k == 0,
+            f"--grad-accum {k} must divide the batch of {n} images per process "
+            f"(--batch-size {settings.batch_size} over {processes} process{'es' if processes > 1 else ''}).")
+    return n
 
 
 def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:

@@ -7,6 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from retrack.objectives import available
+    from retrack.validation import Int
 
     p = sub.add_parser(
         "unlearn", help="make a model forget some training images",
@@ -28,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per step (per term; split across processes under accelerate)")
+    p.add_argument("--grad-accum", type=Int(min=1), default=1,
+                   help="micro-batches per step, to fit memory: each process's share of the batch is "
+                   "split into this many, and their gradients add up to exactly the full batch's")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (constant, no warm-up)")
     p.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
     p.add_argument("--beta1", type=float, default=0.95, help="AdamW β1")
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from retrack.api import unlearn
 
     out = unlearn(args.model, args.data, args.forget, args.out, progress=not args.quiet,
-                  method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                  method=args.method, steps=args.steps, batch_size=args.batch_size,
+                  grad_accum=args.grad_accum, lr=args.lr,
                   betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, clip=args.clip,
                   seed=args.seed, k=args.k, lam=args.lam, s=args.s, eta=args.eta,
                   lam_ratio=args.lam_ratio, surgery=args.surgery,

@@ -33,12 +33,48 @@ class TrainBatch:
 
 @dataclass
 class Prepared:
-    """Noisy inputs for one forward pass, their timesteps and whatever the loss compares against."""
+    """Noisy inputs for one forward pass, their timesteps and whatever the loss compares against.
+
+    Layout every objective keeps, so a batch can be cut into micro-batches without knowing the
+    method: every target has B rows (one per draw), and x and t stack S segments of B rows each
+    (e.g. ReTrack's forget block then remain block); row i of every segment belongs to draw i.
+    """
 
     x: torch.Tensor
     t: torch.Tensor
     targets: dict[str, torch.Tensor] = field(default_factory=dict)
     split: int | None = None  # rows x[:split] feed the first term of a SplitRule, the rest the second
+
+    @property
+    def rows(self) -> int:
+        sizes = {v.shape[0] for v in self.targets.values()}
+        if len(sizes) != 1 or self.x.shape[0] % next(iter(sizes)) or self.x.shape[0] != self.t.shape[0]:
+            raise ValueError(f"Prepared batch breaks the segment layout: x {tuple(self.x.shape)}, "
+                             f"targets {[tuple(v.shape) for v in self.targets.values()]}")
+        return sizes.pop()
+
+
+def split_prepared(prepared: Prepared, k: int) -> list[Prepared]:
+    """Cut a batch into k micro-batches of B/k draws each, in order.
+
+    Every loss term is a mean over draws, so the mean of the micro-batches' terms is exactly the
+    full batch's term: gradient accumulation then reproduces the full batch's gradient, draws
+    included, because the draws were made once for the whole batch.
+    """
+    if k == 1:
+        return [prepared]
+    b = prepared.rows
+    if k < 1 or b % k or (prepared.split is not None and prepared.split % b):
+        raise ValueError(f"{k} micro-batches do not divide a batch of {b} (split at {prepared.split})")
+    m, segments = b // k, prepared.x.shape[0] // b
+    split = None if prepared.split is None else prepared.split // b * m
+    out = []
+    for j in range(k):
+        rows = torch.cat([torch.arange(s * b + j * m, s * b + (j + 1) * m) for s in range(segments)])
+        rows = rows.to(prepared.x.device)
+        out.append(Prepared(prepared.x[rows], prepared.t[rows],
+                            {name: v[j * m : (j + 1) * m] for name, v in prepared.targets.items()}, split))
+    return out
 
 
 @dataclass(frozen=True)

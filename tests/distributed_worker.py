@@ -1,0 +1,43 @@
+"""One process of test_distributed.py's run: trains the tiny model with every method and saves,
+per step, the combined gradient and the weights it updates; then runs `unlearn()` end to end.
+
+    RANK=r WORLD_SIZE=n MASTER_ADDR=... MASTER_PORT=... python distributed_worker.py OUT MODEL DATA
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_denoiser, tiny_train_data  # noqa: E402
+from retrack import objectives  # noqa: E402
+from retrack.api import unlearn  # noqa: E402
+from retrack.trainer import TrainSettings, train  # noqa: E402
+
+METHODS = ("retrack", "vanilla", "neggrad", "erasediff", "siss")
+SETTINGS = TrainSettings(steps=2, batch_size=8, grad_accum=2, lr=1e-3)
+
+
+def main(out: Path, model: str, data: str) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    for method in METHODS:
+        denoiser, seen = tiny_denoiser(), []
+
+        def record(step: int, params: list[torch.nn.Parameter], seen=seen) -> None:
+            seen.append({"grad": [p.grad.clone() for p in params],
+                         "weights": [p.detach().clone() for p in params]})
+
+        train(denoiser, objectives.build(method), tiny_train_data(), SETTINGS, "cpu", False, record)
+        final = [p.detach().clone() for p in denoiser.parameters()]
+        torch.save({"steps": seen, "final": final}, out / f"{method}-{rank}.pt")
+    unlearn(model, data, "0,1", str(out / "unlearned"), progress=False, steps=2, batch_size=8,
+            grad_accum=2, k=3, device="cpu", cache_dir=str(out / f"cache-{rank}"))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
