@@ -18,7 +18,12 @@ from retrack import objectives  # noqa: E402
 from retrack.api import unlearn  # noqa: E402
 from retrack.trainer import TrainSettings, train  # noqa: E402
 
-METHODS = ("retrack", "vanilla", "neggrad", "erasediff", "siss")
+METHODS = {"retrack": {}, "vanilla": {}, "neggrad": {}, "erasediff": {}, "siss": {},
+           "retrack-auto": {"lam": "auto"}}
+
+
+def build(method: str):
+    return objectives.build(method.split("-")[0], **METHODS[method])
 SETTINGS = TrainSettings(steps=2, batch_size=8, grad_accum=2, lr=1e-3)
 
 
@@ -32,7 +37,7 @@ def main(out: Path, model: str, data: str) -> None:
             seen.append({"grad": [p.grad.clone() for p in params],
                          "weights": [p.detach().clone() for p in params]})
 
-        train(denoiser, objectives.build(method), tiny_train_data(), SETTINGS, "cpu", False, record)
+        train(denoiser, build(method), tiny_train_data(), SETTINGS, "cpu", False, record)
         final = [p.detach().clone() for p in denoiser.parameters()]
         torch.save({"steps": seen, "final": final}, out / f"{method}-{rank}.pt")
     unlearn(model, data, "0,1", str(out / "unlearned"), progress=False, steps=2, batch_size=8,

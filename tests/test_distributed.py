@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_denoiser, tiny_train_data
-from distributed_worker import METHODS, SETTINGS
-from retrack import objectives
+from distributed_worker import METHODS, SETTINGS, build
 from retrack.objectives.base import Prepared
 from retrack.trainer import batch_gradient, draw_batch
 
@@ -31,7 +30,8 @@ def concat_prepared(parts: list[Prepared]) -> Prepared:
         return torch.cat([getattr(p, name)[s * b : (s + 1) * b] for s in range(segments) for p in parts])
 
     targets = {k: torch.cat([p.targets[k] for p in parts]) for k in parts[0].targets}
-    return Prepared(stack("x"), stack("t"), targets)
+    split = None if parts[0].split is None else sum(p.split for p in parts)
+    return Prepared(stack("x"), stack("t"), targets, split)
 
 
 def free_port() -> int:
@@ -71,7 +71,7 @@ def accelerator():
 
 def reference_gradients(method: str, weights: list[list[torch.Tensor]], accelerator) -> list[list[torch.Tensor]]:
     """One process, at each step's weights, on the global batch: every process's draws together."""
-    objective, data, model = objectives.build(method), tiny_train_data(), tiny_denoiser()
+    objective, data, model = build(method), tiny_train_data(), tiny_denoiser()
     n = SETTINGS.batch_size // PROCESSES
     gens = [torch.Generator().manual_seed(SETTINGS.seed * 1_000 + r) for r in range(PROCESSES)]
     params, grads = list(model.parameters()), []
