@@ -127,3 +127,33 @@ def test_parse_metrics_and_unknown_settings():
         parse_metrics("nll,nll")
     with pytest.raises(UserError, match="unknown evaluate setting 'samples'"):
         evaluate("m", "d", "1", "nll", samples=3)
+
+
+def test_nll_schedule_flows_through_the_cli(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
+    import retrack.metrics.likelihood as likelihood
+
+    seen = {}
+
+    def fake_nll(denoiser, images, **kwargs):  # the ODE itself is tested in test_likelihood.py
+        seen.update(kwargs, shape=images.shape)
+        return np.full(len(images), 2.5)
+
+    monkeypatch.setattr(likelihood, "nll_bits_per_dim", fake_nll)
+    out = tmp_path / "nll.json"
+    code, err = cli(["evaluate", "--model", tiny_model, "--data", tiny_data, "--forget", "5",
+                     "--metrics", "nll", "--nll-schedule", "score-sde", "--out", out, *FAST], capsys)
+    assert code == 0, err
+    assert seen["schedule"] == "score-sde" and seen["shape"] == (1, 8, 8, 1)
+    nll = json.loads(out.read_text())["nll"]
+    assert nll["settings"]["schedule"] == "score-sde" and nll["per_image"] == [2.5]
+    record = json.loads((tmp_path / "nll.run.json").read_text())
+    assert record["config"]["nll_schedule"] == "score-sde"
+    code, err = cli(["evaluate", "--model", tiny_model, "--data", tiny_data, "--forget", "5",
+                     "--metrics", "nll", "--out", tmp_path / "default.json", *FAST], capsys)
+    assert code == 0 and seen["schedule"] == "model"
+    with pytest.raises(SystemExit) as exit_:
+        cli(["evaluate", "--model", tiny_model, "--data", tiny_data, "--forget", "5", "--metrics", "nll",
+             "--nll-schedule", "song", "--out", tmp_path / "x.json"], capsys)
+    assert exit_.value.code == 2 and "invalid choice: 'song'" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--nll-schedule must be one of model, score-sde"):
+        evaluate(tiny_model, tiny_data, "5", "nll", nll_schedule="song")

@@ -206,3 +206,71 @@ def test_bad_settings_are_user_errors():
     model, x, *_ = gaussian_setup()
     with pytest.raises(UserError, match="probes"):
         log_likelihood(model, x, probes=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The score-SDE convention: β linear from T·β_1 to T·β_T, model label t·(T − 1)
+# ---------------------------------------------------------------------------------------------
+
+# steep_schedule() has β_1 = 1e-4 and β_T = 0.05 over T = 1000 steps: β(t) from 0.1 to 50, so
+# ᾱ(1) = exp(−25.05) and the N(0, I) prior is exact to ~1e-11.
+SONG_BETA_MIN, SONG_BETA_MAX = 0.1, 50.0
+
+
+def song_alpha_bar(t: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * t**2 * (SONG_BETA_MAX - SONG_BETA_MIN) - t * SONG_BETA_MIN)
+
+
+class SongGaussianEps(GaussianEps):
+    """The exact ε-predictor of N(mu, cov) data on the score-SDE's own linear VP-SDE."""
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> SimpleNamespace:
+        ab = song_alpha_bar(label.detach().double().clamp(min=0) / (T - 1)).to(x)
+        g, s = ab.sqrt()[:, None], (1 - ab).sqrt()[:, None]
+        r = (x.flatten(1) - g * self.mu) @ self.evecs
+        eps = s * (r / (g**2 * self.evals + s**2)) @ self.evecs.T
+        return SimpleNamespace(sample=eps.view_as(x))
+
+
+def test_score_sde_convention_matches_gaussian_log_density():
+    _, x, mu, cov, ac = gaussian_setup(seed=4)
+    model = Denoiser(SongGaussianEps(mu, cov, ac), Schedule(ac))
+    res = log_likelihood(model, x, divergence="exact", schedule="score-sde")
+    ab = song_alpha_bar(torch.tensor(1e-5, dtype=torch.float64))
+    marginal = ab * cov + (1 - ab) * torch.eye(len(mu), dtype=torch.float64)
+    expected = torch.distributions.MultivariateNormal(ab.sqrt() * mu, marginal).log_prob(x.flatten(1))
+    assert torch.allclose(res.log_p, expected, atol=5e-4, rtol=0), (res.log_p, expected)
+    # The model's own convention reads a different ODE off this predictor: a wrong answer.
+    ours = log_likelihood(model, x, divergence="exact", schedule="model")
+    assert float((ours.log_p - expected).abs().max()) > 1e-2
+
+
+def test_score_sde_schedule_of_the_ddpm_linear_schedule():
+    from diffusers import DDPMScheduler
+
+    from retrack.metrics.likelihood import LinearVPSchedule
+
+    vp = LinearVPSchedule.from_alphas_cumprod(DDPMScheduler().alphas_cumprod.double())
+    assert vp.num_steps == 1000
+    assert vp.beta_min == pytest.approx(0.1, rel=1e-3) and vp.beta_max == pytest.approx(20.0, rel=1e-3)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    assert torch.allclose(vp.label(t), torch.tensor([0.0, 499.5, 999.0], dtype=torch.float64))
+    assert torch.allclose(vp.beta(t), vp.beta_min + t * (vp.beta_max - vp.beta_min))
+    steep = LinearVPSchedule.from_alphas_cumprod(steep_schedule())
+    assert (steep.beta_min, steep.beta_max) == (pytest.approx(0.1, rel=1e-9), pytest.approx(50.0, rel=1e-9))
+    g, s = steep.gamma_sigma(torch.tensor([0.3], dtype=torch.float64))
+    assert float(g**2) == pytest.approx(float(song_alpha_bar(torch.tensor(0.3))), rel=1e-6)
+    assert float(g**2 + s**2) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_score_sde_convention_needs_a_linear_schedule():
+    from diffusers import DDPMScheduler
+
+    from retrack.errors import UserError
+
+    model = Denoiser(GaussianEps(torch.zeros(4), torch.eye(4), steep_schedule()),
+                     Schedule(DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()))
+    with pytest.raises(UserError, match="linear β schedule"):
+        log_likelihood(model, torch.zeros(1, 1, 2, 2), schedule="score-sde")
+    with pytest.raises(UserError, match="--nll-schedule must be one of model, score-sde"):
+        log_likelihood(model, torch.zeros(1, 1, 2, 2), schedule="song")

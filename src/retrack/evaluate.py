@@ -18,6 +18,7 @@ import torch
 
 from retrack.data import ImageSet, image_digest, load_images, parse_forget, split
 from retrack.errors import require
+from retrack.metrics.likelihood import FLOW_CONVENTIONS
 from retrack.models import LoadedModel, load_model
 
 METRICS = ("nll", "reconstruction", "copies", "fid", "is", "clipiqa")
@@ -42,6 +43,7 @@ class EvaluateConfig:
     clip: str | None = None
     probes: int = 1
     dequantize: bool = False
+    nll_schedule: str = "model"  # "model" (the model's own ᾱ) or "score-sde" (likelihood.py)
     t_start: int | None = None  # reconstruction start; None: T/4
     copy_rule: str = "l2"
     copy_threshold: float | None = None  # None: 10 (l2, paper) or 0.5 (descriptor)
@@ -71,6 +73,8 @@ def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
         require(value >= 1, f"{name} must be at least 1, got {value}.")
     require(cfg.sampler in ("ddpm", "ddim"),
             f"--sampler must be ddpm or ddim, got {cfg.sampler!r}.")
+    require(cfg.nll_schedule in FLOW_CONVENTIONS, f"--nll-schedule must be one of "
+            f"{', '.join(FLOW_CONVENTIONS)}, got {cfg.nll_schedule!r}.")
     require(cfg.copy_rule in ("l2", "descriptor"),
             f"--copy-rule must be l2 or descriptor, got {cfg.copy_rule!r}.")
     if "fid" in m:
@@ -188,11 +192,11 @@ def _nll(run: _Run) -> dict[str, Any]:
     c = run.cfg
     bpd = nll_bits_per_dim(run.loaded.denoiser, run.targets, dequantize=c.dequantize,
                            probes=c.probes, seed=c.seed, batch_size=c.batch_size,
-                           progress=run.progress)
+                           schedule=c.nll_schedule, progress=run.progress)
     return {"unit": "bits/dim", "mean": float(bpd.mean()), "per_image": bpd.tolist(),
             "settings": {"seed": c.seed, "probes": c.probes, "dequantize": c.dequantize,
                          "offset": BPD_OFFSET, "rtol": 1e-5, "atol": 1e-5, "t_start": 1e-5,
-                         "divergence": "hutchinson"}}
+                         "divergence": "hutchinson", "schedule": c.nll_schedule}}
 
 
 def _reconstruction(run: _Run) -> dict[str, Any]:

@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _instrument_flags(p)
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image for nll")
     p.add_argument("--dequantize", action="store_true", help="uniform dequantisation for nll")
+    p.add_argument("--nll-schedule", default="model", choices=("model", "score-sde"),
+                   help="continuous schedule of the nll ODE: model (passes through the model's own "
+                   "ᾱ_t at every timestep) or score-sde (the score-SDE code's VP-SDE, β linear from "
+                   "T·β_1 to T·β_T, label t·(T−1); for comparison with figures computed that way)")
     p.add_argument("--t-start", type=int, default=None,
                    help="reconstruction start timestep (default T/4)")
     p.add_argument("--copy-rule", default="l2", choices=("l2", "descriptor"),

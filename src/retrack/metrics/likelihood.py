@@ -8,8 +8,13 @@ device and a whole batch is solved at once: every image keeps its own time and s
 per-sample Dormand–Prince RK45 controller identical to scipy's), so an image's result does not
 depend on which other images share its batch.
 
-Continuous schedule (a choice, documented in `VPSchedule`): log ᾱ(t) is the monotone cubic
-through log ᾱ(0) = 0 and log ᾱ(t_i) = log ᾱ_i at t_i = (i + 1)/T, and β(t) = −d log ᾱ/dt.
+Two conventions for the continuous schedule (`schedule=`):
+- "model" (default, `VPSchedule`): log ᾱ(t) is the monotone cubic through log ᾱ(0) = 0 and
+  log ᾱ(t_i) = log ᾱ_i at t_i = (i + 1)/T, β(t) = −d log ᾱ/dt, model label t·T − 1; the model is
+  only ever asked about the ᾱ it was trained on.
+- "score-sde" (`LinearVPSchedule`): the score-SDE code's VP-SDE, β linear from T·β_1 to T·β_T
+  (0.1 to 20 for the DDPM linear schedule), model label t·(T − 1); what that code reports, so
+  figures computed with it compare with papers that used it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from tqdm.auto import tqdm
 from retrack.errors import UserError, require
 
 Divergence = Literal["hutchinson", "exact"]
+FlowConvention = Literal["model", "score-sde"]
+FLOW_CONVENTIONS: tuple[str, ...] = ("model", "score-sde")
 # The paper's bpd offset for data in [-1, 1]: log2(128) = 7 bits per dimension (see bits_per_dim).
 BPD_OFFSET = 7.0
 
@@ -82,12 +89,68 @@ class VPSchedule:
         return -self._hermite(t, derivative=True)
 
     def gamma_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        la = self.log_alpha_bar(t)
-        return (0.5 * la).exp(), (-torch.expm1(la)).sqrt()
+        return _gamma_sigma(self.log_alpha_bar(t))
 
     def label(self, t: torch.Tensor) -> torch.Tensor:
         """The (fractional) model timestep of continuous time t."""
         return t.to(torch.float64) * self.num_steps - 1
+
+
+@dataclass(frozen=True)
+class LinearVPSchedule:
+    """The score-SDE code's VP-SDE (Song et al. 2021): β(t) = β_min + t(β_max − β_min) on [0, 1].
+
+    For a DDPM with linear β_1 … β_T, β_min = T·β_1 and β_max = T·β_T (0.1 and 20 for the usual
+    1e-4 … 0.02 over T = 1000), log ᾱ(t) = −½t²(β_max − β_min) − tβ_min, and the model is asked
+    at label t·(T − 1), as that code does for DDPM checkpoints. Why offer it beside `VPSchedule`:
+    it is how published bits/dim were computed. Its ᾱ at a label differs from the ᾱ the model was
+    trained with there (ᾱ(t) ≠ ᾱ_i at t = i/(T − 1)), so it reads a slightly different ODE off the
+    same network; it only exists for linear schedules.
+    """
+
+    beta_min: float
+    beta_max: float
+    num_steps: int
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> LinearVPSchedule:
+        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+        betas = 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
+        n = betas.shape[0]
+        line = torch.linspace(float(betas[0]), float(betas[-1]), n, dtype=torch.float64)
+        require(n >= 2 and float((betas - line).abs().max()) <= 1e-3 * float(betas.abs().max()),
+                "--nll-schedule score-sde needs a model with a linear β schedule (the score-SDE "
+                "VP-SDE is linear in β); use --nll-schedule model.")
+        return cls(float(betas[0]) * n, float(betas[-1]) * n, n)
+
+    def log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(torch.float64)
+        return -0.5 * t**2 * (self.beta_max - self.beta_min) - t * self.beta_min
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta_min + t.to(torch.float64) * (self.beta_max - self.beta_min)
+
+    def gamma_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _gamma_sigma(self.log_alpha_bar(t))
+
+    def label(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float64) * (self.num_steps - 1)
+
+
+FlowSchedule = VPSchedule | LinearVPSchedule
+
+
+def flow_schedule(alphas_cumprod: torch.Tensor, convention: str = "model") -> FlowSchedule:
+    """The continuous schedule of the probability-flow ODE under `convention` (module docstring)."""
+    require(convention in FLOW_CONVENTIONS,
+            f"--nll-schedule must be one of {', '.join(FLOW_CONVENTIONS)}, got {convention!r}.")
+    if convention == "score-sde":
+        return LinearVPSchedule.from_alphas_cumprod(alphas_cumprod)
+    return VPSchedule.from_alphas_cumprod(alphas_cumprod)
+
+
+def _gamma_sigma(log_alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (0.5 * log_alpha_bar).exp(), (-torch.expm1(log_alpha_bar)).sqrt()
 
 
 def _pchip_slopes(y: torch.Tensor, h: float) -> torch.Tensor:
@@ -140,7 +203,7 @@ def _initial_step(fun: OdeFunction, t0: torch.Tensor, y0: torch.Tensor, f0: torc
     scale = atol + y0.abs() * rtol
     d0, d1 = _rms(y0 / scale), _rms(f0 / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-    h0 = torch.minimum(h0, interval)
+    h0 = torch.minimum(h0.nan_to_num(nan=1e-6), interval)  # NaN output at t0: rejected later
     f1 = fun(t0 + h0, y0 + h0[:, None] * f0, torch.arange(y0.shape[0], device=y0.device))
     d2 = _rms((f1 - f0) / scale) / h0
     tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
@@ -217,7 +280,7 @@ def solve_rk45(fun: OdeFunction, y0: torch.Tensor, t0: float, t1: float, rtol: f
 
 
 def _epsilon(denoiser: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
-             vp: VPSchedule) -> torch.Tensor:
+             vp: FlowSchedule) -> torch.Tensor:
     """ε at continuous time t; v/x0 models are converted with the continuous γ(t), σ(t)."""
     label = vp.label(t).to(x.dtype)
     kind = getattr(denoiser, "prediction_type", "epsilon")
@@ -248,7 +311,7 @@ def _trace_jacobian(out: torch.Tensor, x: torch.Tensor,
     return total / len(vs) if probes is not None else total
 
 
-def _flow_rhs(denoiser: torch.nn.Module, vp: VPSchedule, shape: tuple[int, ...],
+def _flow_rhs(denoiser: torch.nn.Module, vp: FlowSchedule, shape: tuple[int, ...],
               model_dtype: torch.dtype, probes: torch.Tensor | None) -> OdeFunction:
     """State = [x (D), Δlog p]; dx/dt = −½β(x − ε/σ), dΔlog p/dt = div of that drift."""
     d = math.prod(shape)
@@ -334,6 +397,7 @@ def log_likelihood(
     atol: float = 1e-5,
     t_start: float = 1e-5,
     t_end: float = 1.0,
+    schedule: FlowConvention = "model",
     on_step: Callable[[float], None] | None = None,
 ) -> FlowLikelihood:
     """log p(x) in nats of model-range images x (B, C, H, W) under the probability-flow ODE.
@@ -344,6 +408,8 @@ def log_likelihood(
             only for tiny D, e.g. tests).
         probes: Hutchinson probes per image, averaged at every evaluation (paper: 1).
         seed, first_index: image i draws its probes from (seed, first_index + i).
+        schedule: "model" (the model's own ᾱ, default) or "score-sde" (the score-SDE code's
+            linear VP-SDE, for comparison with figures computed that way); module docstring.
     Returns:
         FlowLikelihood with per-image log p, its two parts and the number of evaluations.
     """
@@ -352,7 +418,7 @@ def log_likelihood(
     require(probes >= 1, f"--probes must be at least 1, got {probes}.")
     require(0 < t_start < t_end <= 1, f"need 0 < t_start < t_end <= 1, got {t_start}, {t_end}.")
     device, dtype = model_device_dtype(denoiser)
-    vp = VPSchedule.from_alphas_cumprod(denoiser.schedule.alphas_cumprod)
+    vp = flow_schedule(denoiser.schedule.alphas_cumprod, schedule)
     shape, dim = tuple(x.shape[1:]), x[0].numel()
     probe = None
     if divergence == "hutchinson":
@@ -398,6 +464,7 @@ def nll_bits_per_dim(
     seed: int = 0,
     batch_size: int = 64,
     offset: float = BPD_OFFSET,
+    schedule: FlowConvention = "model",
     progress: bool = True,
     **ode_options,
 ) -> np.ndarray:
@@ -413,7 +480,7 @@ def nll_bits_per_dim(
                dynamic_ncols=True)
     for start in range(0, len(images), batch_size):
         x = to_ode_input(images[start:start + batch_size], dequantize, seed, start)
-        res = log_likelihood(denoiser, x, probes=probes, seed=seed, first_index=start,
+        res = log_likelihood(denoiser, x, probes=probes, seed=seed, first_index=start, schedule=schedule,
                              on_step=lambda frac: bar.set_postfix(batch_t=f"{frac:.3f}"),
                              **ode_options)
         out.append(res.bits_per_dim(offset).cpu().numpy())
