@@ -17,4 +17,9 @@ def __getattr__(name: str):
         from retrack.evaluate import evaluate
 
         return evaluate
-    raise AttributeError(name)
+    raise AttributeError(f"module 'retrack' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names must show up too (tab completion, help(), dir()).
+    return sorted(set(globals()) | set(__all__))

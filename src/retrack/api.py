@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -11,74 +10,117 @@ import numpy as np
 import torch
 
 from retrack import objectives
-from retrack.data import ImageSet, load_images, parse_forget, split
+from retrack.data import ForgetSpec, ImageSet, check_forget_file, load_images, parse_forget, split
 from retrack.errors import UserError, require
-from retrack.models import LoadedModel, load_model, save_model
+from retrack.models import LoadedModel, load_model, model_layout, save_model
 from retrack.neighbours import cached_nearest_neighbours
-from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+from retrack.runrecord import atomic_directory, check_output, environment_record, temp_file, write_json
+from retrack.objectives.retrack import FORGET_WEIGHTINGS
 from retrack.trainer import TrainData, TrainSettings, neighbour_table, per_process_batch, train
-from retrack.validation import Int
+from retrack.validation import (
+    POSITIVE_INT,
+    SEED,
+    Bool,
+    Choice,
+    Device,
+    Either,
+    Float,
+    Int,
+    Optional,
+    Pair,
+    Text,
+    Validated,
+    option,
+)
 
 RUN_RECORD = "retrack_run.json"
 STEP_LOG = "retrack_log.json"
 
 
+_METHOD = Choice(*objectives.available())
+_PROB = Float(0.0, 1.0)
+
+
 @dataclass(frozen=True)
-class UnlearnConfig:
-    """Every setting of one unlearning run; saved, fully resolved, beside the output model.
+class UnlearnConfig(Validated):
+    """Every setting of one unlearning run, checked on creation and saved beside the output model.
 
     Defaults are the paper's MNIST T-shirt settings; None for lam/s/eta means the method's own.
     lam="auto" and the fields after `eta` are ReTrack's options beside the paper's objective
     (objectives/retrack.py); their defaults leave it exactly the paper's.
+    Each field is the flag of the same name (`batch_size` is `--batch-size`).
     """
 
-    model: str
-    data: str
-    forget: str
-    out: str
-    method: str = "retrack"
-    steps: int = 50
-    batch_size: int = 128
-    grad_accum: int = 1
-    lr: float = 5e-5
-    betas: tuple[float, float] = (0.95, 0.999)
-    weight_decay: float = 1e-6
-    clip: float = 1.0
-    seed: int = 0
-    k: int | str = 10
-    lam: float | str | None = None
-    s: float | None = None
-    eta: float | None = None
-    lam_ratio: float = 1.0
-    surgery: bool = False
-    forget_weighting: str = "none"
-    snr_gamma: float = 5.0
-    forget_t_min: int = 0
-    device: str | None = None
-    overwrite: bool = False
-    cache_dir: str | None = None
+    model: str = option(Text())
+    data: str = option(Text())
+    forget: str = option(ForgetSpec())
+    out: str = option(Text())
+    method: str = option(_METHOD, "retrack")
+    steps: int = option(POSITIVE_INT, 50)
+    batch_size: int = option(POSITIVE_INT, 128)
+    grad_accum: int = option(POSITIVE_INT, 1)
+    lr: float = option(Float(0.0, min_open=True), 5e-5)
+    betas: tuple[float, float] = option(Pair(Float(0.0, 1.0, max_open=True)), (0.95, 0.999),
+                                        flag="--beta1/--beta2")
+    weight_decay: float = option(Float(0.0), 1e-6)
+    clip: float = option(Float(0.0, min_open=True), 1.0)
+    seed: int = option(SEED, 0)
+    k: int | str = option(Either(Choice("all"), POSITIVE_INT), 10)
+    lam: float | str | None = option(Optional(Either(Choice("auto"), _PROB)), None)
+    s: float | None = option(Optional(Float(0.0)), None)
+    eta: float | None = option(Optional(Float(0.0)), None)
+    lam_ratio: float = option(Float(0.0, min_open=True), 1.0)
+    surgery: bool = option(Bool(), False)
+    forget_weighting: str = option(Choice(*FORGET_WEIGHTINGS), "none")
+    snr_gamma: float = option(Float(0.0, min_open=True), 5.0)
+    forget_t_min: int = option(Int(min=0), 0)
+    device: str | None = option(Optional(Device()), None)
+    overwrite: bool = option(Bool(), False)
+    cache_dir: str | None = option(Optional(Text()), None)
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def unlearn(model: str, data: str, forget: str, out: str, progress: bool = True, **settings) -> Path:
+def unlearn(model: str, data: str, forget: str | list[int], out: str, progress: bool = True,
+            **settings) -> Path:
     """Fine-tune `model` so that it behaves as if the `forget` images of `data` were never seen.
 
     Args:
         model: diffusers pipeline folder, bare UNet2DModel folder, or hub id. Never modified.
         data: image folder, .npz with `images`, or torchvision-style MNIST/CIFAR-10 folder.
-        forget: "17,42", "@indices.txt", or paths of image files matched to `data` by content.
+        forget: "17,42", "@indices.txt", paths of image files matched to `data` by content, or a
+            list of indices.
         out: output folder, written atomically in the same layout as `model`.
         **settings: any field of UnlearnConfig (method, steps, batch_size, lr, seed, k, lam, ...).
     Returns:
         The output folder.
     """
-    cfg = _validated(UnlearnConfig(model=model, data=data, forget=forget, out=out, **settings))
-    out_path = Path(cfg.out)
+    UnlearnConfig.check_keys(settings, "unlearn setting")
+    cfg = resolve_unlearn(UnlearnConfig(model=model, data=data, forget=forget, out=out, **settings))
+    return run_unlearn(cfg, progress)
+
+
+def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
+    """Everything that can be checked before loading data or a model: method defaults, device,
+    the model's layout, the data and forget files, and a writable, new output."""
+    cls = objectives.method_class(cfg.method)
+    _check_variant_options(cfg, cls)
+    per_process_batch(_train_settings(cfg), process_count())
+    defaults = {f: getattr(cls, f) for f in ("lam", "s", "eta") if hasattr(cls, f)}
+    methods_own = {f: getattr(cfg, f) if getattr(cfg, f) is not None else defaults.get(f) for f in defaults}
+    model_layout(cfg.model)
+    require(Path(cfg.data).exists(), f"--data: data path {cfg.data!r} does not exist.")
+    check_forget_file(cfg.forget)
     protected = [Path(p) for p in (cfg.model, cfg.data) if Path(p).exists()]
-    check_output(out_path, cfg.overwrite, protected)
+    check_output(Path(cfg.out), cfg.overwrite, protected)
+    return replace(cfg, device=cfg.device or default_device(), **methods_own)
+
+
+def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
+    """The expensive part, on a resolved config."""
+    out_path = Path(cfg.out)
     images = load_images(cfg.data)
     parts = split(images, parse_forget(cfg.forget, images))
     loaded = load_model(cfg.model, cfg.device)
@@ -90,6 +132,8 @@ def unlearn(model: str, data: str, forget: str, out: str, progress: bool = True,
     remain, forget_imgs = images.images[parts.remain], images.images[parts.forget]
     table = None
     if objective.needs_neighbours and cfg.k != "all":
+        require(int(cfg.k) <= len(remain), f"--k {cfg.k} must be between 1 and the remain set's size "
+                                           f"{len(remain)} (K = {cfg.k} is too large).")
         table = cached_nearest_neighbours(remain, forget_imgs, int(cfg.k),
                                           Path(cfg.cache_dir) if cfg.cache_dir else None, progress)
     train_data = TrainData(_nchw(remain), _nchw(forget_imgs), neighbour_table(table))
@@ -98,27 +142,6 @@ def unlearn(model: str, data: str, forget: str, out: str, progress: bool = True,
     if _is_main_process():
         _write_output(out_path, loaded, cfg, objective, images, parts, table, log)
     return out_path
-
-
-def _validated(cfg: UnlearnConfig) -> UnlearnConfig:
-    cls = objectives.method_class(cfg.method)
-    require(cfg.steps > 0, f"--steps must be positive, got {cfg.steps}.")
-    require(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}.")
-    Int(min=1)(cfg.grad_accum, "--grad-accum")
-    per_process_batch(_train_settings(cfg), process_count())
-    require(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}.")
-    require(cfg.clip > 0, f"--clip must be positive, got {cfg.clip}.")
-    k = cfg.k
-    if isinstance(k, str) and k != "all":
-        require(k.isdigit(), f"--k must be a positive integer or 'all', got {k!r}.")
-        k = int(k)
-    require(k == "all" or int(k) >= 1, f"--k must be a positive integer or 'all', got {k}.")
-    _check_variant_options(cfg, cls)
-    if cfg.lam is not None and cfg.lam != "auto":
-        require(0.0 <= cfg.lam <= 1.0, f"--lam must be between 0 and 1 or 'auto', got {cfg.lam}.")
-    defaults = {f: getattr(cls, f) for f in ("lam", "s", "eta") if hasattr(cls, f)}
-    resolved = {f: getattr(cfg, f) if getattr(cfg, f) is not None else defaults.get(f) for f in defaults}
-    return replace(cfg, k=k, device=cfg.device or default_device(), **resolved)
 
 
 VARIANT_OPTIONS = ("lam_ratio", "surgery", "forget_weighting", "snr_gamma", "forget_t_min")
@@ -132,15 +155,6 @@ def _check_variant_options(cfg: UnlearnConfig, cls: type) -> None:
         flag = "--" + name.replace("_", "-")
         require(getattr(cfg, name) == UnlearnConfig.__dataclass_fields__[name].default or hasattr(cls, name),
                 f"{flag} is an option of retrack; method {cfg.method!r} does not have it.")
-    if isinstance(cfg.lam, str) and cfg.lam != "auto":
-        raise UserError(f"--lam must be a number between 0 and 1 or 'auto', got {cfg.lam!r}.")
-    require(cfg.lam_ratio > 0, f"--lam-ratio must be positive, got {cfg.lam_ratio}.")
-    require(cfg.snr_gamma > 0, f"--snr-gamma must be positive, got {cfg.snr_gamma}.")
-    require(cfg.forget_t_min >= 0, f"--forget-t-min must be ≥ 0, got {cfg.forget_t_min}.")
-    from retrack.objectives.retrack import FORGET_WEIGHTINGS
-
-    require(cfg.forget_weighting in FORGET_WEIGHTINGS, f"unknown --forget-weighting "
-            f"{cfg.forget_weighting!r}; choose one of {', '.join(FORGET_WEIGHTINGS)}.")
 
 
 def _train_settings(cfg: UnlearnConfig) -> TrainSettings:
@@ -202,30 +216,66 @@ def _write_output(out, loaded, cfg, objective, images, parts, table, log) -> Non
         write_json(tmp / STEP_LOG, log)
 
 
-def sample(
-    model: str,
-    num: int,
-    out: str,
-    steps: int = 50,
-    sampler: str = "ddim",
-    seed: int = 0,
-    batch_size: int = 256,
-    device: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Draw `num` images from `model` and write them as uint8 (N, H, W, C) `images` in an .npz."""
+@dataclass(frozen=True)
+class SampleConfig(Validated):
+    """Every setting of `retrack sample`; each field is the flag of the same name."""
+
+    model: str = option(Text())
+    num: int = option(POSITIVE_INT)
+    out: str = option(Text())
+    steps: int = option(POSITIVE_INT, 50)
+    sampler: str = option(Choice("ddpm", "ddim"), "ddim")
+    seed: int = option(SEED, 0)
+    batch_size: int = option(POSITIVE_INT, 256)
+    grid: str | None = option(Optional(Text()), None)
+    device: str | None = option(Optional(Device()), None)
+    overwrite: bool = option(Bool(), False)
+
+
+def resolve_sample(cfg: SampleConfig) -> SampleConfig:
+    """Model layout, device, and both outputs (.npz and the optional .png grid) checked up front."""
+    model_layout(cfg.model)
+    protected = [Path(cfg.model)] if Path(cfg.model).exists() else []
+    check_output(Path(cfg.out), cfg.overwrite, protected, flag="--out", suffix=".npz")
+    if cfg.grid is not None:
+        require(Path(cfg.grid).resolve() != Path(cfg.out).resolve(), "--grid and --out name the same file.")
+        check_output(Path(cfg.grid), cfg.overwrite, protected, flag="--grid", suffix=".png")
+    return replace(cfg, device=cfg.device or default_device())
+
+
+def sample(model: str, num: int, out: str, progress: bool = True, **settings) -> Path:
+    """Draw `num` images from `model` and write them as uint8 (N, H, W, C) `images` in an .npz.
+
+    Args:
+        **settings: any field of SampleConfig (steps, sampler, seed, batch_size, grid, device, ...).
+    """
+    SampleConfig.check_keys(settings, "sample setting")
+    return run_sample(resolve_sample(SampleConfig(model=model, num=num, out=out, **settings)), progress)
+
+
+def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
+    """Sample, then write the .npz and the grid side by side, each renamed into place only once
+    both are complete."""
+    from retrack.grid import save_grid
     from retrack.sampling import sample as draw
 
-    out_path = Path(out)
-    require(out_path.suffix == ".npz", f"--out must end in .npz, got {str(out_path)!r}.")
-    check_output(out_path, overwrite)
-    loaded = load_model(model, device or default_device())
-    images = draw(loaded.denoiser, loaded.scheduler.config, num, steps, sampler, seed, batch_size,
-                  progress)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, images=images, seed=seed, steps=steps, sampler=sampler, model=str(model))
-    os.replace(tmp, out_path)
-    return out_path
+    loaded = load_model(cfg.model, cfg.device)
+    images = draw(loaded.denoiser, loaded.scheduler.config, cfg.num, cfg.steps, cfg.sampler, cfg.seed,
+                  cfg.batch_size, progress)
+    outputs = [Path(cfg.out)] + ([Path(cfg.grid)] if cfg.grid else [])
+    temps: list[Path] = []
+    try:
+        for path in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps.append(temp_file(path))
+        with open(temps[0], "wb") as fh:
+            np.savez(fh, images=images, seed=cfg.seed, steps=cfg.steps, sampler=cfg.sampler,
+                     model=str(cfg.model))
+        if cfg.grid:
+            save_grid(images[:64], temps[1], fmt="PNG")
+        for tmp, path in zip(temps, outputs, strict=True):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    return Path(cfg.out)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from retrack.errors import UserError, require
+from retrack.validation import Check, Int, parse_int_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -107,12 +108,17 @@ def _nhwc(images: np.ndarray) -> np.ndarray:
 
 
 def _load_npz(p: Path) -> ImageSet:
+    import zipfile
+
+    require(_is_zip(p), f"data file {str(p)!r} is not an .npz archive (numpy.savez writes one).")
     try:
-        with np.load(p) as z:
+        with np.load(p, allow_pickle=False) as z:
             require("images" in z.files, f"{str(p)!r} has no 'images' array (found {z.files}).")
             images = z["images"]
-    except (OSError, ValueError, pickle.UnpicklingError) as e:
-        raise UserError(f"could not read {str(p)!r}: {e}.") from None
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"could not read the 'images' array of {str(p)!r}: {_first_line(e)}.") from None
     require(images.dtype == np.uint8, f"'images' in {str(p)!r} must be uint8, got {images.dtype}.")
     require(images.ndim in (3, 4), f"'images' in {str(p)!r} must be (N,H,W) or (N,H,W,C), got {images.shape}.")
     return ImageSet(_nhwc(images), str(p))
@@ -125,16 +131,39 @@ def _read_image_file(f: Path) -> np.ndarray:
         with Image.open(f) as im:
             im = im.convert("L") if im.mode in ("L", "1", "I;16", "LA") else im.convert("RGB")
             arr = np.array(im)
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"could not read image {str(f)!r}: {e}.") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"could not read image {str(f)!r}: {_first_line(e)}.") from None
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _is_zip(p: Path) -> bool:
+    with open(p, "rb") as fh:
+        return fh.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(e).__name__
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    """The bytes of a file, gunzipped if it ends in .gz; a broken archive is one sentence."""
+    import zlib
+
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{str(path)!r} is not a valid gzip file ({_first_line(e)}).") from None
+    except OSError as e:
+        raise UserError(f"could not read {str(path)!r}: {e.strerror or _first_line(e)}.") from None
 
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX image file (MNIST/Fashion-MNIST format), gzipped or not, as uint8 (N,H,W)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    data = _read_maybe_gzip(path)
     require(len(data) >= 16 and data[2] == 0x08 and data[3] == 3, f"{str(path)!r} is not an IDX image file.")
     n, h, w = (int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
     require(len(data) == 16 + n * h * w, f"{str(path)!r} is truncated.")
@@ -142,10 +171,8 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def read_idx_labels(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
-    require(len(data) >= 8 and data[3] == 1, f"{str(path)!r} is not an IDX label file.")
+    data = _read_maybe_gzip(path)
+    require(len(data) >= 8 and data[2] == 0x08 and data[3] == 1, f"{str(path)!r} is not an IDX label file.")
     return np.frombuffer(data, dtype=np.uint8, offset=8)
 
 
@@ -173,9 +200,15 @@ def _find_cifar(root: Path) -> Path | None:
 def _load_cifar(d: Path) -> np.ndarray:
     chunks = []
     for i in range(1, 6):
-        with open(d / f"data_batch_{i}", "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
-        chunks.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        f = d / f"data_batch_{i}"
+        require(f.is_file(), f"CIFAR-10 batch {str(f)!r} is missing (data_batch_1 to 5 are needed).")
+        try:
+            with open(f, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            chunks.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        except Exception as e:  # a pickle can fail in any way; the file is what the user must fix
+            raise UserError(f"{str(f)!r} is not a CIFAR-10 python batch ({type(e).__name__}: "
+                            f"{_first_line(e)}).") from None
     return np.ascontiguousarray(np.concatenate(chunks).transpose(0, 2, 3, 1))
 
 
@@ -197,17 +230,21 @@ def parse_forget(spec: str, data: ImageSet) -> np.ndarray:
     spec = spec.strip()
     require(bool(spec), "the forget spec is empty.")
     if spec.startswith("@"):
+        from retrack.validation import read_text
+
         f = Path(spec[1:])
         require(f.is_file(), f"forget index file {str(f)!r} does not exist.")
-        tokens = [t.strip() for t in f.read_text().splitlines() if t.strip() and not t.startswith("#")]
+        lines = read_text(f, "forget index file").splitlines()
+        tokens = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
         require(bool(tokens), f"forget index file {str(f)!r} holds no indices.")
     else:
         tokens = [t.strip() for t in spec.split(",") if t.strip()]
     indices: list[int] = []
     lookup: dict[str, list[int]] | None = None
     for tok in tokens:
-        if _is_int(tok):
-            indices.append(int(tok))
+        number = parse_int_text(tok)
+        if number is not None:
+            indices.append(number)
             continue
         require(Path(tok).is_file(), f"forget entry {tok!r} is neither an index nor an existing image file.")
         if lookup is None:
@@ -225,6 +262,34 @@ def parse_forget(spec: str, data: ImageSet) -> np.ndarray:
     return np.array(sorted(indices), dtype=np.int64)
 
 
+class ForgetSpec(Check):
+    """A forget spec as text: '17,42', '@file', image paths, or a list of indices (from Python)."""
+
+    def describe(self) -> str:
+        return "indices like 17,42, @FILE, image files, or a list of indices"
+
+    def __call__(self, value, name: str | None = None) -> str:
+        if isinstance(value, str | Path):
+            text = str(value).strip()
+        elif isinstance(value, list | tuple | np.ndarray) and len(value) > 0:
+            text = ",".join(str(Int(min=0)(i, name or "forget")) for i in np.asarray(value).ravel().tolist())
+        else:
+            text = ""
+        if not text:
+            raise UserError(f"{name or '--forget'} is empty; give {self.describe()}.")
+        return text
+
+
+def check_forget_file(spec: str) -> None:
+    """An '@FILE' spec's file must exist and be text, before any data is read."""
+    if spec.startswith("@"):
+        from retrack.validation import read_text
+
+        f = Path(spec[1:])
+        require(f.is_file(), f"--forget: forget index file {str(f)!r} does not exist.")
+        read_text(f, "forget index file")
+
+
 def split(data: ImageSet, forget: np.ndarray) -> Split:
     require(len(forget) > 0, "the forget set is empty.")
     mask = np.ones(len(data), dtype=bool)
@@ -232,10 +297,6 @@ def split(data: ImageSet, forget: np.ndarray) -> Split:
     remain = np.nonzero(mask)[0]
     require(len(remain) > 0, "the forget set covers the whole data set: nothing would remain.")
     return Split(forget=np.asarray(forget, dtype=np.int64), remain=remain)
-
-
-def _is_int(tok: str) -> bool:
-    return tok.lstrip("-").isdigit()
 
 
 def _dups(indices: list[int]) -> list[int]:

@@ -16,48 +16,75 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrack.data import ImageSet, image_digest, load_images, parse_forget, split
+from retrack.data import ForgetSpec, ImageSet, check_forget_file, image_digest, load_images, parse_forget, split
 from retrack.errors import require
 from retrack.metrics.likelihood import FLOW_CONVENTIONS
-from retrack.models import LoadedModel, load_model
+from retrack.models import LoadedModel, load_model, model_layout
+from retrack.validation import (
+    POSITIVE_INT,
+    SEED,
+    Bool,
+    Check,
+    Choice,
+    Device,
+    Float,
+    Optional,
+    Text,
+    Validated,
+    option,
+)
 
 METRICS = ("nll", "reconstruction", "copies", "fid", "is", "clipiqa")
 SAMPLE_METRICS = ("copies", "fid", "is", "clipiqa")
 
 
+class MetricNames(Check):
+    """'nll,fid' or a list of metric names, each known and named once."""
+
+    def describe(self) -> str:
+        return "comma-separated metrics from " + ", ".join(METRICS)
+
+    def __call__(self, value: Any, name: str | None = None) -> tuple[str, ...]:
+        return parse_metrics(value)
+
+
+_FILE_OR_NAME = Optional(Text())
+
+
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Validated):
     """Every setting of one evaluation; each is a flag of `retrack evaluate` of the same name."""
 
-    metrics: tuple[str, ...] = ("nll", "copies", "fid", "is")
-    seed: int = 0
-    num_samples: int = 1000
-    steps: int = 50
-    sampler: str = "ddim"
-    batch_size: int = 64
-    descriptor: str | None = None  # None: sscd when --sscd is given, else pixel_cosine
-    sscd: str | None = None
-    inception: str | None = None
-    classifier: str | None = None  # IS logits: "mnist" (shipped digit classifier) or TorchScript
-    fid_features: str | None = None  # None: Inception; "mnist" or a TorchScript feature module
-    clip: str | None = None
-    probes: int = 1
-    dequantize: bool = False
-    nll_schedule: str = "model"  # "model" (the model's own ᾱ) or "score-sde" (likelihood.py)
-    t_start: int | None = None  # reconstruction start; None: T/4
-    copy_rule: str = "l2"
-    copy_threshold: float | None = None  # None: 10 (l2, paper) or 0.5 (descriptor)
-    is_splits: int = 10
-    device: str | None = None
+    metrics: tuple[str, ...] = option(MetricNames(), ("nll", "copies", "fid", "is"))
+    seed: int = option(SEED, 0)
+    num_samples: int = option(POSITIVE_INT, 1000)
+    steps: int = option(POSITIVE_INT, 50)
+    sampler: str = option(Choice("ddpm", "ddim"), "ddim")
+    batch_size: int = option(POSITIVE_INT, 64)
+    descriptor: str | None = option(_FILE_OR_NAME, None)  # None: sscd when --sscd is given, else pixel_cosine
+    sscd: str | None = option(_FILE_OR_NAME, None)
+    inception: str | None = option(_FILE_OR_NAME, None)
+    classifier: str | None = option(_FILE_OR_NAME, None)  # IS logits: "mnist" or TorchScript
+    fid_features: str | None = option(_FILE_OR_NAME, None)  # None: Inception; "mnist" or TorchScript
+    clip: str | None = option(_FILE_OR_NAME, None)
+    probes: int = option(POSITIVE_INT, 1)
+    dequantize: bool = option(Bool(), False)
+    nll_schedule: str = option(Choice(*FLOW_CONVENTIONS), "model")  # the model's own ᾱ, or score-sde
+    t_start: int | None = option(Optional(POSITIVE_INT), None)  # reconstruction start; None: T/4
+    copy_rule: str = option(Choice("l2", "descriptor"), "l2")
+    copy_threshold: float | None = option(Optional(Float()), None)  # None: 10 (l2, 28×28) or 0.5
+    is_splits: int = option(POSITIVE_INT, 10)
+    device: str | None = option(Optional(Device()), None)
 
 
 def parse_metrics(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """'nll,fid' or a list of names to a validated tuple, in the order given."""
-    names = [m.strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec)]
+    require(isinstance(spec, str | list | tuple), f"--metrics must be names like nll,fid, got {spec!r}.")
+    names = [str(m).strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec)]
     names = [m for m in names if m]
     require(bool(names), "--metrics is empty; choose from " + ", ".join(METRICS) + ".")
     bad = [m for m in names if m not in METRICS]
-    require(not bad, f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}." if bad else "")
+    require(not bad, f"--metrics: unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}." if bad else "")
     require(len(set(names)) == len(names), f"--metrics names a metric twice: {','.join(names)}.")
     return tuple(names)
 
@@ -66,17 +93,7 @@ def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
     """Fill defaults that depend on other settings and check everything a user can get wrong."""
     from retrack.metrics import quality
 
-    m = parse_metrics(cfg.metrics)
-    for name, value in (("--num-samples", cfg.num_samples), ("--steps", cfg.steps),
-                        ("--batch-size", cfg.batch_size), ("--probes", cfg.probes),
-                        ("--is-splits", cfg.is_splits)):
-        require(value >= 1, f"{name} must be at least 1, got {value}.")
-    require(cfg.sampler in ("ddpm", "ddim"),
-            f"--sampler must be ddpm or ddim, got {cfg.sampler!r}.")
-    require(cfg.nll_schedule in FLOW_CONVENTIONS, f"--nll-schedule must be one of "
-            f"{', '.join(FLOW_CONVENTIONS)}, got {cfg.nll_schedule!r}.")
-    require(cfg.copy_rule in ("l2", "descriptor"),
-            f"--copy-rule must be l2 or descriptor, got {cfg.copy_rule!r}.")
+    m = cfg.metrics
     if "fid" in m:
         require(cfg.fid_features is not None or cfg.inception is not None, quality.FID_NEEDS)
     if "is" in m:
@@ -85,13 +102,31 @@ def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
         require(cfg.clip is not None, quality.CLIP_NEEDS)
     for flag, path in (("--sscd", cfg.sscd), ("--inception", cfg.inception), ("--clip", cfg.clip)):
         require(path is None or Path(path).exists(), f"{flag} {str(path)!r} does not exist.")
+    for flag, spec in (("--classifier", cfg.classifier), ("--fid-features", cfg.fid_features)):
+        require(spec in (None, "mnist") or Path(spec).is_file(),
+                f"{flag} {spec!r} is neither 'mnist' nor an existing TorchScript file.")
+    if cfg.copy_rule == "l2" and cfg.copy_threshold is not None:
+        require(cfg.copy_threshold >= 0, f"--copy-threshold is an L2 distance for --copy-rule l2 and must be "
+                                         f"≥ 0, got {cfg.copy_threshold}.")
     descriptor = cfg.descriptor or ("sscd" if cfg.sscd else "pixel_cosine")
     threshold = cfg.copy_threshold
-    if threshold is None:
-        threshold = 10.0 if cfg.copy_rule == "l2" else 0.5
+    if threshold is None and cfg.copy_rule == "descriptor":
+        threshold = 0.5
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return replace(cfg, metrics=m, descriptor=descriptor, copy_threshold=float(threshold),
-                   device=device)
+    return replace(cfg, descriptor=descriptor, copy_threshold=threshold, device=device)
+
+
+def copy_threshold_for(cfg: EvaluateConfig, images: ImageSet) -> EvaluateConfig:
+    """The paper's L2 threshold 10 holds for 28×28 grey images only; elsewhere it must be given,
+    or every sample of a smaller image would count as a copy (and none of a larger one)."""
+    if cfg.copy_threshold is not None or not set(cfg.metrics) & {"copies", "fid", "is"}:
+        return cfg
+    c, h, w = images.shape
+    require(images.shape == (1, 28, 28),
+            f"the default --copy-threshold 10 is the paper's L2 distance for 1×28×28 images, but these are "
+            f"{c}×{h}×{w}; pass --copy-threshold (10·sqrt({c * h * w}/784) ≈ "
+            f"{10 * (c * h * w / 784) ** 0.5:.3g} keeps the same per-pixel distance).")
+    return replace(cfg, copy_threshold=10.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +287,14 @@ RUNNERS = {"nll": _nll, "reconstruction": _reconstruction, "copies": _copies, "f
            "is": _is, "clipiqa": _clipiqa}
 
 
+def _check_timesteps(cfg: EvaluateConfig, T: int) -> None:
+    """Settings bounded by the model's own number of timesteps, checked before any metric runs."""
+    if set(cfg.metrics) & set(SAMPLE_METRICS):
+        require(cfg.steps <= T, f"--steps must be in 1..{T} for this model, got {cfg.steps}.")
+    if "reconstruction" in cfg.metrics and cfg.t_start is not None:
+        require(cfg.t_start < T, f"--t-start must be in 1..{T - 1} for this model, got {cfg.t_start}.")
+
+
 def distinct(images: np.ndarray) -> np.ndarray:
     """Each distinct image once, in order of first appearance."""
     seen: dict[str, int] = {}
@@ -279,16 +322,33 @@ def evaluate(
     Returns:
         {metric name: {its values..., "settings": {what it was computed with}}}.
     """
-    unknown = sorted(set(settings) - set(EvaluateConfig.__dataclass_fields__))
-    require(not unknown, f"unknown evaluate setting {unknown[0]!r}." if unknown else "")
+    EvaluateConfig.check_keys(settings, "evaluate setting")
     if isinstance(model, LoadedModel):
         settings["device"] = str(next(model.denoiser.parameters()).device)
-    cfg = resolved(EvaluateConfig(metrics=parse_metrics(metrics), **settings))
+    cfg = resolved(EvaluateConfig(metrics=metrics, **settings))
+    return run_evaluate(model, data, check_inputs(model, data, forget), cfg, progress)
+
+
+def check_inputs(model: Any, data: Any, forget: Any) -> str:
+    """Model layout, data path and forget spec checked without loading anything; returns the spec."""
+    spec = ForgetSpec()(forget, "--forget")
+    if not isinstance(model, LoadedModel):
+        model_layout(model)
+    if not isinstance(data, ImageSet):
+        require(Path(data).exists(), f"--data: data path {str(data)!r} does not exist.")
+    check_forget_file(spec)
+    return spec
+
+
+def run_evaluate(model: str | Path | LoadedModel, data: str | Path | ImageSet, forget: str,
+                 cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
+    """The expensive part, on a resolved config: instruments, data, model, then each metric."""
     tools = load_instruments(cfg)
     images = data if isinstance(data, ImageSet) else load_images(data)
-    spec = forget if isinstance(forget, str) else ",".join(str(int(i)) for i in forget)
-    parts = split(images, parse_forget(spec, images))
+    cfg = copy_threshold_for(cfg, images)
+    parts = split(images, parse_forget(forget, images))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, cfg.device)
+    _check_timesteps(cfg, int(loaded.scheduler.config.num_train_timesteps))
     want = loaded.denoiser.sample_shape
     require(images.shape == want, f"the data's images are {images.shape} (C, H, W) but the model "
                                   f"takes {want}.")

@@ -9,7 +9,7 @@ import numpy as np
 
 
 def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None, pad: int = 2,
-              scale: int = 1) -> Path:
+              scale: int = 1, fmt: str | None = None) -> Path:
     """Tile uint8 (N, H, W, C) images into one PNG, `ncol` per row (square by default)."""
     from PIL import Image
 
@@ -26,5 +26,5 @@ def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None, pad
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(path)
+    pil.save(path, format=fmt)
     return path

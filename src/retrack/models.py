@@ -8,6 +8,7 @@ layout the model came in, so an unlearned model drops in where the original was.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,22 +87,9 @@ def load_model(model: str | Path, device: torch.device | str = "cpu") -> LoadedM
     """Load a diffusers UNet2DModel and its scheduler from a local directory or a hub id."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    path = Path(model)
-    if path.exists():
-        require(path.is_dir(), f"model path {str(path)!r} is not a directory.")
-        if (path / "unet").is_dir():
-            layout: Layout = "pipeline"
-        else:
-            require(
-                (path / "config.json").is_file(),
-                f"model directory {str(path)!r} has neither a unet/ subfolder nor a config.json.",
-            )
-            layout = "bare"
-    elif _looks_like_hub_id(str(model)):
-        layout = "pipeline"
-    else:
-        raise UserError(f"model path {str(model)!r} does not exist.")
-    _refuse_conditional(path, layout)
+    path, layout = Path(model), model_layout(model)
+    if not path.exists():
+        _require_hub_reachable(str(model))
     try:
         sub = "unet" if layout == "pipeline" else None
         unet = UNet2DModel.from_pretrained(str(model), subfolder=sub)
@@ -111,11 +99,48 @@ def load_model(model: str | Path, device: torch.device | str = "cpu") -> LoadedM
             scheduler = DDPMScheduler.from_pretrained(str(path))
         else:
             scheduler = DDPMScheduler()  # diffusers' default: linear β, 1000 steps
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - diffusers, safetensors and the hub raise many types
+        if not path.exists():
+            raise UserError(f"could not download the model {str(model)!r} from the Hugging Face Hub "
+                            f"({_first_line(e)}); a local folder path works offline.") from None
         raise UserError(f"could not load a diffusers UNet2DModel from {str(model)!r}: {_first_line(e)}") from None
     schedule = Schedule(scheduler.alphas_cumprod.to(torch.float64))
     denoiser = Denoiser(unet, schedule, scheduler.config.prediction_type).to(device)
     return LoadedModel(denoiser, scheduler, layout, str(model))
+
+
+def model_layout(model: str | Path, flag: str = "--model") -> Layout:
+    """How `model` is laid out, checked without loading weights: a pipeline folder, a bare UNet
+    folder, or a hub id (a pipeline)."""
+    path = Path(model)
+    if path.exists():
+        require(path.is_dir(), f"{flag} {str(path)!r} is not a folder.")
+        if (path / "unet").is_dir():
+            layout: Layout = "pipeline"
+        else:
+            require((path / "config.json").is_file(),
+                    f"{flag} {str(path)!r} has neither a unet/ subfolder nor a config.json.")
+            layout = "bare"
+    elif _looks_like_hub_id(str(model)):
+        return "pipeline"
+    else:
+        raise UserError(f"{flag}: model path {str(model)!r} does not exist.")
+    _refuse_conditional(path, layout)
+    return layout
+
+
+def _require_hub_reachable(repo: str) -> None:
+    """Offline, a hub id works only if it is already in the local cache: say so at once instead
+    of letting the hub client retry and then blame a missing config.json."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    if not (constants.HF_HUB_OFFLINE or offline):
+        return
+    found = try_to_load_from_cache(repo, "unet/config.json")
+    require(isinstance(found, str),
+            f"could not download the model {repo!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE) and "
+            "it is not in the local cache; a local folder path works offline.")
 
 
 def save_model(loaded: LoadedModel, out: Path) -> None:
@@ -144,10 +169,12 @@ def _looks_like_hub_id(name: str) -> bool:
 def _refuse_conditional(path: Path, layout: Layout) -> None:
     cfg = path / ("unet" if layout == "pipeline" else "") / "config.json"
     if cfg.is_file():
-        try:
-            cls = json.loads(cfg.read_text()).get("_class_name", "UNet2DModel")
-        except json.JSONDecodeError:
-            raise UserError(f"{str(cfg)!r} is not valid JSON.") from None
+        from retrack.validation import load_json
+
+        raw = load_json(cfg, "model config")
+        require(isinstance(raw, dict), f"model config {str(cfg)!r} must hold a JSON object, "
+                                       f"not a {type(raw).__name__}.")
+        cls = raw.get("_class_name", "UNet2DModel")
         require(cls == "UNet2DModel", f"{str(cfg)!r} holds a {cls}; only unconditional UNet2DModel is supported.")
 
 

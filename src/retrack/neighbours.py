@@ -79,10 +79,9 @@ def cached_nearest_neighbours(
             f"K = {k} must be between 1 and the remain set's size {remain.shape[0]}.")
     cache_dir = cache_dir or default_cache_dir()
     path = cache_dir / f"{cache_key(remain, forget, k)}.npy"
-    if path.is_file():
-        cached = np.load(path)
-        if cached.shape == (len(forget), k):
-            return cached
+    cached = _read_cache(path, (len(forget), k), remain.shape[0])
+    if cached is not None:
+        return cached
     indices, _ = nearest_neighbours(remain, forget, k, progress=progress)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -93,3 +92,15 @@ def cached_nearest_neighbours(
     except OSError:
         pass  # a read-only cache location only costs recomputation
     return indices
+
+
+def _read_cache(path: Path, shape: tuple[int, int], n_remain: int) -> np.ndarray | None:
+    """The cached table if it is a valid one for this key, else None: a corrupt, truncated or
+    foreign file only costs recomputation, never the run."""
+    try:
+        cached = np.load(path, allow_pickle=False)
+    except Exception:  # noqa: BLE001 - any unreadable cache is simply recomputed
+        return None
+    ok = (isinstance(cached, np.ndarray) and cached.shape == shape and cached.dtype.kind in "iu"
+          and (cached.size == 0 or (cached.min() >= 0 and cached.max() < n_remain)))
+    return cached.astype(np.int64, copy=False) if ok else None

@@ -23,6 +23,13 @@ from typing import Any
 PACKAGES = ("retrack-unlearning", "torch", "diffusers", "accelerate", "torchmetrics", "numpy", "safetensors")
 
 
+def threads() -> dict[str, int]:
+    """torch's thread counts: they change the order of float sums, so weights at the 1e-7 level."""
+    import torch
+
+    return {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()}
+
+
 def versions() -> dict[str, str]:
     found = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in PACKAGES:
@@ -37,6 +44,7 @@ def environment_record(config: Any, **extra: Any) -> dict[str, Any]:
     return {
         "config": _jsonable(cfg),
         "versions": versions(),
+        "threads": threads(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         **_jsonable(extra),
@@ -47,17 +55,39 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(_jsonable(obj), fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(_jsonable(obj), fh, indent=2)
+            fh.write("\n")
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def check_output(out: Path, overwrite: bool, protected: list[Path] | None = None, flag: str = "--out") -> None:
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; there is no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(out: Path) -> Path:
+    """An empty file beside `out` to write into and rename over it, with the umask's permissions
+    (mkstemp makes 0600 files, which would surprise anyone sharing the output)."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=out.suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())
+    return Path(tmp)
+
+
+def check_output(out: Path, overwrite: bool, protected: list[Path] | None = None, flag: str = "--out",
+                 suffix: str | None = None) -> None:
     """Refuse an existing output unless asked to overwrite, an input's path, or an unwritable place."""
     from retrack.validation import check_output as check
 
-    check(out, flag, overwrite, protected or [])
+    check(out, flag, overwrite, protected or [], suffix)
 
 
 @contextlib.contextmanager
@@ -65,7 +95,9 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `out` only if the block finishes."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    clean_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".partial"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
     try:
         yield tmp
     except BaseException:
@@ -79,6 +111,29 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def clean_leftovers(out: Path) -> None:
+    """Remove what a killed write of `out` left beside it: its `.partial` folders (whose writing
+    process is gone) and the `.old` copy of a replaced output."""
+    for p in Path(out).parent.glob(f".{Path(out).name}.*"):
+        pid = p.name[len(Path(out).name) + 2:].split(".")[0]
+        if p.name.endswith(".partial") and not (pid.isdecimal() and _alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name == f".{Path(out).name}.old":
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _jsonable(obj: Any) -> Any:

@@ -29,7 +29,7 @@ def make_scheduler(scheduler_config: dict, sampler: SamplerName):
 
 
 def sample_generators(seed: int, start: int, count: int, device: torch.device | str) -> list[torch.Generator]:
-    return [torch.Generator(device).manual_seed(seed * 1_000_003 + start + i) for i in range(count)]
+    return [torch.Generator(device).manual_seed((seed * 1_000_003 + start + i) % 2**64) for i in range(count)]
 
 
 def per_sample_randn(shape: tuple[int, ...], generators: list[torch.Generator], device) -> torch.Tensor:

@@ -217,7 +217,7 @@ def train(
 
     accelerator = Accelerator(cpu=(device == "cpu"))
     n = per_process_batch(settings, accelerator.num_processes)
-    gen = torch.Generator().manual_seed(settings.seed * 1_000 + accelerator.process_index)
+    gen = torch.Generator().manual_seed((settings.seed * 1_000 + accelerator.process_index) % 2**64)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=settings.lr, betas=settings.betas,
                             weight_decay=settings.weight_decay)
     model, opt = accelerator.prepare(denoiser, opt)
@@ -242,6 +242,7 @@ def train(
         log.append(entry)
         bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
     model.eval()
+    _check_weights(params, settings.steps)
     return log
 
 
@@ -261,6 +262,16 @@ def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
         if not torch.isfinite(value).all():
             raise UserError(f"the {name} loss became {float(value.detach())} at step {step}; "
                             "the input model is untouched and nothing was written.")
+
+
+def _check_weights(params: list[torch.nn.Parameter], steps: int) -> None:
+    # A step can turn finite losses into non-finite weights (a huge --lr); the loss check of the
+    # next step never comes after the last one, so the weights themselves are checked here.
+    bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in params)
+    total = sum(p.numel() for p in params)
+    if bad:
+        raise UserError(f"after the last of {steps} steps {bad} of {total} weights are NaN or infinite; "
+                        "lower --lr (the input model is untouched and nothing was written).")
 
 
 def neighbour_table(indices: np.ndarray | None) -> torch.Tensor | None:

@@ -446,6 +446,14 @@ class Validated:
                 raise UserError(f"unknown {what} {key!r}{_did_you_mean(key, known)}.")
 
 
+def config_from_args(cls: type, args: Any, **extra: Any):
+    """A command's config from its parsed flags: every field of `cls` that is also a flag of the
+    same name, plus `extra` (values assembled from several flags); the fields' checks run here."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return cls(**{**values, **extra})
+
+
 def _did_you_mean(key: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(known))}"

@@ -22,24 +22,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image folder, .npz with 'images', or MNIST/CIFAR folder")
     p.add_argument("--forget", required=True, help="'17,42', '@indices.txt', or image files")
     p.add_argument("--metrics", default="nll,copies,fid,is", help=HELP_METRICS)
-    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--out", required=True, help="output JSON file (.json; its run record goes beside it)")
     _sampling_flags(p)
     _instrument_flags(p)
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image for nll")
+    p.add_argument("--probes", default=1, help="Hutchinson probes per image for nll")
     p.add_argument("--dequantize", action="store_true", help="uniform dequantisation for nll")
-    p.add_argument("--nll-schedule", default="model", choices=("model", "score-sde"),
+    p.add_argument("--nll-schedule", default="model",
                    help="continuous schedule of the nll ODE: model (passes through the model's own "
                    "ᾱ_t at every timestep) or score-sde (the score-SDE code's VP-SDE, β linear from "
                    "T·β_1 to T·β_T, label t·(T−1); for comparison with figures computed that way)")
-    p.add_argument("--t-start", type=int, default=None,
+    p.add_argument("--t-start", default=None,
                    help="reconstruction start timestep (default T/4)")
-    p.add_argument("--copy-rule", default="l2", choices=("l2", "descriptor"),
+    p.add_argument("--copy-rule", default="l2",
                    help="l2: L2 over [0,1] pixels below the threshold (paper); descriptor: "
                    "--descriptor similarity above it")
-    p.add_argument("--copy-threshold", type=float, default=None,
-                   help="copy threshold (default 10 for l2, the paper's value for 28x28 images; "
-                   "0.5 for descriptor)")
-    p.add_argument("--is-splits", type=int, default=10, help="splits of the Inception Score")
+    p.add_argument("--copy-threshold", default=None,
+                   help="copy threshold (default 10 for l2, the paper's value for 1x28x28 images: "
+                   "other sizes must set it; 0.5 for descriptor)")
+    p.add_argument("--is-splits", default=10, help="splits of the Inception Score")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -48,13 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", default=0,
                    help="seed of samples, probes and reconstruction noise")
-    p.add_argument("--num-samples", type=int, default=1000,
+    p.add_argument("--num-samples", default=1000,
                    help="samples for copies, fid, is, clipiqa")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"), help="reverse process")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--steps", default=50, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", help="reverse process: ddpm or ddim")
+    p.add_argument("--batch-size", default=64, help="images per forward pass")
 
 
 def _instrument_flags(p: argparse.ArgumentParser) -> None:
@@ -76,21 +76,20 @@ def _instrument_flags(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from retrack.evaluate import EvaluateConfig, evaluate, parse_metrics, resolved
+    from retrack.evaluate import EvaluateConfig, check_inputs, resolved, run_evaluate
     from retrack.runrecord import check_output, environment_record, write_json
+    from retrack.validation import config_from_args
 
+    cfg = resolved(config_from_args(EvaluateConfig, args))
+    forget = check_inputs(args.model, args.data, args.forget)
     out = Path(args.out)
+    record = out.with_name(out.stem + ".run.json")
     inputs = [Path(p) for p in (args.model, args.data) if Path(p).exists()]
-    check_output(out, args.overwrite, inputs)
-    fields = set(EvaluateConfig.__dataclass_fields__) - {"metrics"}
-    settings = {k: getattr(args, k) for k in fields}
-    metrics = parse_metrics(args.metrics)
-    cfg = resolved(EvaluateConfig(metrics=metrics, **settings))
-    results = evaluate(args.model, args.data, args.forget, metrics, progress=not args.quiet,
-                       **settings)
+    check_output(out, args.overwrite, inputs, suffix=".json")
+    check_output(record, args.overwrite, inputs)
+    results = run_evaluate(args.model, args.data, forget, cfg, progress=not args.quiet)
     write_json(out, results)
-    write_json(out.with_name(out.stem + ".run.json"),
-               environment_record(cfg, model=args.model, data=args.data, forget=args.forget))
+    write_json(record, environment_record(cfg, model=args.model, data=args.data, forget=args.forget))
     for name, res in results.items():
         print(f"{name:>15}: {_headline(res)}")
     print(f"wrote {out}")

@@ -12,13 +12,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "uint8 (N,H,W,C) 'images' array in an .npz. Sample i depends only on --seed and i.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers pipeline folder, bare UNet folder, or hub id")
-    p.add_argument("--num", type=int, required=True, help="number of images")
+    p.add_argument("--num", required=True, help="number of images")
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"), help="reverse process")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--grid", default=None, help="also write the first images as a PNG grid here")
+    p.add_argument("--steps", default=50, help="sampling steps")
+    p.add_argument("--sampler", default="ddim", help="reverse process: ddpm or ddim")
+    p.add_argument("--seed", default=0, help="sampling seed")
+    p.add_argument("--batch-size", default=256, help="images per forward pass")
+    p.add_argument("--grid", default=None, help="also write the first 64 images as a PNG grid here (.png)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -26,15 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
+    from retrack.api import SampleConfig, resolve_sample, run_sample
+    from retrack.validation import config_from_args
 
-    from retrack.api import sample
-    from retrack.grid import save_grid
-
-    out = sample(args.model, args.num, args.out, args.steps, args.sampler, args.seed,
-                 args.batch_size, args.device, args.overwrite, progress=not args.quiet)
-    if args.grid:
-        with np.load(out) as z:
-            save_grid(z["images"][:64], args.grid)
-    print(f"wrote {out}")
+    cfg = resolve_sample(config_from_args(SampleConfig, args))
+    out = run_sample(cfg, progress=not args.quiet)
+    print(f"wrote {out}" + (f" and {cfg.grid}" if cfg.grid else ""))
     return 0

@@ -7,7 +7,6 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from retrack.objectives import available
-    from retrack.validation import Int
 
     p = sub.add_parser(
         "unlearn", help="make a model forget some training images",
@@ -25,26 +24,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="images to forget: comma-separated indices into --data, @FILE with one index "
                    "per line, or comma-separated image files matched to --data by content")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--method", default="retrack", choices=available(), help="unlearning method")
-    p.add_argument("--steps", type=int, default=50, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=128,
+    p.add_argument("--method", default="retrack", help=f"unlearning method: {', '.join(available())}")
+    p.add_argument("--steps", default=50, help="optimiser steps")
+    p.add_argument("--batch-size", default=128,
                    help="images per step (per term; split across processes under accelerate)")
-    p.add_argument("--grad-accum", type=Int(min=1), default=1,
+    p.add_argument("--grad-accum", default=1,
                    help="micro-batches per step, to fit memory: each process's share of the batch is "
                    "split into this many, and their gradients add up to exactly the full batch's")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (constant, no warm-up)")
-    p.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
-    p.add_argument("--beta1", type=float, default=0.95, help="AdamW β1")
-    p.add_argument("--beta2", type=float, default=0.999, help="AdamW β2")
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and timesteps")
+    p.add_argument("--lr", default=5e-5, help="AdamW learning rate (constant, no warm-up)")
+    p.add_argument("--weight-decay", default=1e-6, help="AdamW weight decay")
+    p.add_argument("--beta1", default=0.95, help="AdamW β1")
+    p.add_argument("--beta2", default=0.999, help="AdamW β2")
+    p.add_argument("--clip", default=1.0, help="global gradient-norm clip")
+    p.add_argument("--seed", default=0, help="seeds data order, noise and timesteps")
     p.add_argument("--k", default="10",
                    help="retrack: nearest remain images per forget image, or 'all' (untruncated)")
-    p.add_argument("--lam", type=_lam, default=None,
+    p.add_argument("--lam", default=None,
                    help="retrack: weight λ of the unlearning term (default 0.005), or 'auto' to choose "
                    "it per step from the gradient norms (see --lam-ratio); "
                    "siss: forget-mixing probability λ (default 0.5)")
-    p.add_argument("--lam-ratio", type=float, default=1.0,
+    p.add_argument("--lam-ratio", default=1.0,
                    help="retrack with --lam auto: target of λ‖∇L_unlearn‖ / ((1−λ)‖∇L_remain‖)")
     p.add_argument("--surgery", action="store_true",
                    help="retrack: remove from ∇L_unlearn its component opposing ∇L_remain when "
@@ -52,11 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--forget-weighting", default="none",
                    help="retrack: weighting of the forget rows over timesteps: 'none' (the paper's) "
                    "or 'min-snr' (weight min(SNR_t, γ)/SNR_t, see --snr-gamma)")
-    p.add_argument("--snr-gamma", type=float, default=5.0, help="retrack with min-snr: the SNR cap γ")
-    p.add_argument("--forget-t-min", type=int, default=0,
+    p.add_argument("--snr-gamma", default=5.0, help="retrack with min-snr: the SNR cap γ")
+    p.add_argument("--forget-t-min", default=0,
                    help="retrack: forget rows draw timesteps from t-min … T−1 (0: all, the paper's)")
-    p.add_argument("--s", type=float, default=None, help="siss: norm of the subtracted forget gradient (default 5)")
-    p.add_argument("--eta", type=float, default=None, help="erasediff: η of the gradient rule (default 1e-3)")
+    p.add_argument("--s", default=None, help="siss: norm of the subtracted forget gradient (default 5)")
+    p.add_argument("--eta", default=None, help="erasediff: η of the gradient rule (default 1e-3)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--cache-dir", default=None,
                    help="nearest-neighbour cache (default: $RETRACK_CACHE or ~/.cache/retrack)")
@@ -66,26 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrack.api import unlearn
+    from retrack.api import UnlearnConfig, resolve_unlearn, run_unlearn
+    from retrack.validation import config_from_args
 
-    out = unlearn(args.model, args.data, args.forget, args.out, progress=not args.quiet,
-                  method=args.method, steps=args.steps, batch_size=args.batch_size,
-                  grad_accum=args.grad_accum, lr=args.lr,
-                  betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, clip=args.clip,
-                  seed=args.seed, k=args.k, lam=args.lam, s=args.s, eta=args.eta,
-                  lam_ratio=args.lam_ratio, surgery=args.surgery,
-                  forget_weighting=args.forget_weighting, snr_gamma=args.snr_gamma,
-                  forget_t_min=args.forget_t_min,
-                  device=args.device, overwrite=args.overwrite, cache_dir=args.cache_dir)
+    cfg = resolve_unlearn(config_from_args(UnlearnConfig, args, betas=(args.beta1, args.beta2)))
+    out = run_unlearn(cfg, progress=not args.quiet)
     print(f"wrote {out}")
     return 0
-
-
-def _lam(text: str) -> float | str:
-    """A number, or 'auto' (ReTrack's λ chosen per step from the gradient norms)."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
