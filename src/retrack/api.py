@@ -14,8 +14,8 @@ from retrack.data import ForgetSpec, ImageSet, check_forget_file, load_images, p
 from retrack.errors import UserError, require
 from retrack.models import LoadedModel, load_model, model_layout, save_model
 from retrack.neighbours import cached_nearest_neighbours
-from retrack.runrecord import atomic_directory, check_output, environment_record, temp_file, write_json
 from retrack.objectives.retrack import FORGET_WEIGHTINGS
+from retrack.runrecord import atomic_directory, check_output, environment_record, temp_file, write_json
 from retrack.trainer import TrainData, TrainSettings, neighbour_table, per_process_batch, train
 from retrack.validation import (
     POSITIVE_INT,

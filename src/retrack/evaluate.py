@@ -9,6 +9,8 @@ Every weight file is a local path, and every missing one is reported before any 
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -355,3 +357,14 @@ def run_evaluate(model: str | Path | LoadedModel, data: str | Path | ImageSet, f
     run = _Run(cfg, loaded, distinct(images.images[parts.forget]), images.images[parts.remain],
                tools, progress)
     return {name: RUNNERS[name](run) for name in cfg.metrics}
+
+
+class _CallableModule(types.ModuleType):
+    """`retrack.evaluate` is this module once anything imported it (Python sets submodules as
+    package attributes, hiding the lazy function); calling it still runs evaluate()."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

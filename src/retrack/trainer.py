@@ -236,13 +236,19 @@ def train(
         grad_norm = float(accelerator.clip_grad_norm_(params, settings.clip))
         require(math.isfinite(grad_norm), f"the gradient norm became {grad_norm} at step {step}; "
                 "the input model is untouched and nothing was written.")
-        opt.step()
+        _step(opt, settings.lr, step)
         opt.zero_grad(set_to_none=True)
         entry = {"step": step, **terms, "grad_norm": grad_norm}
         log.append(entry)
         bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
     model.eval()
     _check_weights(params, settings.steps)
+    if settings.steps > 0:
+        # A step's loss check runs before it, so the last step's result is checked here, on the
+        # last batch's first micro-batch (the memory --grad-accum was chosen for).
+        mb = split_prepared(prepared, settings.grad_accum)[0]
+        with torch.no_grad():
+            _check_finite(objective.terms(model(mb.x, mb.t), mb), settings.steps, after_last=True)
     return log
 
 
@@ -257,11 +263,22 @@ def per_process_batch(settings: TrainSettings, processes: int) -> int:
     return n
 
 
-def _check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
+def _step(opt: torch.optim.Optimizer, lr: float, step: int) -> None:
+    try:
+        opt.step()
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        raise UserError(f"the AdamW update overflowed float32 at step {step}: --lr {lr:g} is too large "
+                        "(the input model is untouched and nothing was written).") from None
+
+
+def _check_finite(terms: dict[str, torch.Tensor], step: int, after_last: bool = False) -> None:
     for name, value in terms.items():
         if not torch.isfinite(value).all():
-            raise UserError(f"the {name} loss became {float(value.detach())} at step {step}; "
-                            "the input model is untouched and nothing was written.")
+            when = f"after the last step ({step})" if after_last else f"at step {step}"
+            raise UserError(f"the {name} loss became {float(value.detach())} {when}; lower --lr "
+                            "(the input model is untouched and nothing was written).")
 
 
 def _check_weights(params: list[torch.nn.Parameter], steps: int) -> None:

@@ -12,11 +12,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from retrack.errors import require
 from retrack.metrics.copies import l2_copies
 from retrack.metrics.quality import frechet_distance, inception_score
 from retrack.recipes.mnist_tshirt.classifier import DigitFeatures, DigitLogits, load_digit_classifier
 
 TSHIRT_L2_THRESHOLD = 10.0
+IS_SPLITS = 10
 
 
 @lru_cache(maxsize=1)
@@ -28,11 +30,15 @@ def sample_metrics(samples: np.ndarray, tshirt: np.ndarray, remain: np.ndarray) 
     """Frequency (fraction), FID and IS of uint8 (N, 28, 28, 1) samples."""
     is_copy = l2_copies(samples, tshirt, TSHIRT_L2_THRESHOLD)
     kept = samples[~is_copy]
+    require(len(kept) >= 2, f"only {len(kept)} of {len(samples)} samples are not T-shirt copies; FID and IS "
+                            "need at least 2: draw more samples (--samples).")
     clf = _classifier()
     fid = frechet_distance(remain, kept, features=DigitFeatures(clf))
-    is_mean, is_std = inception_score(kept, classifier=DigitLogits(clf))
+    # Ten splits as usual; fewer only when so many samples were copies that ten cannot be filled.
+    splits = min(IS_SPLITS, len(kept))
+    is_mean, is_std = inception_score(kept, classifier=DigitLogits(clf), splits=splits)
     return {"frequency": float(is_copy.mean()), "copies": int(is_copy.sum()), "samples": int(len(samples)),
-            "fid": float(fid), "is": float(is_mean), "is_std": float(is_std)}
+            "fid": float(fid), "is": float(is_mean), "is_std": float(is_std), "is_splits": splits}
 
 
 def tshirt_nll(denoiser: torch.nn.Module, tshirt: np.ndarray, seed: int = 0, probes: int = 1) -> float:
