@@ -177,8 +177,8 @@ def test_split_step_with_fixed_lambda_equals_the_fused_paper_step(accelerator):
     (["--method", "vanilla", "--lam", "auto"], "has no such λ"),
     (["--method", "siss", "--lam", "auto"], "has no such λ"),
     (["--method", "siss", "--surgery"], "--surgery is an option of retrack"),
-    (["--forget-weighting", "cosine"], "unknown --forget-weighting 'cosine'"),
-    (["--lam", "auto", "--lam-ratio", "0"], "--lam-ratio must be positive"),
+    (["--forget-weighting", "cosine"], "--forget-weighting must be one of none, min-snr, got 'cosine'"),
+    (["--lam", "auto", "--lam-ratio", "0"], "--lam-ratio must be a finite number > 0"),
     (["--forget-t-min", "1000"], "--forget-t-min must be below the model's 1000 timesteps"),
 ])
 def test_bad_variant_options_exit_2_with_one_sentence(args, words, tiny_model, tiny_data, tmp_path, capsys):
