@@ -351,6 +351,7 @@ def test_good_inputs_succeed_with_the_umask_and_clean_leftovers(ws, tmp_path, ca
 
 def test_sample_writes_npz_and_grid_together(ws, tmp_path, capsys):
     npz, grid = tmp_path / "s.npz", tmp_path / "g" / "grid.png"
+    (tmp_path / ".s.npz.999999999.abc.npz").write_bytes(b"left by a killed run")
     assert main([str(a) for a in sample(ws, "--out", npz, "--grid", grid)]) == 0
     with np.load(npz) as z:
         assert z["images"].shape == (4, 8, 8, 1)

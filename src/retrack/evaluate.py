@@ -345,9 +345,9 @@ def check_inputs(model: Any, data: Any, forget: Any) -> str:
 def run_evaluate(model: str | Path | LoadedModel, data: str | Path | ImageSet, forget: str,
                  cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     """The expensive part, on a resolved config: instruments, data, model, then each metric."""
-    tools = load_instruments(cfg)
     images = data if isinstance(data, ImageSet) else load_images(data)
     cfg = copy_threshold_for(cfg, images)
+    tools = load_instruments(cfg)
     parts = split(images, parse_forget(forget, images))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, cfg.device)
     _check_timesteps(cfg, int(loaded.scheduler.config.num_train_timesteps))

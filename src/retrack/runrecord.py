@@ -54,12 +54,11 @@ def environment_record(config: Any, **extra: Any) -> dict[str, Any]:
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_file(path)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with open(tmp, "w") as fh:
             json.dump(_jsonable(obj), fh, indent=2)
             fh.write("\n")
-        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -76,6 +75,7 @@ def current_umask() -> int:
 def temp_file(out: Path) -> Path:
     """An empty file beside `out` to write into and rename over it, with the umask's permissions
     (mkstemp makes 0600 files, which would surprise anyone sharing the output)."""
+    clean_leftovers(out)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=out.suffix)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~current_umask())
@@ -114,14 +114,17 @@ def atomic_directory(out: Path) -> Iterator[Path]:
 
 
 def clean_leftovers(out: Path) -> None:
-    """Remove what a killed write of `out` left beside it: its `.partial` folders (whose writing
-    process is gone) and the `.old` copy of a replaced output."""
-    for p in Path(out).parent.glob(f".{Path(out).name}.*"):
-        pid = p.name[len(Path(out).name) + 2:].split(".")[0]
-        if p.name.endswith(".partial") and not (pid.isdecimal() and _alive(int(pid))):
+    """Remove what a killed write of `out` left beside it: its `.partial` folders and temporary
+    files (named `.<out>.<pid>.…`, whose writing process is gone) and the `.old` copy of a
+    replaced output."""
+    name = Path(out).name
+    for p in Path(out).parent.glob(f".{name}.*"):
+        pid = p.name[len(name) + 2:].split(".")[0]
+        dead = not (pid.isdecimal() and _alive(int(pid)))
+        if p.is_dir() and (p.name.endswith(".partial") and dead or p.name == f".{name}.old"):
             shutil.rmtree(p, ignore_errors=True)
-        elif p.name == f".{Path(out).name}.old":
-            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and pid.isdecimal() and dead:
+            p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
