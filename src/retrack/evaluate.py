@@ -36,8 +36,10 @@ from retrack.validation import (
     option,
 )
 
-METRICS = ("nll", "reconstruction", "copies", "fid", "is", "clipiqa")
-SAMPLE_METRICS = ("copies", "fid", "is", "clipiqa")
+METRICS = ("nll", "reconstruction", "copies", "fid", "is", "clipiqa", "fid_reference",
+           "nll_reference", "changed")
+SAMPLE_METRICS = ("copies", "fid", "is", "clipiqa", "fid_reference", "changed")
+REFERENCE_METRICS = ("fid_reference", "nll_reference")
 
 
 class MetricNames(Check):
@@ -76,6 +78,9 @@ class EvaluateConfig(Validated):
     copy_rule: str = option(Choice("l2", "descriptor"), "l2")
     copy_threshold: float | None = option(Optional(Float()), None)  # None: 10 (l2, 28×28) or 0.5
     is_splits: int = option(POSITIVE_INT, 10)
+    reference_model: str | None = option(_FILE_OR_NAME, None)  # retrained without the forget images
+    pretrained_model: str | None = option(_FILE_OR_NAME, None)  # before unlearning; None: its run record's
+    visible_rms: float = option(Float(min=0.0, max=1.0, min_open=True), 0.1)  # changed: visible above
     device: str | None = option(Optional(Device()), None)
 
 
@@ -96,8 +101,15 @@ def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
     from retrack.metrics import quality
 
     m = cfg.metrics
-    if "fid" in m:
+    if "fid" in m or "fid_reference" in m:
         require(cfg.fid_features is not None or cfg.inception is not None, quality.FID_NEEDS)
+    for name in REFERENCE_METRICS:
+        require(name not in m or cfg.reference_model is not None,
+                f"{name} needs --reference-model PATH (the model retrained without the forget images).")
+    if cfg.reference_model is not None and set(m) & set(REFERENCE_METRICS):
+        model_layout(cfg.reference_model, "--reference-model")
+    if cfg.pretrained_model is not None and "changed" in m:
+        model_layout(cfg.pretrained_model, "--pretrained-model")
     if "is" in m:
         require(cfg.classifier is not None or cfg.inception is not None, quality.IS_NEEDS)
     if "clipiqa" in m:
@@ -121,7 +133,7 @@ def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
 def copy_threshold_for(cfg: EvaluateConfig, images: ImageSet) -> EvaluateConfig:
     """The paper's L2 threshold 10 holds for 28×28 grey images only; elsewhere it must be given,
     or every sample of a smaller image would count as a copy (and none of a larger one)."""
-    if cfg.copy_threshold is not None or not set(cfg.metrics) & {"copies", "fid", "is"}:
+    if cfg.copy_threshold is not None or not set(cfg.metrics) & {"copies", "fid", "is", "changed"}:
         return cfg
     c, h, w = images.shape
     require(images.shape == (1, 28, 28),
@@ -166,7 +178,7 @@ def load_instruments(cfg: EvaluateConfig) -> Instruments:
     uses_copies = any(m in cfg.metrics for m in ("copies", "fid", "is"))
     if "reconstruction" in cfg.metrics or (cfg.copy_rule == "descriptor" and uses_copies):
         found.descriptor = make_descriptor(cfg.descriptor, cfg.sscd, cfg.batch_size, cfg.device)
-    if "fid" in cfg.metrics and cfg.fid_features is not None:
+    if ("fid" in cfg.metrics or "fid_reference" in cfg.metrics) and cfg.fid_features is not None:
         found.fid_features = _module(cfg.fid_features, cfg.device, "--fid-features", "features")
     if "is" in cfg.metrics and cfg.classifier is not None:
         found.classifier = _module(cfg.classifier, cfg.device, "--classifier", "logits")
@@ -188,6 +200,8 @@ class _Run:
     remain: np.ndarray
     tools: Instruments
     progress: bool
+    reference: LoadedModel | None = None  # retrained without the forget images
+    pretrained: LoadedModel | None = None  # before unlearning
     _samples: np.ndarray | None = None
     _copies: Any = None
 
@@ -198,13 +212,16 @@ class _Run:
 
     def samples(self) -> np.ndarray:
         if self._samples is None:
-            from retrack.sampling import sample
-
-            c = self.cfg
-            self._samples = sample(self.loaded.denoiser, dict(self.loaded.scheduler.config),
-                                   c.num_samples, c.steps, c.sampler, c.seed, c.batch_size,
-                                   self.progress)
+            self._samples = self.draw(self.loaded)
         return self._samples
+
+    def draw(self, loaded: LoadedModel) -> np.ndarray:
+        """Samples of any model with this run's seeds: sample i starts from the same noise."""
+        from retrack.sampling import sample
+
+        c = self.cfg
+        return sample(loaded.denoiser, dict(loaded.scheduler.config), c.num_samples, c.steps,
+                      c.sampler, c.seed, c.batch_size, self.progress)
 
     def copies(self):
         """Copies of the forget images among the samples (computed once, also for FID/IS)."""
@@ -223,11 +240,11 @@ class _Run:
         return self.samples()[~self.copies().is_copy]
 
 
-def _nll(run: _Run) -> dict[str, Any]:
+def _nll(run: _Run, loaded: LoadedModel | None = None) -> dict[str, Any]:
     from retrack.metrics.likelihood import BPD_OFFSET, nll_bits_per_dim
 
     c = run.cfg
-    bpd = nll_bits_per_dim(run.loaded.denoiser, run.targets, dequantize=c.dequantize,
+    bpd = nll_bits_per_dim((loaded or run.loaded).denoiser, run.targets, dequantize=c.dequantize,
                            probes=c.probes, seed=c.seed, batch_size=c.batch_size,
                            schedule=c.nll_schedule, progress=run.progress)
     return {"unit": "bits/dim", "mean": float(bpd.mean()), "per_image": bpd.tolist(),
@@ -285,8 +302,41 @@ def _clipiqa(run: _Run) -> dict[str, Any]:
             "settings": run.sample_settings()}
 
 
+def _fid_reference(run: _Run) -> dict[str, Any]:
+    """FID between this model's samples and the retrained model's, every sample kept: a T-shirt
+    the retrained model never draws counts against the model under test."""
+    from retrack.metrics.quality import frechet_distance
+
+    c = run.cfg
+    value = frechet_distance(run.draw(run.reference), run.samples(), run.tools.fid_features,
+                             c.inception, c.batch_size, c.device, run.progress)
+    return {"value": value, "real": "reference model's samples", "reference_model": c.reference_model,
+            "num_generated": c.num_samples, "features": c.fid_features or "inception",
+            "settings": run.sample_settings()}
+
+
+def _nll_reference(run: _Run) -> dict[str, Any]:
+    """The forget images' NLL under the retrained model: the value unlearning should reach."""
+    return {**_nll(run, run.reference), "reference_model": run.cfg.reference_model}
+
+
+def _changed(run: _Run) -> dict[str, Any]:
+    from retrack.metrics.copies import copies_descriptor, copies_l2
+    from retrack.metrics.reference import changed_samples
+
+    c = run.cfg
+    before = run.draw(run.pretrained)
+    if c.copy_rule == "l2":
+        before_copy = copies_l2(before, run.targets, c.copy_threshold).is_copy
+    else:
+        before_copy = copies_descriptor(before, run.targets, run.tools.descriptor, c.copy_threshold).is_copy
+    out = changed_samples(run.samples(), before, before_copy, c.visible_rms)
+    return {**out, "pretrained_model": c.pretrained_model, "settings": run.sample_settings()}
+
+
 RUNNERS = {"nll": _nll, "reconstruction": _reconstruction, "copies": _copies, "fid": _fid,
-           "is": _is, "clipiqa": _clipiqa}
+           "is": _is, "clipiqa": _clipiqa, "fid_reference": _fid_reference,
+           "nll_reference": _nll_reference, "changed": _changed}
 
 
 def _check_timesteps(cfg: EvaluateConfig, T: int) -> None:
@@ -295,6 +345,33 @@ def _check_timesteps(cfg: EvaluateConfig, T: int) -> None:
         require(cfg.steps <= T, f"--steps must be in 1..{T} for this model, got {cfg.steps}.")
     if "reconstruction" in cfg.metrics and cfg.t_start is not None:
         require(cfg.t_start < T, f"--t-start must be in 1..{T - 1} for this model, got {cfg.t_start}.")
+
+
+def _companion(path: str, flag: str, what: str, want: tuple[int, ...], device: str) -> LoadedModel:
+    """A second model compared sample by sample with the one under test: same image shape."""
+    other = load_model(path, device)
+    got = other.denoiser.sample_shape
+    require(got == want, f"the {what} model {str(path)!r} makes {_fmt(got)} images (C×H×W) but the "
+                         f"model under test makes {_fmt(want)}; pass a {flag} of the same shape.")
+    return other
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+def _pretrained_of(model: Any) -> str:
+    """The model an unlearned model started from, as its retrack_run.json records it."""
+    import json
+
+    record = Path(str(model)) / "retrack_run.json" if not isinstance(model, LoadedModel) else None
+    require(record is not None and record.is_file(),
+            "changed needs --pretrained-model PATH (the model before unlearning): the model under "
+            "test has no retrack_run.json naming it.")
+    source = json.loads(record.read_text())["config"]["model"]
+    require(Path(source).exists(), f"changed: the pretrained model {source!r} named in {str(record)!r} "
+                                   "does not exist here; pass --pretrained-model PATH.")
+    return source
 
 
 def distinct(images: np.ndarray) -> np.ndarray:
@@ -356,6 +433,12 @@ def run_evaluate(model: str | Path | LoadedModel, data: str | Path | ImageSet, f
                                   f"takes {want}.")
     run = _Run(cfg, loaded, distinct(images.images[parts.forget]), images.images[parts.remain],
                tools, progress)
+    if any(m in cfg.metrics for m in REFERENCE_METRICS):
+        run.reference = _companion(cfg.reference_model, "--reference-model", "reference", want, cfg.device)
+    if "changed" in cfg.metrics:
+        pretrained = cfg.pretrained_model or _pretrained_of(model)
+        cfg = run.cfg = replace(cfg, pretrained_model=str(pretrained))
+        run.pretrained = _companion(pretrained, "--pretrained-model", "pretrained", want, cfg.device)
     return {name: RUNNERS[name](run) for name in cfg.metrics}
 
 

@@ -6,7 +6,10 @@ import argparse
 
 HELP_METRICS = ("comma-separated: nll (bits/dim of the forget images), reconstruction (similarity "
                 "after noising to T/4 and denoising), copies (fraction of samples copying a forget "
-                "image), fid (vs the remain set), is, clipiqa")
+                "image), fid (vs the remain set), is, clipiqa; against a model retrained without the forget "
+                "images (--reference-model): fid_reference (FID between the two models' samples), "
+                "nll_reference (the forget images' NLL under it: the target); changed (fraction of "
+                "samples of the same seeds that differ visibly from the pretrained model's)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="copy threshold (default 10 for l2, the paper's value for 1x28x28 images: "
                    "other sizes must set it; 0.5 for descriptor)")
     p.add_argument("--is-splits", default=10, help="splits of the Inception Score")
+    p.add_argument("--reference-model", default=None,
+                   help="fid_reference, nll_reference: the model retrained without the forget images "
+                   "(same recipe, seed and steps); its images must have the tested model's shape")
+    p.add_argument("--pretrained-model", default=None,
+                   help="changed: the model before unlearning (default: the one the tested model's "
+                   "retrack_run.json names)")
+    p.add_argument("--visible-rms", default=0.1,
+                   help="changed: a sample differs visibly from the pretrained model's when the RMS "
+                   "of their pixel difference in [0, 1] exceeds this (L2 > RMS·√D; 2.8 at 28×28)")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
