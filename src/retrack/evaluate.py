@@ -175,7 +175,7 @@ def load_instruments(cfg: EvaluateConfig) -> Instruments:
     from retrack.metrics.similarity import make_descriptor
 
     found = Instruments()
-    uses_copies = any(m in cfg.metrics for m in ("copies", "fid", "is"))
+    uses_copies = any(m in cfg.metrics for m in ("copies", "fid", "is", "changed"))
     if "reconstruction" in cfg.metrics or (cfg.copy_rule == "descriptor" and uses_copies):
         found.descriptor = make_descriptor(cfg.descriptor, cfg.sscd, cfg.batch_size, cfg.device)
     if ("fid" in cfg.metrics or "fid_reference" in cfg.metrics) and cfg.fid_features is not None:
