@@ -65,3 +65,49 @@ def tiny_train_data():
     remain = torch.randint(0, 256, (30, 1, 8, 8), generator=g, dtype=torch.uint8)
     forget = torch.randint(0, 256, (3, 1, 8, 8), generator=g, dtype=torch.uint8)
     return TrainData(remain, forget, torch.stack([torch.randperm(30, generator=g)[:4] for _ in range(3)]))
+
+
+def save_tiny_tokenizer(path: Path, max_length: int = 12):
+    """A CLIP tokenizer built locally: every byte's character (alone and word-final), no merges."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]  # GPT-2's byte alphabet
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
+
+
+def save_sd_pipeline(path: Path, seed: int = 0, max_length: int = 12) -> Path:
+    """A tiny StableDiffusionPipeline built from configs, as diffusers' own tests do: 8×8 RGB images,
+    4×4×4 latents, a one-layer CLIP text encoder of width 8, a local tokenizer, no safety checker."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = save_tiny_tokenizer(path.parent / f".{path.name}-tokenizer", max_length)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(4, 8), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=2)
+    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=2, sample_size=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=514, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
+        max_position_embeddings=max_length, bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+    return path

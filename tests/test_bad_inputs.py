@@ -66,6 +66,9 @@ def ws(tmp_path_factory) -> Path:
     (ws / "listcfg" / "config.json").write_text("[1, 2]")
     (ws / "badjson" / "config.json").write_text("{")
     (ws / "cond" / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    for name, pipeline in (("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")):
+        shutil.copytree(ws / "cond", ws / name)
+        (ws / name / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
     shutil.copytree(ws / "model", ws / "corrupt")
     weights = ws / "corrupt" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -195,6 +198,27 @@ CASES: list[Case] = [
     ("model-cfg-json", lambda w: unlearn(w, "--model", w / "badjson"), "is not valid JSON"),
     ("model-conditional", lambda w: unlearn(w, "--model", w / "cond"), "only unconditional UNet2DModel"),
     ("model-corrupt", lambda w: unlearn(w, "--model", w / "corrupt"), "could not load a diffusers UNet2DModel"),
+    # unlearn: text-to-image models and their options
+    ("prompt-on-pixel", lambda w: unlearn(w, "--prompt", "a cat"), "--prompt is for text-to-image models, but"),
+    ("prompt-empty", lambda w: unlearn(w, "--model", w / "sd", "--prompt", " "), "--prompt must be a non-empty"),
+    ("text-without-prompt", lambda w: unlearn(w, "--model", w / "sd"),
+     "is a text-to-image StableDiffusionPipeline; pass --prompt"),
+    ("sdxl", lambda w: unlearn(w, "--model", w / "sdxl", "--prompt", "a cat"),
+     "is a StableDiffusionXLPipeline; supported are unconditional UNet2DModel folders"),
+    ("lora-0", lambda w: unlearn(w, "--model", w / "sd", "--prompt", "a", "--lora", "0"),
+     "--lora must be an integer ≥ 1, got '0'"),
+    ("lora-neg", lambda w: unlearn(w, "--model", w / "sd", "--prompt", "a", "--lora=-4"),
+     "--lora must be an integer ≥ 1"),
+    ("lora-pixel", lambda w: unlearn(w, "--lora", "4"), "--lora adapts a Stable Diffusion UNet's attention"),
+    ("lora-alpha-0", lambda w: unlearn(w, "--model", w / "sd", "--prompt", "a", "--lora", "4", "--lora-alpha", "0"),
+     "--lora-alpha must be a finite number > 0"),
+    ("lora-alpha-alone", lambda w: unlearn(w, "--model", w / "sd", "--prompt", "a", "--lora-alpha", "8"),
+     "--lora-alpha needs --lora RANK"),
+    ("mixed-precision-cpu", lambda w: unlearn(w, "--mixed-precision", "bf16"), "needs a CUDA device"),
+    ("recipe-unknown", lambda w: unlearn(w, "--recipe", "sdxl"), "--recipe 'sdxl' is neither a built-in recipe"),
+    ("recipe-key", lambda w: unlearn(w, "--recipe", w / "recipes" / "typo.yaml"), "unknown key 'data' in recipe"),
+    ("mixed-precision-word", lambda w: unlearn(w, "--mixed-precision", "fp8"),
+     "--mixed-precision must be one of no, bf16, fp16"),
     # unlearn: data
     ("data-missing", lambda w: unlearn(w, "--data", w / "nodata.npz"), "does not exist"),
     ("data-garbage-npz", lambda w: unlearn(w, "--data", w / "garbage.npz"), "is not an .npz archive"),

@@ -12,7 +12,7 @@ import torch
 from retrack import objectives
 from retrack.data import ForgetSpec, ImageSet, check_forget_file, load_images, parse_forget, split
 from retrack.errors import UserError, require
-from retrack.models import LoadedModel, load_model, model_layout, save_model
+from retrack.models import LoadedModel, load_model, model_layout, require_kind, save_model
 from retrack.neighbours import cached_nearest_neighbours
 from retrack.objectives.retrack import FORGET_WEIGHTINGS
 from retrack.runrecord import atomic_directory, check_output, environment_record, temp_file, write_json
@@ -38,6 +38,7 @@ STEP_LOG = "retrack_log.json"
 
 
 _METHOD = Choice(*objectives.available())
+MIXED_PRECISION = ("no", "bf16", "fp16")
 _PROB = Float(0.0, 1.0)
 
 
@@ -77,6 +78,12 @@ class UnlearnConfig(Validated):
     device: str | None = option(Optional(Device()), None)
     overwrite: bool = option(Bool(), False)
     cache_dir: str | None = option(Optional(Text()), None)
+    prompt: str | None = option(Optional(Text()), None)
+    lora: int | None = option(Optional(POSITIVE_INT), None)
+    lora_alpha: float | None = option(Optional(Float(0.0, min_open=True)), None)
+    gradient_checkpointing: bool = option(Bool(), False)
+    mixed_precision: str = option(Choice(*MIXED_PRECISION), "no")
+    recipe: str | None = option(Optional(Text()), None)
 
 
 def default_device() -> str:
@@ -93,13 +100,47 @@ def unlearn(model: str, data: str, forget: str | list[int], out: str, progress: 
         forget: "17,42", "@indices.txt", paths of image files matched to `data` by content, or a
             list of indices.
         out: output folder, written atomically in the same layout as `model`.
-        **settings: any field of UnlearnConfig (method, steps, batch_size, lr, seed, k, lam, ...).
+        **settings: any field of UnlearnConfig (method, steps, batch_size, lr, seed, k, lam, ...);
+            recipe="stable-diffusion" (or a YAML file) supplies the settings not given here.
     Returns:
         The output folder.
     """
     UnlearnConfig.check_keys(settings, "unlearn setting")
+    if settings.get("recipe") is not None:
+        settings = {**unlearn_recipe(settings["recipe"], settings.get("method", "retrack")), **settings}
     cfg = resolve_unlearn(UnlearnConfig(model=model, data=data, forget=forget, out=out, **settings))
     return run_unlearn(cfg, progress)
+
+
+RECIPES = {"stable-diffusion": "stable_diffusion/unlearn.yaml"}
+_NOT_IN_RECIPES = ("model", "data", "forget", "out", "recipe", "method")
+
+
+def unlearn_recipe(spec: str, method: str) -> dict:
+    """The settings a recipe gives `method`: its top-level keys, then the method's own under
+    `methods:`. `spec` is a built-in name (stable-diffusion: the paper's SD v1.4 column) or a YAML
+    file; every value goes through the same checks as its flag."""
+    import dataclasses
+    from importlib import resources
+
+    from retrack.validation import load_yaml
+
+    path = resources.files("retrack.recipes") / RECIPES[spec] if spec in RECIPES else Path(spec)
+    where = f"recipe {str(spec)!r}"
+    require(spec in RECIPES or Path(spec).is_file(),
+            f"--recipe {spec!r} is neither a built-in recipe ({', '.join(RECIPES)}) nor a YAML file.")
+    raw = load_yaml(path, "recipe")
+    require(isinstance(raw, dict), f"{where} must be a mapping of settings, got {type(raw).__name__}.")
+    raw = dict(raw)
+    per_method = raw.pop("methods", None) or {}
+    require(isinstance(per_method, dict) and all(isinstance(v, dict) for v in per_method.values()),
+            f"'methods' in {where} must map method names to their settings.")
+    fields = {f.name: f for f in dataclasses.fields(UnlearnConfig) if f.name not in _NOT_IN_RECIPES}
+    settings = {}
+    for key, value in {**raw, **per_method.get(method, {})}.items():
+        require(key in fields, f"unknown key {key!r} in {where}; known: {', '.join(sorted(fields))}.")
+        settings[key] = fields[key].metadata["check"](value, f"{key!r} in {where}")
+    return settings
 
 
 def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
@@ -110,12 +151,30 @@ def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
     per_process_batch(_train_settings(cfg), process_count())
     defaults = {f: getattr(cls, f) for f in ("lam", "s", "eta") if hasattr(cls, f)}
     methods_own = {f: getattr(cfg, f) if getattr(cfg, f) is not None else defaults.get(f) for f in defaults}
-    model_layout(cfg.model)
+    require_kind(cfg.model, cfg.prompt)
+    device = cfg.device or default_device()
+    _check_text_options(cfg, device)
     require(Path(cfg.data).exists(), f"--data: data path {cfg.data!r} does not exist.")
     check_forget_file(cfg.forget)
     protected = [Path(p) for p in (cfg.model, cfg.data) if Path(p).exists()]
     check_output(Path(cfg.out), cfg.overwrite, protected)
-    return replace(cfg, device=cfg.device or default_device(), **methods_own)
+    return replace(cfg, device=device, **methods_own)
+
+
+def _check_text_options(cfg: UnlearnConfig, device: str) -> None:
+    """LoRA is for text-to-image UNets; mixed precision runs on a GPU only."""
+    require(cfg.lora is None or cfg.prompt is not None,
+            "--lora adapts a Stable Diffusion UNet's attention; it needs a text-to-image model and --prompt.")
+    require(cfg.lora_alpha is None or cfg.lora is not None, "--lora-alpha needs --lora RANK.")
+    if cfg.mixed_precision != "no":
+        require(device.startswith("cuda"), f"--mixed-precision {cfg.mixed_precision} needs a CUDA device "
+                                           f"(accelerate's autocast); on {device} leave it at 'no'.")
+        require(not (cfg.mixed_precision == "fp16" and cfg.method == "siss"),
+                "--mixed-precision fp16 scales the loss, which changes SISS's fixed-norm forget gradient; use bf16.")
+    if cfg.prompt is not None:
+        from retrack.latent import require_sd_extra
+
+        require_sd_extra(cfg.lora is not None)
 
 
 def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
@@ -123,25 +182,64 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     out_path = Path(cfg.out)
     images = load_images(cfg.data)
     parts = split(images, parse_forget(cfg.forget, images))
-    loaded = load_model(cfg.model, cfg.device)
-    _check_fits(images, loaded)
-    steps = loaded.denoiser.schedule.num_steps
+    if cfg.prompt is not None:
+        model = _load_text(cfg, images, progress)
+        space, denoiser, to_tensor = model.notes.pop("latents"), model.denoiser, torch.from_numpy
+        save, extra = (lambda tmp: _save_text(model, tmp)), _text_record(model)
+    else:
+        loaded = load_model(cfg.model, cfg.device)
+        _check_fits(images, loaded)
+        space, denoiser, to_tensor = images.images, loaded.denoiser, _nchw
+        save, extra = (lambda tmp: save_model(loaded, tmp)), {}
+    if cfg.gradient_checkpointing:
+        denoiser.unet.enable_gradient_checkpointing()
+    steps = denoiser.schedule.num_steps
     require(cfg.forget_t_min < steps, f"--forget-t-min must be below the model's {steps} timesteps, "
                                       f"got {cfg.forget_t_min}.")
     objective = _objective(cfg)
-    remain, forget_imgs = images.images[parts.remain], images.images[parts.forget]
+    remain, forget_imgs = space[parts.remain], space[parts.forget]
     table = None
     if objective.needs_neighbours and cfg.k != "all":
         require(int(cfg.k) <= len(remain), f"--k {cfg.k} must be between 1 and the remain set's size "
                                            f"{len(remain)} (K = {cfg.k} is too large).")
         table = cached_nearest_neighbours(remain, forget_imgs, int(cfg.k),
                                           Path(cfg.cache_dir) if cfg.cache_dir else None, progress)
-    train_data = TrainData(_nchw(remain), _nchw(forget_imgs), neighbour_table(table))
+    train_data = TrainData(to_tensor(remain), to_tensor(forget_imgs), neighbour_table(table))
     settings_ = _train_settings(cfg)
-    log = train(loaded.denoiser, objective, train_data, settings_, cfg.device, progress)
+    log = train(denoiser, objective, train_data, settings_, cfg.device, progress)
     if _is_main_process():
-        _write_output(out_path, loaded, cfg, objective, images, parts, table, log)
+        _write_output(out_path, save, cfg, objective, images, parts, table, log, extra)
     return out_path
+
+
+def _load_text(cfg: UnlearnConfig, images: ImageSet, progress: bool):
+    """The pipeline with the prompt bound in, and the data set's latents (cached by content)."""
+    from retrack.latent import cached_latents, load_text_model, preprocessing
+    from retrack.neighbours import default_cache_dir
+
+    model = load_text_model(cfg.model, cfg.prompt, cfg.device, cfg.lora, cfg.lora_alpha)
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent
+    latents, key = cached_latents(model.pipeline, images, root / "latents", progress)
+    model.notes.update(latents=np.ascontiguousarray(latents), latent_key=key,
+                       preprocessing=preprocessing(model.pipeline, images))
+    return model
+
+
+def _save_text(model, tmp: Path) -> None:
+    from retrack.latent import save_text_model
+
+    save_text_model(model, tmp)
+
+
+def _text_record(model) -> dict:
+    from retrack.latent import LORA_FILE
+
+    pipe = model.pipeline
+    return {"text_to_image": {
+        "base_model": model.source, "pipeline": type(pipe).__name__, "prompt": model.prompt,
+        "images": model.notes["preprocessing"], "latent_cache_key": model.notes["latent_key"],
+        "latent_shape": list(model.denoiser.sample_shape), "trained": "lora" if model.lora else "unet",
+        "lora": model.lora, "output": LORA_FILE if model.lora else "pipeline folder"}}
 
 
 VARIANT_OPTIONS = ("lam_ratio", "surgery", "forget_weighting", "snr_gamma", "forget_t_min")
@@ -159,7 +257,7 @@ def _check_variant_options(cfg: UnlearnConfig, cls: type) -> None:
 
 def _train_settings(cfg: UnlearnConfig) -> TrainSettings:
     return TrainSettings(cfg.steps, cfg.batch_size, cfg.lr, tuple(cfg.betas), cfg.weight_decay,
-                         cfg.clip, cfg.seed, cfg.grad_accum)
+                         cfg.clip, cfg.seed, cfg.grad_accum, cfg.mixed_precision)
 
 
 def process_count() -> int:
@@ -198,7 +296,7 @@ def _is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def _write_output(out, loaded, cfg, objective, images, parts, table, log) -> None:
+def _write_output(out, save, cfg, objective, images, parts, table, log, extra) -> None:
     record = environment_record(
         cfg,
         objective=asdict(objective),
@@ -209,9 +307,10 @@ def _write_output(out, loaded, cfg, objective, images, parts, table, log) -> Non
               "remain_size": len(parts.remain)},
         neighbours=table,
         final_terms=log[-1] if log else {},
+        **extra,
     )
     with atomic_directory(out) as tmp:
-        save_model(loaded, tmp)
+        save(tmp)
         write_json(tmp / RUN_RECORD, record)
         write_json(tmp / STEP_LOG, log)
 

@@ -20,6 +20,11 @@ from torch import nn
 from retrack.errors import UserError, require
 
 Layout = Literal["pipeline", "bare"]
+Kind = Literal["pixel", "text", "unknown"]
+TEXT_PIPELINES = ("StableDiffusionPipeline",)
+PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+SUPPORTED = ("unconditional UNet2DModel folders and DDPMPipeline/DDIMPipeline folders (pixel models), and "
+             "StableDiffusionPipeline folders (SD 1.x/2.x, text-to-image, with --prompt)")
 
 
 @dataclass(frozen=True)
@@ -57,13 +62,17 @@ class Denoiser(nn.Module):
         self.prediction_type = prediction_type
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.unet(x, t).sample
+        out = self.unet_output(x, t)
         if self.prediction_type == "epsilon":
             return out
         gamma, sigma = self.schedule.gamma_sigma(t, x)
         if self.prediction_type == "v_prediction":
             return gamma * out + sigma * x
         return (x - gamma * out) / sigma
+
+    def unet_output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw prediction; a conditional model binds its conditioning in here."""
+        return self.unet(x, t).sample
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -166,7 +175,47 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
+def model_kind(model: str | Path, flag: str = "--model") -> Kind:
+    """Pixel model, Stable Diffusion pipeline, or (a hub id, not downloaded yet) unknown; any other
+    pipeline (SDXL, img2img, ...) is refused here, naming the supported ones."""
+    layout = model_layout(model, flag)
+    path = Path(model)
+    if not path.exists():
+        return "unknown"
+    return "text" if layout == "pipeline" and pipeline_class(path) in TEXT_PIPELINES else "pixel"
+
+
+def require_kind(model: str | Path, prompt: str | None, flag: str = "--model") -> Kind:
+    """A text-to-image model needs --prompt and a pixel model refuses one, before anything loads."""
+    kind = model_kind(model, flag)
+    require(not (kind == "text" and prompt is None),
+            f"{flag} {str(model)!r} is a text-to-image StableDiffusionPipeline; pass --prompt with the prompt "
+            "it is used under.")
+    require(not (kind == "pixel" and prompt is not None),
+            f"--prompt is for text-to-image models, but {flag} {str(model)!r} is an unconditional pixel model; "
+            "drop --prompt.")
+    return kind
+
+
+def pipeline_class(path: Path) -> str | None:
+    """`_class_name` of a local folder's model_index.json, or None without one."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return None
+    from retrack.validation import load_json
+
+    raw = load_json(index, "model index")
+    require(isinstance(raw, dict) and isinstance(raw.get("_class_name"), str),
+            f"model index {str(index)!r} must be a JSON object with a '_class_name'.")
+    return raw["_class_name"]
+
+
 def _refuse_conditional(path: Path, layout: Layout) -> None:
+    if layout == "pipeline":
+        cls = pipeline_class(path)
+        if cls in TEXT_PIPELINES:
+            return
+        require(cls is None or cls in PIXEL_PIPELINES, f"--model {str(path)!r} is a {cls}; supported are {SUPPORTED}.")
     cfg = path / ("unet" if layout == "pipeline" else "") / "config.json"
     if cfg.is_file():
         from retrack.validation import load_json
@@ -175,7 +224,8 @@ def _refuse_conditional(path: Path, layout: Layout) -> None:
         require(isinstance(raw, dict), f"model config {str(cfg)!r} must hold a JSON object, "
                                        f"not a {type(raw).__name__}.")
         cls = raw.get("_class_name", "UNet2DModel")
-        require(cls == "UNet2DModel", f"{str(cfg)!r} holds a {cls}; only unconditional UNet2DModel is supported.")
+        require(cls == "UNet2DModel", f"{str(cfg)!r} holds a {cls} outside a StableDiffusionPipeline folder; "
+                                      f"only unconditional UNet2DModel is supported there ({SUPPORTED}).")
 
 
 def _first_line(e: Exception) -> str:

@@ -1,7 +1,8 @@
 """Exact Euclidean k-nearest remain images of each forget image, streamed and cached by content.
 
 Distances are computed on the uint8 pixel values in float64, where ‖a‖² + ‖b‖² − 2⟨a, b⟩ is exact,
-so the order is the exact order in the model's input space (an affine rescaling of pixels). The
+so the order is the exact order in the model's input space (an affine rescaling of pixels); float
+latents of a latent model are compared as they are, in float64. The
 remain set is visited in chunks, so extra memory is O(F·(K + chunk)) whatever its size. Ties go
 to the smaller remain index. The cache key hashes the images themselves and K, so a changed data
 set can never reuse a stale list.
@@ -27,7 +28,8 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(remain: np.ndarray, forget: np.ndarray, k: int) -> str:
-    h = hashlib.sha256(f"knn-v1|k={k}|{remain.shape}|{forget.shape}".encode())
+    kind = "" if remain.dtype == np.uint8 else f"|{remain.dtype}"
+    h = hashlib.sha256(f"knn-v1|k={k}|{remain.shape}|{forget.shape}{kind}".encode())
     h.update(np.ascontiguousarray(remain).tobytes())
     h.update(np.ascontiguousarray(forget).tobytes())
     return h.hexdigest()[:32]
@@ -43,7 +45,7 @@ def nearest_neighbours(
     """Indices (F, K) into `remain` of each forget image's K nearest, and their distances.
 
     Args:
-        remain, forget: uint8 image arrays (N, ...) and (F, ...) of the same image shape.
+        remain, forget: uint8 image (or float latent) arrays (N, ...) and (F, ...) of one shape.
         k: neighbours per forget image, 1 ≤ k ≤ N.
     Returns:
         (indices int64 (F, K) sorted nearest first, Euclidean distances float64 (F, K) in pixels).

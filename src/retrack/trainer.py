@@ -43,19 +43,24 @@ class TrainSettings:
     clip: float = 1.0
     seed: int = 0
     grad_accum: int = 1  # micro-batches per step; they sum to batch_size
+    mixed_precision: str = "no"  # accelerate's: "no", "bf16" or "fp16" (GPU only)
 
 
 @dataclass
 class TrainData:
-    """Images the sampler draws from: uint8 NCHW tensors on the CPU, plus the kNN table."""
+    """Images the sampler draws from: uint8 NCHW pixels (or float NCHW latents) on the CPU, plus
+    the kNN table."""
 
     remain: torch.Tensor
     forget: torch.Tensor
     neighbours: torch.Tensor | None = None  # (F, K) indices into remain; None = all (if needed)
 
 
-def _to_model(images_uint8: torch.Tensor, device) -> torch.Tensor:
-    return images_uint8.to(device).float().div(127.5).sub(1.0)
+def _to_model(images: torch.Tensor, device) -> torch.Tensor:
+    """uint8 pixels to [-1, 1]; float tensors (VAE latents) are already in the model's space."""
+    if images.dtype != torch.uint8:
+        return images.to(device).float()
+    return images.to(device).float().div(127.5).sub(1.0)
 
 
 def draw_batch(objective: Objective, data: TrainData, n: int, gen: torch.Generator, device) -> TrainBatch:
@@ -215,10 +220,11 @@ def train(
     """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=(device == "cpu"))
+    accelerator = Accelerator(cpu=(device == "cpu"), mixed_precision=settings.mixed_precision)
     n = per_process_batch(settings, accelerator.num_processes)
     gen = torch.Generator().manual_seed((settings.seed * 1_000 + accelerator.process_index) % 2**64)
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=settings.lr, betas=settings.betas,
+    # Only trainable weights reach the optimiser: a LoRA adapter's, not the frozen UNet under it.
+    opt = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=settings.lr, betas=settings.betas,
                             weight_decay=settings.weight_decay)
     model, opt = accelerator.prepare(denoiser, opt)
     params = [p for p in model.parameters() if p.requires_grad]

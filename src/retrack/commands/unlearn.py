@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(resolved config, seed, versions, data hashes) and retrack_log.json (per-step losses).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="diffusers pipeline folder (unet/ + scheduler/), bare UNet2DModel folder, or hub id")
+                   help="diffusers pipeline folder (unet/ + scheduler/), bare UNet2DModel folder, or hub id; "
+                   "a StableDiffusionPipeline (SD 1.x/2.x) with --prompt")
     p.add_argument("--data", required=True,
                    help="training images: a folder of png/jpg, an .npz with an 'images' uint8 array "
                    "(N,H,W) or (N,H,W,C), or a torchvision-style MNIST/Fashion-MNIST/CIFAR-10 folder")
@@ -56,19 +57,51 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="retrack: forget rows draw timesteps from t-min … T−1 (0: all, the paper's)")
     p.add_argument("--s", default=None, help="siss: norm of the subtracted forget gradient (default 5)")
     p.add_argument("--eta", default=None, help="erasediff: η of the gradient rule (default 1e-3)")
+    _text_flags(p)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations in the backward pass: less memory, about a third more time")
+    p.add_argument("--mixed-precision", default="no",
+                   help="no, bf16 or fp16: autocast through accelerate (CUDA only; weights stay fp32)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--cache-dir", default=None,
                    help="nearest-neighbour cache (default: $RETRACK_CACHE or ~/.cache/retrack)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--recipe", default=None,
+                   help="settings from a recipe: 'stable-diffusion' (the paper's SD v1.4 column: 30 steps, "
+                   "batch 1 × 16 accumulation, lr 1e-5, AdamW (0.9, 0.999) wd 1e-2, K 10, λ 0.5, SISS s 750, "
+                   "EraseDiff η 1e-2) or a YAML file of flag names; flags given here override it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    defaults = {a.dest: a.default for a in p._actions if a.default is not argparse.SUPPRESS}
+    p.set_defaults(func=run, flag_defaults=defaults)
+
+
+def _text_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=None,
+                   help="text-to-image models: the prompt the model is unlearned under (its embedding is "
+                   "fixed; the data are encoded once by the VAE and cached); longer than the tokenizer "
+                   "takes: truncated as the pipeline does, with a warning")
+    p.add_argument("--lora", default=None,
+                   help="text-to-image models: train a LoRA adapter of this rank on the UNet's attention "
+                   "projections instead of the whole UNet; writes pytorch_lora_weights.safetensors")
+    p.add_argument("--lora-alpha", default=None, help="LoRA α (default: the rank, i.e. scale 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     from retrack.api import UnlearnConfig, resolve_unlearn, run_unlearn
     from retrack.validation import config_from_args
 
-    cfg = resolve_unlearn(config_from_args(UnlearnConfig, args, betas=(args.beta1, args.beta2)))
+    betas = {"betas": (args.beta1, args.beta2)}
+    if args.recipe is not None:
+        from retrack.api import unlearn_recipe
+
+        # A flag left out is argparse's default object itself; anything typed is a new value.
+        given = {k for k, default in args.flag_defaults.items() if getattr(args, k) is not default}
+        for key, value in unlearn_recipe(args.recipe, str(args.method).strip()).items():
+            if key == "betas" and not {"beta1", "beta2"} & given:
+                betas["betas"] = value
+            elif key != "betas" and key not in given:
+                setattr(args, key, value)
+    cfg = resolve_unlearn(config_from_args(UnlearnConfig, args, **betas))
     out = run_unlearn(cfg, progress=not args.quiet)
     print(f"wrote {out}")
     return 0

@@ -21,7 +21,8 @@ from retrack.models import Schedule
 class TrainBatch:
     """Clean images in model range for one step; which parts are filled depends on the method.
 
-    `neighbours` holds, per forget row, indices into `bank` (the remain images as uint8 NCHW);
+    `neighbours` holds, per forget row, indices into `bank` (the remain images as uint8 NCHW, or
+    float NCHW latents);
     None with a bank means "every remain image" (ReTrack's untruncated objective).
     """
 

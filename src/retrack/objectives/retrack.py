@@ -132,7 +132,7 @@ def weighted_target(
     Args:
         x_t: noisy forget images (B, C, H, W).
         gamma, sigma: γ_t, σ_t broadcastable to x_t.
-        bank: remain images, uint8 (N, C, H, W) on any device.
+        bank: remain images, uint8 (N, C, H, W) pixels or float latents, on any device.
         neighbours: (B, K) indices into bank, or None for all N remain images.
         chunk: neighbours per chunk; by default about 4M float64 values (32 MB) per chunk.
     Returns:
@@ -170,9 +170,10 @@ def weighted_target(
 def _gather(
     bank: torch.Tensor, neighbours: torch.Tensor | None, k0: int, k1: int, b: int, device
 ) -> torch.Tensor:
-    """Neighbours k0..k1 of every row as float64 in model range, shape (B, c, D)."""
+    """Neighbours k0..k1 of every row as float64 in model range, shape (B, c, D); uint8 pixels
+    are mapped to [-1, 1], float latents are used as they are."""
     if neighbours is None:
         rows = bank[k0:k1].to(device).flatten(1).unsqueeze(0).expand(b, -1, -1)
     else:
         rows = bank[neighbours[:, k0:k1].to(bank.device)].to(device).flatten(2)
-    return rows.double().div(127.5).sub(1.0)
+    return rows.double().div(127.5).sub(1.0) if rows.dtype == torch.uint8 else rows.double()

@@ -1,0 +1,258 @@
+"""Stable Diffusion under a fixed prompt: the unconditional model of latents the paper treats it as.
+
+A StableDiffusionPipeline (SD 1.x/2.x) is loaded without its safety checker and its prompt is
+encoded once by the pipeline's own `encode_prompt`; a PromptDenoiser binds that embedding into the
+UNet, so objectives, trainer and kNN see an ordinary Denoiser whose "images" are latents. Training
+images are resized as the pipeline's image processor would, encoded once by the VAE (posterior
+mean × scaling factor) and cached by content. Only the UNet, or a LoRA adapter on its attention
+projections, is ever trained: the VAE and the text encoder are frozen and never reach an optimiser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrack.data import ImageSet
+from retrack.errors import UserError, require
+from retrack.models import SUPPORTED, TEXT_PIPELINES, Denoiser, Schedule
+
+SD_EXTRA = "pip install 'retrack-unlearning[sd]'"
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def require_sd_extra(lora: bool = False) -> None:
+    """Text-to-image models need transformers (and peft for LoRA); pixel-model users need neither."""
+    wanted = ("transformers", "peft") if lora else ("transformers",)
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+    require(not missing, f"text-to-image models need {' and '.join(missing)} (the [sd] extra): {SD_EXTRA}")
+
+
+class PromptDenoiser(Denoiser):
+    """A Stable Diffusion UNet with one prompt's embedding bound in: ε(x_t, t) over latents."""
+
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule, prediction_type: str, context: torch.Tensor):
+        super().__init__(unet, schedule, prediction_type)
+        self.register_buffer("context", context.detach(), persistent=False)
+
+    def unet_output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx = self.context.to(x.dtype).expand(x.shape[0], -1, -1)
+        return self.unet(x, t, encoder_hidden_states=ctx).sample
+
+
+@dataclass
+class TextModel:
+    """The loaded pipeline, the Denoiser over latents, and what became of the prompt."""
+
+    pipeline: Any
+    denoiser: PromptDenoiser
+    prompt: dict[str, Any]
+    source: str
+    lora: dict[str, Any] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def load_text_model(model: str, prompt: str, device: str, lora_rank: int | None = None,
+                    lora_alpha: float | None = None, flag: str = "--model") -> TextModel:
+    """Load a StableDiffusionPipeline (folder or hub id) and bind `prompt` into its UNet."""
+    require_sd_extra(lora_rank is not None)
+    with quiet_libraries():
+        return _bind(_load_pipeline(model, flag), model, prompt, device, lora_rank, lora_alpha)
+
+
+def _bind(pipe, model: str, prompt: str, device: str, lora_rank: int | None, lora_alpha: float | None) -> TextModel:
+    require(hasattr(pipe.scheduler, "alphas_cumprod"),
+            f"the scheduler {type(pipe.scheduler).__name__} of {model!r} has no alphas_cumprod (ᾱ_t).")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    info = prompt_record(pipe.tokenizer, prompt)
+    with torch.no_grad():
+        context, _ = pipe.encode_prompt(prompt, torch.device(device), 1, False)
+    schedule = Schedule(pipe.scheduler.alphas_cumprod.to(torch.float64))
+    denoiser = PromptDenoiser(pipe.unet, schedule, pipe.scheduler.config.prediction_type, context.float())
+    lora = add_lora(pipe.unet, lora_rank, lora_alpha) if lora_rank is not None else None
+    return TextModel(pipe, denoiser, info, str(model), lora)
+
+
+def _load_pipeline(model: str, flag: str):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    local = Path(model).exists()
+    if not local:
+        from retrack.models import _require_hub_reachable
+
+        _require_hub_reachable(model)
+    try:
+        cls = DiffusionPipeline.load_config(model).get("_class_name")
+        if cls in TEXT_PIPELINES:
+            return StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    except Exception as e:  # noqa: BLE001 - diffusers, transformers and the hub raise many types
+        where = "" if local else " (a local folder path works offline)"
+        raise UserError(f"could not load a StableDiffusionPipeline from {model!r}{where}: {_first_line(e)}") from None
+    raise UserError(f"{flag} {model!r} is a {cls}; supported are {SUPPORTED}.")
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """diffusers and transformers log progress bars and notices (torchvision missing, the prompt
+    truncated) on stderr; a command's stderr is kept for its own one-line errors and warnings."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error(), tlog.set_verbosity_error()
+    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers' advice on old scheduler configs
+            yield
+    finally:
+        dlog.set_verbosity(levels[0]), tlog.set_verbosity(levels[1])
+        for lib, on in zip((dlog, tlog), bars, strict=True):
+            lib.enable_progress_bar() if on else lib.disable_progress_bar()
+
+
+def prompt_record(tokenizer, prompt: str) -> dict[str, Any]:
+    """Token count of the prompt; one longer than the tokenizer takes is truncated, as the pipeline
+    itself does when it generates, and said on stderr (the run record keeps what was kept)."""
+    ids = tokenizer(prompt, truncation=False).input_ids
+    limit = int(tokenizer.model_max_length)
+    record: dict[str, Any] = {"text": prompt, "tokens": len(ids), "max_tokens": limit, "truncated": len(ids) > limit}
+    if record["truncated"]:
+        kept = tokenizer.decode(ids[1 : limit - 1])
+        record["kept"] = kept
+        print(f"retrack: warning: --prompt is {len(ids)} tokens but the tokenizer takes {limit}; it is truncated "
+              f"to {kept!r}, as the pipeline does when it generates.", file=sys.stderr)
+    return record
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None) -> dict[str, Any]:
+    """Freeze the UNet and add a peft LoRA adapter on its attention projections (diffusers' layout)."""
+    from peft import LoraConfig
+
+    require(rank >= 1, f"--lora must be an integer ≥ 1, got {rank}.")
+    unet.requires_grad_(False)
+    alpha = float(rank if alpha is None else alpha)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=list(LORA_TARGETS)))
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    require(trainable > 0, "--lora found no attention projections (to_q, to_k, to_v, to_out.0) in the UNet.")
+    return {"rank": rank, "alpha": alpha, "target_modules": list(LORA_TARGETS), "trainable_parameters": trainable}
+
+
+# ---------------------------------------------------------------------------------------------
+# Images to latents, once per data set
+# ---------------------------------------------------------------------------------------------
+
+
+def resolution(pipe) -> tuple[int, int]:
+    """The pipeline's default image size: the UNet's latent size times the VAE's scale factor."""
+    size = pipe.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(h) * pipe.vae_scale_factor, int(w) * pipe.vae_scale_factor
+
+
+def preprocessing(pipe, images: ImageSet) -> dict[str, Any]:
+    """What happens to the training images before the VAE: recorded beside the output."""
+    _, h0, w0 = images.shape
+    h, w = resolution(pipe)
+    return {"from": [h0, w0], "to": [h, w], "resized": (h0, w0) != (h, w),
+            "resample": pipe.image_processor.config.resample, "grey_to_rgb": images.shape[0] == 1}
+
+
+@torch.no_grad()
+def encode_images(pipe, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """uint8 (N, H, W, C) images → float32 latents (N, c, h, w): posterior mean × scaling factor,
+    after the pipeline's own resize and [-1, 1] normalisation."""
+    from PIL import Image
+
+    h, w = resolution(pipe)
+    vae = pipe.vae
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    out = []
+    for i in range(0, len(images), batch_size):
+        pil = [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).convert("RGB")
+               for im in images[i : i + batch_size]]
+        x = pipe.image_processor.preprocess(pil, height=h, width=w).to(vae.device, vae.dtype)
+        out.append(((vae.encode(x).latent_dist.mean - shift) * scale).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def cached_latents(pipe, images: ImageSet, cache_dir: Path, progress: bool = True) -> tuple[np.ndarray, str]:
+    """encode_images() through an on-disk cache keyed by the images, the VAE's weights and the
+    preprocessing, so a changed data set or VAE can never reuse stale latents. Returns the latents
+    and their key."""
+    h = hashlib.sha256(f"latents-v1|{preprocessing(pipe, images)}".encode())
+    h.update(images.digest().encode())
+    for name, tensor in sorted(pipe.vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    key = h.hexdigest()[:32]
+    path = cache_dir / f"{key}.npy"
+    try:
+        cached = np.load(path, allow_pickle=False)
+        if cached.dtype == np.float32 and cached.ndim == 4 and len(cached) == len(images):
+            return cached, key
+    except Exception:  # noqa: BLE001 - a missing or unreadable cache only costs recomputation
+        pass
+    if progress:
+        print(f"encoding {len(images)} images with the VAE (cached for next time)", file=sys.stderr)
+    latents = encode_images(pipe, images.images)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, latents)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return latents, key
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the result
+# ---------------------------------------------------------------------------------------------
+
+
+def save_text_model(model: TextModel, out: Path) -> None:
+    """A LoRA run writes only the adapter, where `pipeline.load_lora_weights(out)` finds it; a full
+    run writes the whole pipeline, loadable by `StableDiffusionPipeline.from_pretrained(out)`."""
+    with quiet_libraries():
+        if model.lora is None:
+            model.pipeline.save_pretrained(out)
+        else:
+            _save_lora(model, out)
+
+
+def _save_lora(model: TextModel, out: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet = model.pipeline.unet
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # The adapter's config (rank, α) travels in the file's metadata, so load_lora_weights restores
+    # the trained scale α/rank instead of assuming α = rank.
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, weight_name=LORA_FILE,
+                                              safe_serialization=True,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
