@@ -254,6 +254,12 @@ CASES: list[Case] = [
     ("sample-model-missing", lambda w: sample(w, "--model", w / "nomodel"), "does not exist"),
     ("sample-model-corrupt", lambda w: sample(w, "--model", w / "corrupt"), "could not load"),
     ("sample-device", lambda w: sample(w, "--device", NO_CUDA_DEVICE), NO_CUDA_MESSAGE),
+    ("sample-prompt-on-pixel", lambda w: sample(w, "--prompt", "a cat"), "--prompt is for text-to-image models"),
+    ("sample-text-without-prompt", lambda w: sample(w, "--model", w / "sd"), "pass --prompt"),
+    ("sample-sdxl", lambda w: sample(w, "--model", w / "sdxl", "--prompt", "a"), "is a StableDiffusionXLPipeline"),
+    ("sample-guidance-neg", lambda w: sample(w, "--model", w / "sd", "--prompt", "a", "--guidance", "-1"),
+     "--guidance must be a finite number ≥ 0"),
+    ("sample-guidance-pixel", lambda w: sample(w, "--guidance", "3"), "--guidance is for text-to-image models"),
     # evaluate
     ("eval-metric-unknown", lambda w: evaluate(w, "--metrics", "foo"), "unknown metric 'foo'"),
     ("eval-metric-empty", lambda w: evaluate(w, "--metrics", ","), "--metrics is empty"),

@@ -250,3 +250,38 @@ def test_the_stable_diffusion_recipe_is_the_papers_column_and_flags_override_it(
     assert (cfg["steps"], cfg["batch_size"], cfg["grad_accum"], cfg["lr"], cfg["s"], cfg["lam"]) == (
         1, 2, 2, 1e-5, 750.0, 0.5)
     assert cfg["betas"] == [0.5, 0.999] and cfg["weight_decay"] == 1e-2 and cfg["recipe"] == "stable-diffusion"
+
+
+def test_sample_prompt_is_the_pipelines_own_guided_sampling_per_seed_and_index(sd, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from retrack.cli import main
+    from retrack.latent import sample_text
+
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--model", str(sd / "sd"), "--prompt", PROMPT, "--num", "3", "--steps", "2",
+                 "--batch-size", "2", "--seed", "5", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    with np.load(out) as z:
+        got, prompt = z["images"], str(z["prompt"])
+    assert got.shape == (3, 8, 8, 3) and got.dtype == np.uint8 and prompt == PROMPT
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd / "sd"))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for i in range(3):
+        g = torch.Generator().manual_seed(5 * 1_000_003 + i)
+        want = pipe(PROMPT, num_inference_steps=2, guidance_scale=7.5, generator=g, output_type="np").images
+        np.testing.assert_array_equal(got[i], np.clip(np.round(want[0] * 255), 0, 255).astype(np.uint8))
+    unguided = sample_text(_load(sd), 3, steps=2, seed=5, guidance=1.0, progress=False)
+    assert not np.array_equal(unguided, got)
+
+
+def test_a_lora_output_samples_with_its_adapter(sd, tmp_path):
+    from retrack.latent import load_text_model, sample_text
+
+    out = tmp_path / "o"
+    assert _unlearn(sd, out, "vanilla", "--lora", "2", "--lr", "0.1") == 0
+    adapted = load_text_model(str(out), PROMPT, "cpu")
+    x, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert not torch.allclose(adapted.denoiser(x, t), _load(sd).denoiser(x, t))
+    assert sample_text(adapted, 1, steps=2, progress=False).shape == (1, 8, 8, 3)

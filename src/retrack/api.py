@@ -12,7 +12,7 @@ import torch
 from retrack import objectives
 from retrack.data import ForgetSpec, ImageSet, check_forget_file, load_images, parse_forget, split
 from retrack.errors import UserError, require
-from retrack.models import LoadedModel, load_model, model_layout, require_kind, save_model
+from retrack.models import LoadedModel, load_model, require_kind, save_model
 from retrack.neighbours import cached_nearest_neighbours
 from retrack.objectives.retrack import FORGET_WEIGHTINGS
 from retrack.runrecord import atomic_directory, check_output, environment_record, temp_file, write_json
@@ -329,11 +329,18 @@ class SampleConfig(Validated):
     grid: str | None = option(Optional(Text()), None)
     device: str | None = option(Optional(Device()), None)
     overwrite: bool = option(Bool(), False)
+    prompt: str | None = option(Optional(Text()), None)
+    guidance: float = option(Float(0.0), 7.5)
 
 
 def resolve_sample(cfg: SampleConfig) -> SampleConfig:
-    """Model layout, device, and both outputs (.npz and the optional .png grid) checked up front."""
-    model_layout(cfg.model)
+    """Model kind, device, and both outputs (.npz and the optional .png grid) checked up front."""
+    require_kind(cfg.model, cfg.prompt)
+    require(cfg.prompt is not None or cfg.guidance == 7.5, "--guidance is for text-to-image models with --prompt.")
+    if cfg.prompt is not None:
+        from retrack.latent import require_sd_extra
+
+        require_sd_extra()
     protected = [Path(cfg.model)] if Path(cfg.model).exists() else []
     check_output(Path(cfg.out), cfg.overwrite, protected, flag="--out", suffix=".npz")
     if cfg.grid is not None:
@@ -358,9 +365,16 @@ def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
     from retrack.grid import save_grid
     from retrack.sampling import sample as draw
 
-    loaded = load_model(cfg.model, cfg.device)
-    images = draw(loaded.denoiser, loaded.scheduler.config, cfg.num, cfg.steps, cfg.sampler, cfg.seed,
-                  cfg.batch_size, progress)
+    if cfg.prompt is not None:
+        from retrack.latent import load_text_model, sample_text
+
+        model = load_text_model(cfg.model, cfg.prompt, cfg.device)
+        images = sample_text(model, cfg.num, cfg.steps, cfg.sampler, cfg.seed, cfg.batch_size, cfg.guidance,
+                             progress)
+    else:
+        loaded = load_model(cfg.model, cfg.device)
+        images = draw(loaded.denoiser, loaded.scheduler.config, cfg.num, cfg.steps, cfg.sampler, cfg.seed,
+                      cfg.batch_size, progress)
     outputs = [Path(cfg.out)] + ([Path(cfg.grid)] if cfg.grid else [])
     temps: list[Path] = []
     try:
@@ -368,8 +382,9 @@ def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             temps.append(temp_file(path))
         with open(temps[0], "wb") as fh:
+            text = {} if cfg.prompt is None else {"prompt": cfg.prompt, "guidance": cfg.guidance}
             np.savez(fh, images=images, seed=cfg.seed, steps=cfg.steps, sampler=cfg.sampler,
-                     model=str(cfg.model))
+                     model=str(cfg.model), **text)
         if cfg.grid:
             save_grid(images[:64], temps[1], fmt="PNG")
         for tmp, path in zip(temps, outputs, strict=True):

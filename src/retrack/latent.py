@@ -89,6 +89,14 @@ def _bind(pipe, model: str, prompt: str, device: str, lora_rank: int | None, lor
 
 
 def _load_pipeline(model: str, flag: str):
+    if is_lora_folder(model):
+        base = lora_base(model)
+        pipe = _load_pipeline(base, f"the base model {base!r} of {flag}")
+        try:
+            pipe.load_lora_weights(model, weight_name=LORA_FILE)
+        except Exception as e:  # noqa: BLE001 - peft and safetensors raise many types
+            raise UserError(f"could not load the LoRA adapter of {flag} {model!r}: {_first_line(e)}") from None
+        return pipe
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     local = Path(model).exists()
@@ -104,6 +112,23 @@ def _load_pipeline(model: str, flag: str):
         where = "" if local else " (a local folder path works offline)"
         raise UserError(f"could not load a StableDiffusionPipeline from {model!r}{where}: {_first_line(e)}") from None
     raise UserError(f"{flag} {model!r} is a {cls}; supported are {SUPPORTED}.")
+
+
+def is_lora_folder(model: str | Path) -> bool:
+    """A `retrack unlearn --lora` output: the adapter and the run record naming its base model."""
+    return (Path(model) / LORA_FILE).is_file()
+
+
+def lora_base(model: str | Path) -> str:
+    from retrack.validation import load_json
+
+    record = Path(model) / "retrack_run.json"
+    require(record.is_file(), f"the LoRA folder {str(model)!r} has no retrack_run.json naming its base model; "
+                              "load it with StableDiffusionPipeline.load_lora_weights on its base pipeline.")
+    raw = load_json(record, "run record")
+    base = raw.get("text_to_image", {}).get("base_model") if isinstance(raw, dict) else None
+    require(isinstance(base, str), f"{str(record)!r} does not name the base model of the LoRA adapter.")
+    return base
 
 
 @contextlib.contextmanager
@@ -223,6 +248,49 @@ def cached_latents(pipe, images: ImageSet, cache_dir: Path, progress: bool = Tru
     except OSError:
         pass
     return latents, key
+
+
+@torch.no_grad()
+def pixel_images(pipe, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The training images as the pipeline sees them: resized, RGB, uint8 (N, h, w, 3), so that
+    samples and training images can be compared pixel by pixel."""
+    from PIL import Image
+
+    from retrack.data import to_uint8
+
+    h, w = resolution(pipe)
+    out = []
+    for i in range(0, len(images), batch_size):
+        pil = [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).convert("RGB")
+               for im in images[i : i + batch_size]]
+        out.append(to_uint8(pipe.image_processor.preprocess(pil, height=h, width=w)))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def sample_text(model: TextModel, num: int, steps: int = 50, sampler: str = "ddim", seed: int = 0,
+                batch_size: int = 16, guidance: float = 7.5, progress: bool = True) -> np.ndarray:
+    """`num` images for the bound prompt through the pipeline itself (classifier-free guidance
+    with the empty prompt), uint8 (N, H, W, 3); sample i depends only on the seed and i."""
+    from tqdm.auto import tqdm
+
+    from retrack.sampling import make_scheduler, sample_generators
+
+    pipe = model.pipeline
+    config = pipe.scheduler.config
+    require(1 <= steps <= config.num_train_timesteps,
+            f"--steps must be in 1..{config.num_train_timesteps} for this model, got {steps}.")
+    pipe.scheduler = make_scheduler(config, sampler, config.prediction_type)
+    device = pipe.unet.device
+    out = []
+    with quiet_libraries():
+        for start in tqdm(range(0, num, batch_size), desc=f"sample ({sampler}, {steps} steps)",
+                          disable=not progress, dynamic_ncols=True):
+            n = min(batch_size, num - start)
+            images = pipe([model.prompt["text"]] * n, num_inference_steps=steps, guidance_scale=guidance,
+                          generator=sample_generators(seed, start, n, device), output_type="np").images
+            out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
 
 
 # ---------------------------------------------------------------------------------------------

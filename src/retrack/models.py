@@ -178,6 +178,10 @@ def _looks_like_hub_id(name: str) -> bool:
 def model_kind(model: str | Path, flag: str = "--model") -> Kind:
     """Pixel model, Stable Diffusion pipeline, or (a hub id, not downloaded yet) unknown; any other
     pipeline (SDXL, img2img, ...) is refused here, naming the supported ones."""
+    from retrack.latent import is_lora_folder
+
+    if is_lora_folder(model):
+        return "text"
     layout = model_layout(model, flag)
     path = Path(model)
     if not path.exists():

@@ -19,13 +19,14 @@ from retrack.models import Denoiser
 SamplerName = Literal["ddpm", "ddim"]
 
 
-def make_scheduler(scheduler_config: dict, sampler: SamplerName):
-    """A fresh diffusers scheduler for sampling; the Denoiser always hands it ε."""
+def make_scheduler(scheduler_config: dict, sampler: SamplerName, prediction_type: str = "epsilon"):
+    """A fresh diffusers scheduler for sampling; the Denoiser always hands it ε (a pipeline calling
+    its UNet directly hands it the UNet's own prediction type)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     require(sampler in ("ddpm", "ddim"), f"sampler {sampler!r} is not one of ddpm, ddim.")
     cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
-    return cls.from_config(dict(scheduler_config), prediction_type="epsilon")
+    return cls.from_config(dict(scheduler_config), prediction_type=prediction_type)
 
 
 def sample_generators(seed: int, start: int, count: int, device: torch.device | str) -> list[torch.Generator]:
