@@ -291,6 +291,11 @@ CASES: list[Case] = [
     ("eval-data-garbage", lambda w: evaluate(w, "--data", w / "garbage.npz"), "is not an .npz archive"),
     ("eval-model-list-cfg", lambda w: evaluate(w, "--model", w / "listcfg"), "must hold a JSON object"),
     ("eval-device", lambda w: evaluate(w, "--device", NO_CUDA_DEVICE), NO_CUDA_MESSAGE),
+    ("eval-prompt-on-pixel", lambda w: evaluate(w, "--prompt", "a cat"), "--prompt is for text-to-image models"),
+    ("eval-text-without-prompt", lambda w: evaluate(w, "--model", w / "sd"), "pass --prompt"),
+    ("eval-prompt-nll", lambda w: evaluate(w, "--model", w / "sd", "--prompt", "a", "--metrics", "copies,nll"),
+     "--metrics nll needs a pixel model; with --prompt choose from copies, fid, is, clipiqa"),
+    ("eval-guidance-pixel", lambda w: evaluate(w, "--guidance", "2"), "--guidance is for text-to-image models"),
     ("eval-sampler", lambda w: evaluate(w, "--sampler", "x"), "--sampler must be one of ddpm, ddim"),
     ("eval-nll-schedule", lambda w: evaluate(w, "--nll-schedule", "vp"), "--nll-schedule must be one of"),
     # pretrain

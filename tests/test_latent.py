@@ -285,3 +285,23 @@ def test_a_lora_output_samples_with_its_adapter(sd, tmp_path):
     with torch.no_grad():
         assert not torch.allclose(adapted.denoiser(x, t), _load(sd).denoiser(x, t))
     assert sample_text(adapted, 1, steps=2, progress=False).shape == (1, 8, 8, 3)
+
+
+def test_evaluate_prompt_counts_copies_among_the_pipelines_samples(sd, tmp_path):
+    from retrack.cli import main
+    from retrack.data import load_images
+    from retrack.latent import pixel_images, sample_text
+
+    m = _load(sd)
+    samples = sample_text(m, 4, steps=2, seed=1, progress=False).astype(np.float64) / 255
+    targets = pixel_images(m.pipeline, load_images(sd / "rgb.npz").images)[[0, 1]].astype(np.float64) / 255
+    nearest = np.sqrt(((samples[:, None] - targets[None]) ** 2).sum((2, 3, 4))).min(1)
+    threshold = float(np.sort(nearest)[1] + 1e-6)  # exactly two of the four samples fall below it
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(sd / "sd"), "--prompt", PROMPT, "--data", str(sd / "rgb.npz"),
+                 "--forget", "0,1", "--metrics", "copies", "--copy-threshold", str(threshold), "--num-samples", "4",
+                 "--steps", "2", "--seed", "1", "--batch-size", "3", "--quiet", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    copies = json.loads(out.read_text())["copies"]
+    assert copies["fraction"] == 0.5
+    assert copies["settings"]["prompt"] == PROMPT and copies["settings"]["guidance"] == 7.5

@@ -21,7 +21,7 @@ import torch
 from retrack.data import ForgetSpec, ImageSet, check_forget_file, image_digest, load_images, parse_forget, split
 from retrack.errors import require
 from retrack.metrics.likelihood import FLOW_CONVENTIONS
-from retrack.models import LoadedModel, load_model, model_layout
+from retrack.models import LoadedModel, load_model, model_layout, require_kind
 from retrack.validation import (
     POSITIVE_INT,
     SEED,
@@ -38,6 +38,7 @@ from retrack.validation import (
 
 METRICS = ("nll", "reconstruction", "copies", "fid", "is", "clipiqa", "fid_reference",
            "nll_reference", "changed")
+TEXT_METRICS = ("copies", "fid", "is", "clipiqa")  # what a text-to-image model's samples support
 SAMPLE_METRICS = ("copies", "fid", "is", "clipiqa", "fid_reference", "changed")
 REFERENCE_METRICS = ("fid_reference", "nll_reference")
 
@@ -82,6 +83,8 @@ class EvaluateConfig(Validated):
     pretrained_model: str | None = option(_FILE_OR_NAME, None)  # before unlearning; None: its run record's
     visible_rms: float = option(Float(min=0.0, max=1.0, min_open=True), 0.1)  # changed: visible above
     device: str | None = option(Optional(Device()), None)
+    prompt: str | None = option(Optional(Text()), None)  # text-to-image models: the prompt sampled under
+    guidance: float = option(Float(0.0), 7.5)  # classifier-free guidance with --prompt
 
 
 def parse_metrics(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -101,6 +104,7 @@ def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
     from retrack.metrics import quality
 
     m = cfg.metrics
+    _check_text(cfg)
     if "fid" in m or "fid_reference" in m:
         require(cfg.fid_features is not None or cfg.inception is not None, quality.FID_NEEDS)
     for name in REFERENCE_METRICS:
@@ -128,6 +132,20 @@ def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
         threshold = 0.5
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return replace(cfg, descriptor=descriptor, copy_threshold=threshold, device=device)
+
+
+def _check_text(cfg: EvaluateConfig) -> None:
+    """With --prompt only the sample metrics apply: the likelihood and reconstruction probes are
+    defined on pixel models here."""
+    require(cfg.prompt is not None or cfg.guidance == 7.5, "--guidance is for text-to-image models with --prompt.")
+    if cfg.prompt is None:
+        return
+    other = [name for name in cfg.metrics if name not in TEXT_METRICS]
+    require(not other, f"--metrics {other[0] if other else ''} needs a pixel model; with --prompt choose from "
+                       f"{', '.join(TEXT_METRICS)}.")
+    from retrack.latent import require_sd_extra
+
+    require_sd_extra()
 
 
 def copy_threshold_for(cfg: EvaluateConfig, images: ImageSet) -> EvaluateConfig:
@@ -405,14 +423,14 @@ def evaluate(
     if isinstance(model, LoadedModel):
         settings["device"] = str(next(model.denoiser.parameters()).device)
     cfg = resolved(EvaluateConfig(metrics=metrics, **settings))
-    return run_evaluate(model, data, check_inputs(model, data, forget), cfg, progress)
+    return run_evaluate(model, data, check_inputs(model, data, forget, cfg.prompt), cfg, progress)
 
 
-def check_inputs(model: Any, data: Any, forget: Any) -> str:
-    """Model layout, data path and forget spec checked without loading anything; returns the spec."""
+def check_inputs(model: Any, data: Any, forget: Any, prompt: str | None = None) -> str:
+    """Model kind, data path and forget spec checked without loading anything; returns the spec."""
     spec = ForgetSpec()(forget, "--forget")
     if not isinstance(model, LoadedModel):
-        model_layout(model)
+        require_kind(model, prompt)
     if not isinstance(data, ImageSet):
         require(Path(data).exists(), f"--data: data path {str(data)!r} does not exist.")
     check_forget_file(spec)
@@ -423,6 +441,8 @@ def run_evaluate(model: str | Path | LoadedModel, data: str | Path | ImageSet, f
                  cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     """The expensive part, on a resolved config: instruments, data, model, then each metric."""
     images = data if isinstance(data, ImageSet) else load_images(data)
+    if cfg.prompt is not None:
+        return _run_text(model, images, forget, cfg, progress)
     cfg = copy_threshold_for(cfg, images)
     tools = load_instruments(cfg)
     parts = split(images, parse_forget(forget, images))
@@ -439,6 +459,35 @@ def run_evaluate(model: str | Path | LoadedModel, data: str | Path | ImageSet, f
         pretrained = cfg.pretrained_model or _pretrained_of(model)
         cfg = run.cfg = replace(cfg, pretrained_model=str(pretrained))
         run.pretrained = _companion(pretrained, "--pretrained-model", "pretrained", want, cfg.device)
+    return {name: RUNNERS[name](run) for name in cfg.metrics}
+
+
+@dataclass
+class _TextRun(_Run):
+    """A text-to-image model's run: samples come from the pipeline under the prompt, and the
+    training images are compared as the pipeline sees them (resized, RGB)."""
+
+    def sample_settings(self) -> dict[str, Any]:
+        return {**super().sample_settings(), "prompt": self.cfg.prompt, "guidance": self.cfg.guidance}
+
+    def draw(self, loaded: Any) -> np.ndarray:
+        from retrack.latent import sample_text
+
+        c = self.cfg
+        return sample_text(loaded, c.num_samples, c.steps, c.sampler, c.seed, c.batch_size, c.guidance,
+                           self.progress)
+
+
+def _run_text(model: str | Path, images: ImageSet, forget: str, cfg: EvaluateConfig,
+              progress: bool) -> dict[str, Any]:
+    from retrack.latent import load_text_model, pixel_images
+
+    parts = split(images, parse_forget(forget, images))
+    loaded = load_text_model(str(model), cfg.prompt, cfg.device)
+    pixels = ImageSet(pixel_images(loaded.pipeline, images.images), images.source)
+    cfg = copy_threshold_for(cfg, pixels)
+    tools = load_instruments(cfg)
+    run = _TextRun(cfg, loaded, distinct(pixels.images[parts.forget]), pixels.images[parts.remain], tools, progress)
     return {name: RUNNERS[name](run) for name in cfg.metrics}
 
 

@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output JSON file (.json; its run record goes beside it)")
     _sampling_flags(p)
     _instrument_flags(p)
+    p.add_argument("--prompt", default=None,
+                   help="text-to-image models: the prompt the samples are drawn under (metrics: copies, fid, "
+                   "is, clipiqa; the training images are resized to the pipeline's size first)")
+    p.add_argument("--guidance", default=7.5, help="classifier-free guidance scale with --prompt")
     p.add_argument("--probes", default=1, help="Hutchinson probes per image for nll")
     p.add_argument("--dequantize", action="store_true", help="uniform dequantisation for nll")
     p.add_argument("--nll-schedule", default="model",
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from retrack.validation import config_from_args
 
     cfg = resolved(config_from_args(EvaluateConfig, args))
-    forget = check_inputs(args.model, args.data, args.forget)
+    forget = check_inputs(args.model, args.data, args.forget, cfg.prompt)
     out = Path(args.out)
     record = out.with_name(out.stem + ".run.json")
     inputs = [Path(p) for p in (args.model, args.data) if Path(p).exists()]
