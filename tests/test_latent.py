@@ -280,6 +280,9 @@ def test_a_lora_output_samples_with_its_adapter(sd, tmp_path):
 
     out = tmp_path / "o"
     assert _unlearn(sd, out, "vanilla", "--lora", "2", "--lr", "0.1") == 0
+    record = json.loads((out / "retrack_run.json").read_text())["text_to_image"]
+    assert record["base_model"] == str((sd / "sd").resolve())
+    assert _unlearn(sd, tmp_path / "again", "vanilla", "--model", str(out)) == 2  # refused: unlearn its base
     adapted = load_text_model(str(out), PROMPT, "cpu")
     x, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
     with torch.no_grad():

@@ -172,8 +172,10 @@ def _check_text_options(cfg: UnlearnConfig, device: str) -> None:
         require(not (cfg.mixed_precision == "fp16" and cfg.method == "siss"),
                 "--mixed-precision fp16 scales the loss, which changes SISS's fixed-norm forget gradient; use bf16.")
     if cfg.prompt is not None:
-        from retrack.latent import require_sd_extra
+        from retrack.latent import is_lora_folder, require_sd_extra
 
+        require(not is_lora_folder(cfg.model), f"--model {cfg.model!r} is a LoRA adapter; unlearn its base pipeline, "
+                "or fuse the adapter into it first (pipe.fuse_lora(), then pipe.save_pretrained).")
         require_sd_extra(cfg.lora is not None)
 
 
@@ -234,9 +236,10 @@ def _save_text(model, tmp: Path) -> None:
 def _text_record(model) -> dict:
     from retrack.latent import LORA_FILE
 
-    pipe = model.pipeline
+    pipe, base = model.pipeline, Path(model.source)
     return {"text_to_image": {
-        "base_model": model.source, "pipeline": type(pipe).__name__, "prompt": model.prompt,
+        "base_model": str(base.resolve()) if base.exists() else model.source,
+        "pipeline": type(pipe).__name__, "prompt": model.prompt,
         "images": model.notes["preprocessing"], "latent_cache_key": model.notes["latent_key"],
         "latent_shape": list(model.denoiser.sample_shape), "trained": "lora" if model.lora else "unet",
         "lora": model.lora, "output": LORA_FILE if model.lora else "pipeline folder"}}
