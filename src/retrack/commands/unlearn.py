@@ -83,7 +83,7 @@ def _text_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", default=None,
                    help="text-to-image models: train a LoRA adapter of this rank on the UNet's attention "
                    "projections instead of the whole UNet; writes pytorch_lora_weights.safetensors")
-    p.add_argument("--lora-alpha", default=None, help="LoRA α (default: the rank, i.e. scale 1)")
+    p.add_argument("--lora-alpha", default=None, help="LoRA α; None means the rank (scale α/rank = 1)")
 
 
 def run(args: argparse.Namespace) -> int:
