@@ -16,6 +16,7 @@ from retrack.models import LoadedModel, load_model, require_kind, save_model
 from retrack.neighbours import cached_nearest_neighbours
 from retrack.objectives.retrack import FORGET_WEIGHTINGS
 from retrack.runrecord import atomic_directory, check_output, environment_record, temp_file, write_json
+from retrack.store import Rows
 from retrack.trainer import TrainData, TrainSettings, neighbour_table, per_process_batch, train
 from retrack.validation import (
     POSITIVE_INT,
@@ -199,14 +200,15 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     require(cfg.forget_t_min < steps, f"--forget-t-min must be below the model's {steps} timesteps, "
                                       f"got {cfg.forget_t_min}.")
     objective = _objective(cfg)
-    remain, forget_imgs = space[parts.remain], space[parts.forget]
+    forget_imgs = space[parts.forget]
     table = None
     if objective.needs_neighbours and cfg.k != "all":
-        require(int(cfg.k) <= len(remain), f"--k {cfg.k} must be between 1 and the remain set's size "
-                                           f"{len(remain)} (K = {cfg.k} is too large).")
-        table = cached_nearest_neighbours(remain, forget_imgs, int(cfg.k),
-                                          Path(cfg.cache_dir) if cfg.cache_dir else None, progress)
-    train_data = TrainData(to_tensor(remain), to_tensor(forget_imgs), neighbour_table(table))
+        require(int(cfg.k) <= len(parts.remain), f"--k {cfg.k} must be between 1 and the remain set's "
+                                                 f"size {len(parts.remain)} (K = {cfg.k} is too large).")
+        table = cached_nearest_neighbours(Rows(space, parts.remain), forget_imgs, int(cfg.k),
+                                          Path(cfg.cache_dir) if cfg.cache_dir else None, progress,
+                                          cfg.device)
+    train_data = TrainData(to_tensor(space[parts.remain]), to_tensor(forget_imgs), neighbour_table(table))
     settings_ = _train_settings(cfg)
     log = train(denoiser, objective, train_data, settings_, cfg.device, progress)
     if _is_main_process():
@@ -396,3 +398,33 @@ def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
     return Path(cfg.out)
+
+
+def prepare_data(data: str, out: str, overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert `data` once into a memory-mapped store that every command accepts as --data.
+
+    Args:
+        data: anything --data accepts (image folder, .npz, MNIST/CIFAR-10 folder, another store).
+        out: the store folder to write (`images.u8` + `header.json`), atomically.
+    Returns:
+        The store's header: shape, layout, content digest (ImageSet.digest() of the same images)
+        and source.
+    """
+    from tqdm.auto import tqdm
+
+    from retrack.data import image_chunks
+    from retrack.store import write_store
+
+    out_path = Path(out)
+    check_output(out_path, overwrite, [Path(data)] if Path(data).exists() else [], flag="--out")
+    shape, chunks = image_chunks(data)
+    bar = tqdm(total=shape[0], desc="prepare-data", unit="img", disable=not progress, dynamic_ncols=True)
+
+    def counted():
+        for rows in chunks:
+            bar.update(len(rows))
+            yield rows
+
+    header = write_store(counted(), shape, out_path, str(data))
+    bar.close()
+    return header

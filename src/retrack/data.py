@@ -9,13 +9,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from retrack.errors import UserError, require
+from retrack.store import array_digest, is_store, iter_rows, open_store
 from retrack.validation import Check, Int, parse_int_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -23,10 +25,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images as uint8 (N, H, W, C), with one content digest per image and one for the set."""
+    """Images as uint8 (N, H, W, C), with one content digest per image and one for the set.
+
+    `images` may be a read-only memmap of a prepared store (retrack prepare-data); its digest
+    then comes from the store's header instead of a pass over all its bytes.
+    """
 
     images: np.ndarray
     source: str
+    known_digest: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         require(self.images.ndim == 4, f"images must be (N,H,W,C), got shape {self.images.shape}")
@@ -42,13 +49,11 @@ class ImageSet:
         return (c, h, w)
 
     def image_digests(self) -> list[str]:
-        return [image_digest(im) for im in self.images]
+        return [image_digest(im) for rows in iter_rows(self.images) for im in rows]
 
     def digest(self) -> str:
         """Hash of the whole set (shape and bytes): the key of every cache built from it."""
-        h = hashlib.sha256(str(self.images.shape).encode())
-        h.update(np.ascontiguousarray(self.images).tobytes())
-        return h.hexdigest()
+        return self.known_digest or array_digest(self.images)
 
     def subset(self, indices: np.ndarray) -> ImageSet:
         return ImageSet(self.images[indices], f"{self.source}[subset]")
@@ -80,9 +85,13 @@ def image_digest(image: np.ndarray) -> str:
 
 
 def load_images(path: str | Path) -> ImageSet:
-    """Load a folder of images, an .npz with `images`, or a torchvision-style dataset folder."""
+    """Load a folder of images, an .npz with `images`, a torchvision-style dataset folder, or a
+    store written by `retrack prepare-data` (memory-mapped, not read into RAM)."""
     p = Path(path)
     require(p.exists(), f"data path {str(p)!r} does not exist.")
+    if is_store(p):
+        images, header = open_store(p)
+        return ImageSet(images, str(p), header["digest"])
     if p.is_file():
         require(p.suffix == ".npz", f"data file {str(p)!r} is not an .npz (expected an 'images' array).")
         return _load_npz(p)
@@ -92,12 +101,41 @@ def load_images(path: str | Path) -> ImageSet:
     cifar = _find_cifar(p)
     if cifar is not None:
         return ImageSet(_load_cifar(cifar), str(p))
-    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    files = _image_files(p)
     require(bool(files), f"data folder {str(p)!r} holds no png/jpg images, IDX files or CIFAR-10 batches.")
     images = [_read_image_file(f) for f in files]
     odd = next((f for f, im in zip(files, images, strict=False) if im.shape != images[0].shape), None)
     require(odd is None, f"image {str(odd)!r} differs in size or channels from {str(files[0])!r}.")
     return ImageSet(np.stack(images), str(p))
+
+
+def image_chunks(path: str | Path, rows: int = 256) -> tuple[tuple[int, int, int, int], Iterator[np.ndarray]]:
+    """The images at `path` as (N, H, W, C) and an iterator over chunks of rows, for conversion.
+
+    A folder of image files is read `rows` files at a time, so converting it never holds it
+    whole (CelebA-HQ 256 is 5.9 GB); every other format is read as load_images reads it.
+    """
+    p = Path(path)
+    require(p.exists(), f"data path {str(p)!r} does not exist.")
+    files = _image_files(p) if p.is_dir() and not is_store(p) and _find_idx_images(p) is None \
+        and _find_cifar(p) is None else None
+    if not files:
+        images = load_images(p).images
+        return tuple(images.shape), iter_rows(images)
+    first = _read_image_file(files[0])
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start in range(0, len(files), rows):
+            batch = [_read_image_file(f) for f in files[start : start + rows]]
+            odd = next((f for f, im in zip(files[start:], batch, strict=False) if im.shape != first.shape), None)
+            require(odd is None, f"image {str(odd)!r} differs in size or channels from {str(files[0])!r}.")
+            yield np.stack(batch)
+
+    return (len(files), *first.shape), chunks()
+
+
+def _image_files(p: Path) -> list[Path]:
+    return sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _nhwc(images: np.ndarray) -> np.ndarray:

@@ -1,11 +1,12 @@
 """Exact Euclidean k-nearest remain images of each forget image, streamed and cached by content.
 
-Distances are computed on the uint8 pixel values in float64, where ‖a‖² + ‖b‖² − 2⟨a, b⟩ is exact,
-so the order is the exact order in the model's input space (an affine rescaling of pixels); float
-latents of a latent model are compared as they are, in float64. The
-remain set is visited in chunks, so extra memory is O(F·(K + chunk)) whatever its size. Ties go
-to the smaller remain index. The cache key hashes the images themselves and K, so a changed data
-set can never reuse a stale list.
+Distances are computed on the uint8 pixel values in float64, where ‖a‖² + ‖b‖² − 2⟨a, b⟩ is exact
+(every sum is an integer below 2⁵³ up to 10⁸ pixels per image), so the order is the exact order in
+the model's input space (an affine rescaling of pixels); float latents of a latent model are
+compared as they are, in float64. The remain set is read in chunks (from a memory-mapped store,
+see retrack/store.py, without ever being whole in RAM) and compared on the model's device, so
+memory is O(F·(K + chunk) + chunk·D) whatever its size. Ties go to the smaller remain index. The
+cache key hashes the images themselves and K, so a changed data set can never reuse a stale list.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrack.errors import require
+from retrack.store import Rows, iter_rows, read_rows
 
 
 def default_cache_dir() -> Path:
@@ -27,54 +29,68 @@ def default_cache_dir() -> Path:
     return Path(root) / "neighbours"
 
 
-def cache_key(remain: np.ndarray, forget: np.ndarray, k: int) -> str:
+def cache_key(remain: np.ndarray | Rows, forget: np.ndarray, k: int) -> str:
     kind = "" if remain.dtype == np.uint8 else f"|{remain.dtype}"
-    h = hashlib.sha256(f"knn-v1|k={k}|{remain.shape}|{forget.shape}{kind}".encode())
-    h.update(np.ascontiguousarray(remain).tobytes())
-    h.update(np.ascontiguousarray(forget).tobytes())
+    h = hashlib.sha256(f"knn-v1|k={k}|{tuple(remain.shape)}|{forget.shape}{kind}".encode())
+    for rows in iter_rows(remain):
+        h.update(np.ascontiguousarray(rows).data)
+    h.update(np.ascontiguousarray(forget).data)
     return h.hexdigest()[:32]
 
 
+def default_chunk(row_values: int) -> int:
+    """Remain rows per chunk: about 2²⁴ float64 values (128 MB) of them at a time."""
+    return max(1, (1 << 24) // max(1, row_values))
+
+
 def nearest_neighbours(
-    remain: np.ndarray,
+    remain: np.ndarray | Rows,
     forget: np.ndarray,
     k: int,
-    chunk: int = 4096,
+    chunk: int | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (F, K) into `remain` of each forget image's K nearest, and their distances.
 
     Args:
-        remain, forget: uint8 image (or float latent) arrays (N, ...) and (F, ...) of one shape.
+        remain, forget: uint8 image (or float latent) arrays (N, ...) and (F, ...) of one shape;
+            `remain` may be a memmap or store.Rows, read one chunk at a time.
         k: neighbours per forget image, 1 ≤ k ≤ N.
+        chunk: remain rows per chunk (default: default_chunk of the image size).
+        device: where the distances are computed (the model's device).
     Returns:
         (indices int64 (F, K) sorted nearest first, Euclidean distances float64 (F, K) in pixels).
     """
-    require(remain.shape[1:] == forget.shape[1:], "forget and remain images differ in shape.")
+    require(tuple(remain.shape[1:]) == forget.shape[1:], "forget and remain images differ in shape.")
     n = remain.shape[0]
     require(1 <= k <= n, f"K = {k} must be between 1 and the remain set's size {n}.")
-    f = torch.from_numpy(forget.reshape(len(forget), -1)).double()
+    f = torch.from_numpy(np.ascontiguousarray(forget).reshape(len(forget), -1)).to(device).double()
     f_sq = f.pow(2).sum(1, keepdim=True)
-    best_d = torch.empty((len(forget), 0), dtype=torch.float64)
-    best_i = torch.empty((len(forget), 0), dtype=torch.int64)
+    chunk = chunk or default_chunk(f.shape[1])
+    best_d = torch.empty((len(forget), 0), dtype=torch.float64, device=device)
+    best_i = torch.empty((len(forget), 0), dtype=torch.int64, device=device)
     for start in tqdm(range(0, n, chunk), desc="nearest neighbours", disable=not progress,
                       dynamic_ncols=True):
-        r = torch.from_numpy(remain[start : start + chunk].reshape(-1, f.shape[1])).double()
+        rows = read_rows(remain, start, min(n, start + chunk))
+        r = torch.from_numpy(rows.reshape(len(rows), -1)).to(device).double()
         d = (f_sq + r.pow(2).sum(1)[None, :] - 2.0 * f @ r.T).clamp_min(0.0)
-        idx = torch.arange(start, start + r.shape[0], dtype=torch.int64).expand(len(forget), -1)
+        del r
+        idx = torch.arange(start, start + len(rows), dtype=torch.int64, device=device).expand(len(forget), -1)
         # Earlier chunks hold smaller indices, so a stable sort keeps ties in index order.
         d_all, i_all = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)
         order = torch.sort(d_all, dim=1, stable=True).indices[:, :k]
         best_d, best_i = d_all.gather(1, order), i_all.gather(1, order)
-    return best_i.numpy(), best_d.sqrt().numpy()
+    return best_i.cpu().numpy(), best_d.sqrt().cpu().numpy()
 
 
 def cached_nearest_neighbours(
-    remain: np.ndarray,
+    remain: np.ndarray | Rows,
     forget: np.ndarray,
     k: int,
     cache_dir: Path | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """nearest_neighbours() through an on-disk cache keyed by the images' content and K."""
     require(1 <= k <= remain.shape[0],
@@ -84,7 +100,7 @@ def cached_nearest_neighbours(
     cached = _read_cache(path, (len(forget), k), remain.shape[0])
     if cached is not None:
         return cached
-    indices, _ = nearest_neighbours(remain, forget, k, progress=progress)
+    indices, _ = nearest_neighbours(remain, forget, k, progress=progress, device=device)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
