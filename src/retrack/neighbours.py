@@ -39,7 +39,7 @@ def cache_key(remain: np.ndarray | Rows, forget: np.ndarray, k: int) -> str:
 
 
 def default_chunk(row_values: int) -> int:
-    """Remain rows per chunk: about 2²⁴ float64 values (128 MB) of them at a time."""
+    """Remain rows per chunk: about 2²⁴ float64 values (128 MB) at a time."""
     return max(1, (1 << 24) // max(1, row_values))
 
 
@@ -65,16 +65,16 @@ def nearest_neighbours(
     require(tuple(remain.shape[1:]) == forget.shape[1:], "forget and remain images differ in shape.")
     n = remain.shape[0]
     require(1 <= k <= n, f"K = {k} must be between 1 and the remain set's size {n}.")
-    f = torch.from_numpy(np.ascontiguousarray(forget).reshape(len(forget), -1)).to(device).double()
-    f_sq = f.pow(2).sum(1, keepdim=True)
+    f = _float64(forget, device)
+    f_sq = torch.einsum("nd,nd->n", f, f)[:, None]
     chunk = chunk or default_chunk(f.shape[1])
     best_d = torch.empty((len(forget), 0), dtype=torch.float64, device=device)
     best_i = torch.empty((len(forget), 0), dtype=torch.int64, device=device)
     for start in tqdm(range(0, n, chunk), desc="nearest neighbours", disable=not progress,
                       dynamic_ncols=True):
         rows = read_rows(remain, start, min(n, start + chunk))
-        r = torch.from_numpy(rows.reshape(len(rows), -1)).to(device).double()
-        d = (f_sq + r.pow(2).sum(1)[None, :] - 2.0 * f @ r.T).clamp_min(0.0)
+        r = _float64(rows, device)
+        d = (f_sq + torch.einsum("nd,nd->n", r, r)[None, :] - 2.0 * f @ r.T).clamp_min(0.0)
         del r
         idx = torch.arange(start, start + len(rows), dtype=torch.int64, device=device).expand(len(forget), -1)
         # Earlier chunks hold smaller indices, so a stable sort keeps ties in index order.
@@ -82,6 +82,14 @@ def nearest_neighbours(
         order = torch.sort(d_all, dim=1, stable=True).indices[:, :k]
         best_d, best_i = d_all.gather(1, order), i_all.gather(1, order)
     return best_i.cpu().numpy(), best_d.sqrt().cpu().numpy()
+
+
+def _float64(images: np.ndarray, device) -> torch.Tensor:
+    """(N, D) float64 on `device`; on the CPU numpy's conversion is about 3× faster than torch's."""
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(flat.astype(np.float64))
+    return torch.from_numpy(flat).to(device).double()
 
 
 def cached_nearest_neighbours(
