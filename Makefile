@@ -18,6 +18,10 @@ $(BIN)/retrack: pyproject.toml
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
 		echo "note: no Debian dataset-fashion-mnist; the demo uses the T-shirt shipped in the package (the Debian files only cross-check it in the tests)."; \
 	fi
+	@-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+		echo "note: could not install Debian's chromium; the report's browser test will be skipped."; \
+	fi
 	touch $(BIN)/retrack
 
 setup: $(BIN)/retrack

@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import tiny_unet
+from report_pages import decode, parse_report
 from retrack.recipes.mnist_tshirt.demo import DemoConfig, format_table, run_demo
 
 
@@ -37,6 +39,13 @@ def test_demo_writes_everything_it_promises(tiny_mnist_model, tmp_path, capsys):
         assert np.isfinite(m["fid"]) and 1.0 <= m["is"] <= 10.0
     assert "| Frequency ↓ |" in format_table(metrics)
     assert not (out / "cache").exists()
+    page = parse_report((out / "report.html").read_text())
+    assert set(page.figures) == {"samples-before", "samples-after", "nearest-before", "nearest-after",
+                                 "neighbours", "reconstruction", "curves-loss"}
+    for name in ("samples-before", "neighbours"):
+        with Image.open(out / f"{name.replace('-', '_')}.png") as im:
+            assert np.array_equal(decode(page.figures[name])[..., 0], np.asarray(im.convert("L")))
+    assert decode(page.figures["reconstruction"]).shape == ((3 * 30 + 2) * 3, 32 * 3)  # 1 T-shirt, 3 rows
 
 
 def test_demo_refuses_existing_output(tiny_mnist_model, tmp_path):

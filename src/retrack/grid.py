@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 
 
-def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None, pad: int = 2,
-              scale: int = 1, fmt: str | None = None) -> Path:
-    """Tile uint8 (N, H, W, C) images into one PNG, `ncol` per row (square by default)."""
+def grid_image(images: np.ndarray, ncol: int | None = None, pad: int = 2, scale: int = 1):
+    """Tile uint8 (N, H, W, C) images into one PIL image, `ncol` per row (square by default)."""
     from PIL import Image
 
     n, h, w, c = images.shape
@@ -24,7 +23,13 @@ def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None, pad
     pil = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    return pil
+
+
+def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None, pad: int = 2,
+              scale: int = 1, fmt: str | None = None) -> Path:
+    """grid_image() written to `path` (`fmt`: PIL's format name, when the suffix does not say)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(path, format=fmt)
+    grid_image(images, ncol, pad, scale).save(path, format=fmt)
     return path

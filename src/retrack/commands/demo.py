@@ -37,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     b, a = metrics["before"], metrics["after"]
     print(f"\nT-shirt copies: {b['copies']}/{b['samples']} before, {a['copies']}/{a['samples']} after.")
-    print(f"wrote {args.out}/ (model/, metrics.json, samples_before.png, samples_after.png, neighbours.png)")
+    print(f"wrote {args.out}/ (report.html, model/, metrics.json, samples_before.png, samples_after.png, "
+          "neighbours.png)")
     return 0

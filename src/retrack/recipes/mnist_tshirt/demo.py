@@ -1,9 +1,10 @@
 """`retrack demo`: forget the memorised T-shirt of the shipped MNIST model, on a laptop CPU.
 
 Samples before and after with the same seeds, runs ReTrack with the paper's MNIST settings, and
-writes the unlearned model, metrics.json, sample grids and the T-shirt beside the K remain images
-its trajectories are redirected to. The data set and forget list are written too, so the
-unlearning step can be rerun by hand with `retrack unlearn`.
+writes the unlearned model, metrics.json, sample grids, the T-shirt beside the K remain images
+its trajectories are redirected to, and report.html, which shows all of it on one page. The data
+set and forget list are written too, so the unlearning step can be rerun by hand with
+`retrack unlearn`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from retrack.errors import require
 from retrack.grid import save_grid
 from retrack.recipes.mnist_tshirt.evaluation import evaluate_model
+from retrack.report import write_report
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
 from retrack.validation import POSITIVE_INT, SEED, Bool, Choice, Device, Float, Int, Text, Validated, option
 
@@ -108,6 +110,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         metrics = {"before": before, "after": after}
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "demo_run.json", environment_record(cfg, seed=cfg.seed))
+        write_report(tmp, reconstruction=True, seed=cfg.seed, device=cfg.device)
         shutil.rmtree(tmp / "cache", ignore_errors=True)
     return metrics
 

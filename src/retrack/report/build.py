@@ -1,0 +1,52 @@
+"""write_report(): the page for whatever folder it is given, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from retrack.errors import require
+from retrack.report.folders import RunFolder, kind_of, read_experiment
+from retrack.report.html import Page
+from retrack.report.pages import ReportOptions, demo_page, experiment_page, run_page
+from retrack.validation import check_output, existing_dir
+
+REPORT_NAME = "report.html"
+
+
+def build_page(folder: Path, opts: ReportOptions) -> Page:
+    kind = kind_of(folder)
+    if kind == "run":
+        run = RunFolder.read(folder)
+        require(run is not None, f"{str(folder / 'retrack_run.json')!r} is not valid JSON.")
+        return run_page(run, opts)
+    if kind == "demo":
+        return demo_page(folder, opts)
+    return experiment_page(read_experiment(folder), opts)
+
+
+def write_report(folder: str | Path, out: str | Path | None = None, overwrite: bool = False,
+                 **options: Any) -> Path:
+    """One self-contained HTML page for an unlearning run, a demo or an experiment folder.
+
+    Args:
+        folder: the output of `retrack unlearn`, `retrack demo` or `retrack experiment`.
+        out: the HTML file (default: report.html inside `folder`).
+        **options: any field of ReportOptions (samples, sampling_steps, seed, reconstruction, ...).
+    Returns:
+        The written file.
+    """
+    folder = existing_dir(folder, "FOLDER", "run, demo or experiment folder")
+    ReportOptions.check_keys(options, "report setting")
+    opts = ReportOptions(**options)
+    path = check_output(out if out is not None else folder / REPORT_NAME, "--out", overwrite,
+                        suffix=".html")
+    page = build_page(folder, opts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(page.html())
+    os.replace(tmp, path)
+    return path

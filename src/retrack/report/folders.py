@@ -1,0 +1,157 @@
+"""Read what runs, demos and experiments leave on disk, tolerating missing or older pieces.
+
+Three kinds of folder: an unlearning run (`retrack unlearn --out`: retrack_run.json and
+retrack_log.json beside the model), the demo's output (demo_run.json, metrics.json, PNGs, model/)
+and an experiment (`retrack experiment`: experiment.json, summary.*, one folder per run holding
+metrics.json, samples.npz and model/). Experiment runs are found wherever they sit below the
+folder (label/seedN/, runs/..., or only a collected runs.json), so the report reads today's layout
+and the ones that replace it; whatever is missing is reported as missing, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from retrack.errors import UserError, require
+
+RUN_RECORD, STEP_LOG, EVAL_LOG = "retrack_run.json", "retrack_log.json", "retrack_eval.json"
+Kind = Literal["run", "demo", "experiment"]
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None when it is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def kind_of(path: Path) -> Kind:
+    require(path.is_dir(), f"{str(path)!r} is not a folder.")
+    if (path / RUN_RECORD).is_file():
+        return "run"
+    if (path / "demo_run.json").is_file():
+        return "demo"
+    markers = ("experiment.json", "summary.json", "summary.md", "runs.json")
+    if any((path / m).is_file() for m in markers) or next(path.glob("**/metrics.json"), None):
+        return "experiment"
+    raise UserError(f"{str(path)!r} holds no {RUN_RECORD}, demo_run.json, summary.json or "
+                    "metrics.json: not a run, demo or experiment folder.")
+
+
+@dataclass
+class RunFolder:
+    """An unlearned model with its run record and per-step log."""
+
+    path: Path
+    record: dict[str, Any]
+    log: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, path: Path) -> RunFolder | None:
+        record = read_json(path / RUN_RECORD)
+        if not isinstance(record, dict):
+            return None
+        log = read_json(path / STEP_LOG)
+        extra = read_json(path / EVAL_LOG)
+        entries = [e for e in (log or []) + (extra or []) if isinstance(e, dict)]
+        return cls(path, record, entries)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.record.get("config") or {}
+
+
+def split_log(log: list[dict[str, Any]]) -> tuple[dict, dict]:
+    """(training series, evaluation series), each name -> (steps, values).
+
+    Evaluation entries are values under an `eval` mapping or keys starting with `eval/`; any
+    other number in an entry is a training quantity (loss terms, grad_norm).
+    """
+    train: dict[str, tuple[list, list]] = {}
+    evals: dict[str, tuple[list, list]] = {}
+    for i, entry in enumerate(log):
+        step = entry.get("step", i)
+        items = [(f"eval/{k}", v) for k, v in (entry.get("eval") or {}).items()]
+        items += [(k, v) for k, v in entry.items() if k not in ("step", "eval")]
+        for key, value in items:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                target = evals if key.startswith("eval/") else train
+                name = key.removeprefix("eval/")
+                target.setdefault(name, ([], []))
+                target[name][0].append(step)
+                target[name][1].append(float(value))
+    return train, evals
+
+
+@dataclass
+class ExperimentRun:
+    name: str  # where it lives, relative to the experiment folder
+    label: str  # the table row it belongs to
+    seed: int | None
+    metrics: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def samples(self) -> np.ndarray | None:
+        if self.path is None or not (self.path / "samples.npz").is_file():
+            return None
+        with np.load(self.path / "samples.npz") as f:
+            return f["images"] if "images" in f else None
+
+    @property
+    def model(self) -> RunFolder | None:
+        if self.path is None:
+            return None
+        return RunFolder.read(self.path / "model") or RunFolder.read(self.path)
+
+
+@dataclass
+class Experiment:
+    path: Path
+    record: dict[str, Any]  # experiment.json: resolved config and provenance
+    summary: list[dict[str, Any]]
+    runs: list[ExperimentRun] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.record.get("config") or {}
+
+
+def _label_seed(name: str, metrics: dict[str, Any]) -> tuple[str, int | None]:
+    """A run's row and seed: from its metrics where recorded, else from its path (label/seedN)."""
+    parts = name.split("/")
+    m = re.fullmatch(r"seed(\d+)", parts[-1])
+    label = metrics.get("method") or metrics.get("label")
+    if not isinstance(label, str):
+        label = "/".join(parts[:-1] if m else parts) or name
+    seed = metrics.get("seed")
+    if not isinstance(seed, int):
+        seed = int(m.group(1)) if m else None
+    return label, seed
+
+
+def read_experiment(path: Path) -> Experiment:
+    record = read_json(path / "experiment.json")
+    summary = read_json(path / "summary.json")
+    runs = []
+    for metrics_file in sorted(path.glob("**/metrics.json")):
+        run_dir = metrics_file.parent
+        metrics = read_json(metrics_file)
+        if run_dir == path or not isinstance(metrics, dict):
+            continue
+        name = run_dir.relative_to(path).as_posix()
+        runs.append(ExperimentRun(name, *_label_seed(name, metrics), metrics, run_dir))
+    if not runs:  # a collected copy of the results (runs.json) without the run folders
+        collected = read_json(path / "runs.json")
+        for name, metrics in (collected or {}).items() if isinstance(collected, dict) else []:
+            if isinstance(metrics, dict):
+                runs.append(ExperimentRun(name, *_label_seed(name, metrics), metrics))
+    return Experiment(path, record if isinstance(record, dict) else {},
+                      summary if isinstance(summary, list) else [], runs)
