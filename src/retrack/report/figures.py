@@ -21,6 +21,7 @@ def curves(series: Series, ylabel: str = "value", ncols: int = 3):
 
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from PIL import Image
 
     names = list(series)
@@ -34,6 +35,7 @@ def curves(series: Series, ylabel: str = "value", ncols: int = 3):
             finite = values[np.isfinite(values)]
             if finite.size and finite.min() > 0 and finite.max() / finite.min() > 100:
                 ax.set_yscale("log")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)

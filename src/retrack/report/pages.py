@@ -193,13 +193,16 @@ def experiment_page(exp: Experiment, opts: ReportOptions) -> Page:
                [[r.name, r.label, r.seed, *[r.metrics.get(k, "—") for k in metric_keys]] for r in exp.runs])
     shown = {r.label: r for r in exp.runs if r.seed == seed}
     page.heading(f"Samples (seed {seed}: every row draws with the same per-sample seeds)")
+    missing = []
     for label, r in shown.items():
         samples = r.samples
         if samples is None:
-            page.text(f"{label}: no samples.npz.", note=True)
+            missing.append(label)
         elif opts.samples:
             page.figure(f"samples-{slug(label)}", _grid(samples[:opts.samples]),
                         f"{label}: the first {min(opts.samples, len(samples))} samples (seed {seed}).")
+    if missing:
+        page.text(f"No samples.npz for: {', '.join(missing)}.", note=True)
     models = {label: r.model for label, r in shown.items()}
     with_neighbours = next((m for m in models.values() if m and m.record.get("neighbours")), None)
     any_run = with_neighbours or next((m for m in models.values() if m), None)
@@ -213,6 +216,8 @@ def experiment_page(exp: Experiment, opts: ReportOptions) -> Page:
     for label, m in models.items():
         if m is not None:
             curves_section(page, f"curves-{slug(label)}", m.log, f"{label} (seed {seed})")
+    if not any(models.values()):
+        page.text("No run folder holds an unlearned model with its retrack_log.json.", note=True)
     config_section(page, "config", exp.config, "Resolved config")
     provenance_section(page, "provenance", exp.record, "Provenance")
     return page
