@@ -99,23 +99,31 @@ def test_log_with_evaluation_entries_draws_metric_curves(run_dir, tmp_path):
     assert decode(page.figures["curves-metrics"]).shape[1] > 0
 
 
+LAYOUTS = {  # where a run of (label, target, seed) lives, and the keys its metrics.json records
+    "current": ("{label}/seed{seed}", ("method", "seed")),
+    "runs": ("runs/{label}-s{seed}", ("label", "seed")),
+    "targets": ("{label}/{target}/seed{seed}", ("method", "seed", "target")),
+}
+
+
 def make_experiment(root: Path, run_dir: Path, layout: str) -> Path:
-    """Two rows × two seeds with samples and a model each; 'current' or 'runs/' layout."""
+    """Two rows × two seeds (× two targets) with samples and a model each."""
     exp = root / "exp"
     rng = np.random.default_rng(1)
-    for label, method in (("pretrained", None), ("retrack", "retrack")):
-        for seed, fid in ((0, 1.0), (1, 3.0)):
-            d = exp / (f"{label}/seed{seed}" if layout == "current" else f"runs/{label}-s{seed}")
-            d.mkdir(parents=True)
-            metrics = {"frequency": 0.5 * seed, "fid": fid + (10 if method else 0)}
-            if layout == "current":
-                metrics.update(method=label, seed=seed, hyper={})
-            else:
-                metrics.update(label=label, seed=seed)
-            (d / "metrics.json").write_text(json.dumps(metrics))
-            np.savez(d / "samples.npz", images=rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
-            if method:
-                shutil.copytree(run_dir, d / "model")
+    pattern, keys = LAYOUTS[layout]
+    targets = ("t1", "t0") if layout == "targets" else ("",)
+    for target in targets:
+        for label, method in (("pretrained", None), ("retrack", "retrack")):
+            for seed, fid in ((0, 1.0), (1, 3.0)):
+                d = exp / pattern.format(label=label, seed=seed, target=target)
+                d.mkdir(parents=True)
+                metrics = {"frequency": 0.5 * seed, "fid": fid + (10 if method else 0)}
+                named = {"method": label, "label": label, "seed": seed, "target": target}
+                metrics.update({k: named[k] for k in keys})
+                (d / "metrics.json").write_text(json.dumps(metrics))
+                np.savez(d / "samples.npz", images=rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
+                if method:
+                    shutil.copytree(run_dir, d / "model")
     if layout == "current":
         (exp / "experiment.json").write_text(json.dumps({"config": {"recipe": "tiny", "seeds": [0, 1]},
                                                          "versions": {"python": "3"}}))
@@ -125,25 +133,27 @@ def make_experiment(root: Path, run_dir: Path, layout: str) -> Path:
     return exp
 
 
-@pytest.mark.parametrize("layout", ["current", "runs"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_experiment_report_reads_either_layout(layout, run_dir, tmp_path):
     exp = make_experiment(tmp_path, run_dir, layout)
     assert main(["report", str(exp), "--samples", "4"]) == 0
     page = parse_report((exp / "report.html").read_text())
     assert set(page.figures) == {"samples-pretrained", "samples-retrack", "neighbours",
                                  "curves-retrack-loss"}
-    for name in ("samples-pretrained", "samples-retrack"):
-        label = name.removeprefix("samples-")
-        where = exp / (f"{label}/seed0" if layout == "current" else f"runs/{label}-s0")
+    pattern, _ = LAYOUTS[layout]
+    for name in ("samples-pretrained", "samples-retrack"):  # seed 0 (and the first target, t0)
+        where = exp / pattern.format(label=name.removeprefix("samples-"), seed=0, target="t0")
         expected = np.load(where / "samples.npz")["images"][:4]
         assert np.array_equal(decode(page.figures[name]), np.asarray(grid_image(expected, scale=10)))
     header, _, retrack = page.tables["summary"]
     cells = dict(zip(header, retrack, strict=True))
     assert header[:2] == ["method", "runs"] and cells["method"] == "retrack"
-    assert cells["fid"] == "12 ± 1.4"  # mean ± std (ddof 1) of 11 and 13, recorded or computed
-    if layout == "runs":  # no summary.json: computed from the runs found
-        assert cells["frequency"] == "0.25 ± 0.35"
-    assert len(page.tables["runs"]) == 1 + 4
+    # mean ± std (ddof 1) of fid 11 and 13 (twice with two targets), recorded or computed
+    assert cells["fid"] == ("12 ± 1.2" if layout == "targets" else "12 ± 1.4")
+    if layout != "current":  # no summary.json: computed from the runs found
+        assert cells["frequency"] == ("0.25 ± 0.29" if layout == "targets" else "0.25 ± 0.35")
+        assert cells["runs"] == ("4" if layout == "targets" else "2")
+    assert len(page.tables["runs"]) == 1 + (8 if layout == "targets" else 4)
     assert ({"config", "provenance"} <= set(page.tables)) == (layout == "current")  # experiment.json
 
 

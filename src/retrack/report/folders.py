@@ -99,6 +99,12 @@ class ExperimentRun:
     path: Path | None = None
 
     @property
+    def target(self) -> str:
+        """The forget set's name where an experiment has several ("" otherwise)."""
+        target = self.metrics.get("target")
+        return str(target) if target not in (None, "") else ""
+
+    @property
     def samples(self) -> np.ndarray | None:
         if self.path is None or not (self.path / "samples.npz").is_file():
             return None
@@ -130,7 +136,11 @@ def _label_seed(name: str, metrics: dict[str, Any]) -> tuple[str, int | None]:
     m = re.fullmatch(r"seed(\d+)", parts[-1])
     label = metrics.get("method") or metrics.get("label")
     if not isinstance(label, str):
-        label = "/".join(parts[:-1] if m else parts) or name
+        target = metrics.get("target")
+        label_parts = parts[:-1] if m else parts
+        if target and label_parts and label_parts[-1] == target:
+            label_parts = label_parts[:-1]
+        label = "/".join(label_parts) or name
     seed = metrics.get("seed")
     if not isinstance(seed, int):
         seed = int(m.group(1)) if m else None

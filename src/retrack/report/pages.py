@@ -191,8 +191,14 @@ def experiment_page(exp: Experiment, opts: ReportOptions) -> Page:
                                      if _number(v) and k != "seed"))
     page.table("runs", ["run", "row", "seed", *metric_keys],
                [[r.name, r.label, r.seed, *[r.metrics.get(k, "—") for k in metric_keys]] for r in exp.runs])
-    shown = {r.label: r for r in exp.runs if r.seed == seed}
-    page.heading(f"Samples (seed {seed}: every row draws with the same per-sample seeds)")
+    targets = sorted({r.target for r in exp.runs})
+    target = targets[0] if targets else ""
+    shown: dict[str, Any] = {}
+    for r in exp.runs:
+        if r.seed == seed and r.target == target:
+            shown.setdefault(r.label, r)
+    where = f"seed {seed}" + (f", target {target}" if target else "")
+    page.heading(f"Samples ({where}: every row draws with the same per-sample seeds)")
     missing = []
     for label, r in shown.items():
         samples = r.samples
@@ -200,7 +206,7 @@ def experiment_page(exp: Experiment, opts: ReportOptions) -> Page:
             missing.append(label)
         elif opts.samples:
             page.figure(f"samples-{slug(label)}", _grid(samples[:opts.samples]),
-                        f"{label}: the first {min(opts.samples, len(samples))} samples (seed {seed}).")
+                        f"{label}: the first {min(opts.samples, len(samples))} samples ({where}).")
     if missing:
         page.text(f"No samples.npz for: {', '.join(missing)}.", note=True)
     models = {label: r.model for label, r in shown.items()}
@@ -215,7 +221,7 @@ def experiment_page(exp: Experiment, opts: ReportOptions) -> Page:
     page.heading("Loss over steps")
     for label, m in models.items():
         if m is not None:
-            curves_section(page, f"curves-{slug(label)}", m.log, f"{label} (seed {seed})")
+            curves_section(page, f"curves-{slug(label)}", m.log, f"{label} ({where})")
     if not any(models.values()):
         page.text("No run folder holds an unlearned model with its retrack_log.json.", note=True)
     config_section(page, "config", exp.config, "Resolved config")
