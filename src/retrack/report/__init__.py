@@ -1,6 +1,6 @@
 """`retrack report`: one self-contained HTML page per unlearning run, demo or experiment folder."""
 
 from retrack.report.build import REPORT_NAME, write_report
-from retrack.report.pages import ReportOptions
+from retrack.report.options import ReportOptions
 
 __all__ = ["REPORT_NAME", "ReportOptions", "write_report"]

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from retrack.errors import require
+from retrack.report.experiment import experiment_page
 from retrack.report.folders import RunFolder, kind_of, read_experiment
 from retrack.report.html import Page
-from retrack.report.pages import ReportOptions, demo_page, experiment_page, run_page
+from retrack.report.options import ReportOptions
+from retrack.report.pages import demo_page, run_page
 from retrack.validation import check_output, existing_dir
 
 REPORT_NAME = "report.html"

@@ -58,6 +58,16 @@ class Page:
     def __init__(self, title: str):
         self.title = title
         self.parts: list[str] = []
+        self.names: set[str] = set()
+
+    def _unique(self, name: str) -> str:
+        """Figure and table names stay unique (labels such as 'K=1' and 'K 1' share a slug)."""
+        found, i = name, 1
+        while found in self.names:
+            i += 1
+            found = f"{name}-{i}"
+        self.names.add(found)
+        return found
 
     def heading(self, text: str) -> None:
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
@@ -67,11 +77,13 @@ class Page:
         self.parts.append(f"<p{cls}>{html.escape(text)}</p>")
 
     def figure(self, name: str, image: Any, caption: str) -> None:
+        name = self._unique(name)
         self.parts.append(
             f'<figure data-figure="{html.escape(name)}"><img src="{png_uri(image)}" '
             f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
 
     def table(self, name: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        name = self._unique(name)
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
         body = []
         for row in rows:

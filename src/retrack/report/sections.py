@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from retrack.report.draw import forget_and_neighbours, locate_data
+from retrack.report.draw import distinct_rows, draw_reconstructions, forget_and_neighbours, locate_data
 from retrack.report.figures import curves, image_rows
 from retrack.report.folders import split_log
 from retrack.report.html import Page
+from retrack.report.options import ReportOptions
 
 # Keys of a run record shown in sections of their own (or too long for a table cell).
 NOT_PROVENANCE = ("config", "neighbours", "final_terms", "objective")
@@ -102,3 +103,24 @@ def before_after_grids(page: Page, name: str, before: np.ndarray | None, after: 
         if images is not None and len(images):
             page.figure(f"{name}-{tag}", grid_image(images, scale=scale_for(images)),
                         f"{caption}: {tag}.")
+
+
+def reconstruction_section(page: Page, record: dict[str, Any], roots: list[Path],
+                            models: list[tuple[str, Path]], opts: ReportOptions, seed: int) -> None:
+    """Rows: the distinct forget images, then each model's reconstruction from t = T/4."""
+    page.heading("Reconstruction from T/4")
+    if not opts.reconstruction:
+        page.text("Not computed: pass --reconstruction to noise each forget image to t = T/4 and "
+                  "denoise it with every model (a memorised image comes back).", note=True)
+        return
+    images, where = locate_data(record, roots)
+    forget = np.asarray((record.get("data") or {}).get("forget_indices") or [], dtype=np.int64)
+    if images is None or forget.size == 0 or not models:
+        page.text(f"Not shown: {where if images is None else 'no forget images or models'}.", note=True)
+        return
+    originals = images.images[forget][distinct_rows(images.images[forget], opts.max_forget)]
+    rows = [originals] + [draw_reconstructions(path, originals, seed, opts.device) for _, path in models]
+    names = ", ".join(["original"] + [label for label, _ in models])
+    page.figure("reconstruction", image_rows(rows, scale_for(originals)),
+                f"Rows, top to bottom: {names}; each forget image noised to t = T/4 and denoised "
+                f"with ancestral DDPM (seed {seed}).")
