@@ -245,3 +245,14 @@ def test_report_loads_in_a_headless_browser(run_dir, tmp_path):
     assert {name for name, *_ in images} == RUN_FIGURES and len(images) == len(RUN_FIGURES)
     assert all(done and w > 0 and h > 0 for _, done, w, h in images), images
     assert title.startswith("Unlearning run: retrack")
+
+
+def test_a_model_the_sampler_cannot_draw_is_a_note_not_a_failure(run_dir, tmp_path):
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "unet" / "config.json").read_text())
+    (moved / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
+    text = write_report(moved, samples=2, sampling_steps=1, reconstruction=True).read_text()
+    page = parse_report(text)
+    assert set(page.figures) == {"neighbours", "curves-loss"}
+    assert text.count("only unconditional UNet2DModel is supported") == 2  # samples, reconstruction

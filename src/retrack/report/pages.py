@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from retrack.errors import UserError
 from retrack.report.draw import draw_samples, local_model
 from retrack.report.folders import RunFolder, read_json
 from retrack.report.html import Page
@@ -16,6 +17,27 @@ from retrack.report.sections import (
     provenance_section,
     reconstruction_section,
 )
+
+
+def _samples_section(page: Page, run: RunFolder, before: Path | None, opts: ReportOptions,
+                     seed: int) -> None:
+    """The same seeds through the input and the unlearned model."""
+    page.heading("Samples before and after")
+    if opts.samples == 0:
+        page.text("Not drawn (--samples 0).", note=True)
+        return
+    try:
+        old = draw_samples(before, opts.samples, opts.sampling_steps, seed, opts.device) if before else None
+        new = draw_samples(run.path, opts.samples, opts.sampling_steps, seed, opts.device)
+    except UserError as e:  # e.g. a text-to-image pipeline, which this sampler does not draw
+        page.text(f"Not drawn: {e}", note=True)
+        return
+    if before is None:
+        page.text(f"The input model {run.config.get('model')!r} is not a local folder: no 'before' "
+                  "samples.", note=True)
+    before_after_grids(page, "samples", old, new,
+                       f"{opts.samples} DDIM samples ({opts.sampling_steps} steps), the same "
+                       f"per-sample seeds (seed {seed}) for the input and the unlearned model")
 
 
 def run_page(run: RunFolder, opts: ReportOptions) -> Page:
@@ -31,18 +53,7 @@ def run_page(run: RunFolder, opts: ReportOptions) -> Page:
         *[(f"final {k}", v) for k, v in (record.get("final_terms") or {}).items() if k != "step"]])
     roots = [run.path, run.path.parent]
     before = local_model(cfg.get("model"), run.path.parent)
-    page.heading("Samples before and after")
-    if opts.samples == 0:
-        page.text("Not drawn (--samples 0).", note=True)
-    else:
-        old = draw_samples(before, opts.samples, opts.sampling_steps, seed, opts.device) if before else None
-        new = draw_samples(run.path, opts.samples, opts.sampling_steps, seed, opts.device)
-        if before is None:
-            page.text(f"The input model {cfg.get('model')!r} is not a local folder: no 'before' samples.",
-                      note=True)
-        before_after_grids(page, "samples", old, new,
-                           f"{opts.samples} DDIM samples ({opts.sampling_steps} steps), the same "
-                           f"per-sample seeds (seed {seed}) for the input and the unlearned model")
+    _samples_section(page, run, before, opts, seed)
     neighbours_section(page, "neighbours", record, roots, opts.max_forget, opts.max_neighbours)
     models = ([("input model", before)] if before else []) + [("unlearned model", run.path)]
     reconstruction_section(page, record, roots, models, opts, seed)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from retrack.errors import UserError
 from retrack.report.draw import distinct_rows, draw_reconstructions, forget_and_neighbours, locate_data
 from retrack.report.figures import curves, image_rows
 from retrack.report.folders import split_log
@@ -119,7 +120,11 @@ def reconstruction_section(page: Page, record: dict[str, Any], roots: list[Path]
         page.text(f"Not shown: {where if images is None else 'no forget images or models'}.", note=True)
         return
     originals = images.images[forget][distinct_rows(images.images[forget], opts.max_forget)]
-    rows = [originals] + [draw_reconstructions(path, originals, seed, opts.device) for _, path in models]
+    try:
+        rows = [originals] + [draw_reconstructions(path, originals, seed, opts.device) for _, path in models]
+    except UserError as e:  # e.g. a text-to-image pipeline, which this probe does not run
+        page.text(f"Not shown: {e}", note=True)
+        return
     names = ", ".join(["original"] + [label for label, _ in models])
     page.figure("reconstruction", image_rows(rows, scale_for(originals)),
                 f"Rows, top to bottom: {names}; each forget image noised to t = T/4 and denoised "
