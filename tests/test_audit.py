@@ -67,6 +67,10 @@ def test_audit_writes_report_sheet_and_a_forget_file_unlearn_accepts(tiny_model,
     listed = parse_forget(f"@{out / 'forget.txt'}", load_images(str(tiny_data)))
     assert sorted(listed.tolist()) == sorted(i for g in report["groups"] for i in g["indices"])
     assert sum(g["count"] for g in report["groups"]) == 6
+    again = tmp_path / "again"  # the same samples, read back instead of drawn: the same report
+    assert main([str(a) for a in [*args[:9], "--samples", out / "samples.npz", "--out", again, "--ratio", "0",
+                                  "--threshold", "100", "--quiet", "--device", "cpu"]]) == 0
+    assert json.loads((again / "audit.json").read_text())["groups"] == report["groups"]
 
 
 @pytest.mark.parametrize("extra,words", [

@@ -49,6 +49,7 @@ class AuditConfig:
     next: int = NEXT
     device: str | None = None
     overwrite: bool = False
+    samples: str | None = None  # an .npz of samples already drawn (`retrack sample`) instead of drawing
 
 
 def group_identical(images: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
@@ -155,8 +156,16 @@ def audit(model: str, data: str, progress: bool = True, **settings: Any) -> dict
     loaded = load_model(cfg.model, cfg.device)
     want = loaded.denoiser.sample_shape
     require(images.shape == want, f"the data's images are {images.shape} (C, H, W) but the model makes {want}.")
-    samples = sample(loaded.denoiser, dict(loaded.scheduler.config), cfg.num, cfg.steps, cfg.sampler,
-                     cfg.seed, cfg.batch_size, progress)
+    if cfg.samples is not None:
+        with np.load(cfg.samples) as z:
+            require("images" in z.files, f"--samples {cfg.samples!r} holds no 'images' array.")
+            samples = z["images"]
+        require(samples.ndim == 4 and samples.shape[1:] == images.images.shape[1:] and samples.dtype == np.uint8,
+                f"--samples {cfg.samples!r} holds {samples.shape} {samples.dtype} images, not uint8 "
+                f"(N, {', '.join(map(str, images.images.shape[1:]))}) like the data.")
+    else:
+        samples = sample(loaded.denoiser, dict(loaded.scheduler.config), cfg.num, cfg.steps, cfg.sampler,
+                         cfg.seed, cfg.batch_size, progress)
     report = find_copies(samples, images.images, cfg.threshold, cfg.ratio, cfg.next)
     if cfg.out is not None:
         with atomic_directory(Path(cfg.out)) as tmp:
@@ -174,6 +183,7 @@ def _validated(cfg: AuditConfig) -> AuditConfig:
         require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
     require(cfg.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {cfg.sampler!r}.")
     require(cfg.threshold is None or cfg.threshold > 0, f"--threshold must be positive, got {cfg.threshold}.")
+    require(cfg.samples is None or Path(cfg.samples).is_file(), f"--samples {cfg.samples!r} does not exist.")
     require(cfg.ratio >= 0, f"--ratio must be ≥ 0 (0: absolute rule only), got {cfg.ratio}.")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return AuditConfig(**{**asdict(cfg), "device": device})

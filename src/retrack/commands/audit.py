@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "images (0: absolute rule only)")
     p.add_argument("--next", type=Int(min=1), default=50,
                    help="how many next-nearest images the relative rule averages")
+    p.add_argument("--samples", default=None,
+                   help="audit the images of this .npz (e.g. from `retrack sample`) instead of drawing --num")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from retrack.audit import FORGET_FILE, audit
 
     settings = {k: getattr(args, k) for k in ("num", "out", "seed", "steps", "sampler", "batch_size",
-                                              "threshold", "ratio", "next", "device", "overwrite")}
+                                              "threshold", "ratio", "next", "device", "overwrite",
+                                              "samples")}
     report = audit(args.model, args.data, progress=not args.quiet, **settings)
     print(f"rule: {report['rule']['text']}")
     print(f"copies: {report['copies']}/{report['num_samples']} samples "
