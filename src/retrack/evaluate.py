@@ -406,6 +406,7 @@ def evaluate(
     forget: str | list[int] | np.ndarray,
     metrics: str | list[str] | tuple[str, ...] = ("nll", "copies", "fid", "is"),
     progress: bool = True,
+    save_samples: str | Path | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """The paper's metrics of `model` for the `forget` images of `data`.
@@ -415,6 +416,7 @@ def evaluate(
         data: image folder, .npz, torchvision-style folder, or an ImageSet.
         forget: "17,42", "@indices.txt", image paths, or a list of indices.
         metrics: any of nll, reconstruction, copies, fid, is, clipiqa ("nll,fid" or a list).
+        save_samples: where to keep the drawn samples (uint8 `images` in an .npz), if any were drawn.
         **settings: any other field of EvaluateConfig (seed, num_samples, steps, descriptor, ...).
     Returns:
         {metric name: {its values..., "settings": {what it was computed with}}}.
@@ -423,7 +425,8 @@ def evaluate(
     if isinstance(model, LoadedModel):
         settings["device"] = str(next(model.denoiser.parameters()).device)
     cfg = resolved(EvaluateConfig(metrics=metrics, **settings))
-    return run_evaluate(model, data, check_inputs(model, data, forget, cfg.prompt), cfg, progress)
+    return run_evaluate(model, data, check_inputs(model, data, forget, cfg.prompt), cfg, progress,
+                        save_samples)
 
 
 def check_inputs(model: Any, data: Any, forget: Any, prompt: str | None = None) -> str:
@@ -438,7 +441,8 @@ def check_inputs(model: Any, data: Any, forget: Any, prompt: str | None = None) 
 
 
 def run_evaluate(model: str | Path | LoadedModel, data: str | Path | ImageSet, forget: str,
-                 cfg: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
+                 cfg: EvaluateConfig, progress: bool = True,
+                 save_samples: str | Path | None = None) -> dict[str, Any]:
     """The expensive part, on a resolved config: instruments, data, model, then each metric."""
     images = data if isinstance(data, ImageSet) else load_images(data)
     if cfg.prompt is not None:
@@ -459,7 +463,10 @@ def run_evaluate(model: str | Path | LoadedModel, data: str | Path | ImageSet, f
         pretrained = cfg.pretrained_model or _pretrained_of(model)
         cfg = run.cfg = replace(cfg, pretrained_model=str(pretrained))
         run.pretrained = _companion(pretrained, "--pretrained-model", "pretrained", want, cfg.device)
-    return {name: RUNNERS[name](run) for name in cfg.metrics}
+    results = {name: RUNNERS[name](run) for name in cfg.metrics}
+    if save_samples is not None and run._samples is not None:
+        np.savez_compressed(save_samples, images=run._samples)
+    return results
 
 
 @dataclass

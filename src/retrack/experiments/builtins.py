@@ -1,0 +1,77 @@
+"""Built-in models and data an experiment can name as `builtin:NAME` instead of a path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrack.data import ImageSet
+from retrack.errors import require
+
+
+@dataclass(frozen=True)
+class BuiltinData:
+    """A data set built in memory, and the forget set it defines (its memorised copies)."""
+
+    images: ImageSet
+    forget: np.ndarray
+
+
+def _shipped_mnist_tshirt() -> str:
+    from retrack.recipes.mnist_tshirt.demo import SHIPPED_MODEL
+
+    return str(SHIPPED_MODEL)
+
+
+def _mnist_planted(name: str) -> Callable[[], BuiltinData]:
+    def build() -> BuiltinData:
+        from retrack.recipes.mnist_tshirt import build_mnist_planted
+
+        built = build_mnist_planted(name)
+        return BuiltinData(built.data, built.forget)
+
+    return build
+
+
+MODELS: dict[str, Callable[[], str]] = {"mnist_tshirt": _shipped_mnist_tshirt}
+DATA: dict[str, Callable[[], BuiltinData]] = {"mnist_tshirt": _mnist_planted("tshirt"),
+                                              "mnist_boot": _mnist_planted("boot")}
+
+
+def builtin_model(name: str) -> str:
+    require(name in MODELS, f"model: no built-in model {name!r}; built in: {', '.join(MODELS)}.")
+    return MODELS[name]()
+
+
+def builtin_data(name: str) -> BuiltinData:
+    require(name in DATA, f"data: no built-in data {name!r}; built in: {', '.join(DATA)}.")
+    return DATA[name]()
+
+
+def write_builtin_data(built: BuiltinData, folder: Path, name: str) -> tuple[Path, Path]:
+    """The .npz and forget list that `retrack unlearn` reads, written once (atomically)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data_path, forget_path = folder / f"{name}.npz", folder / f"{name}_forget.txt"
+    if not data_path.is_file() or _digest_of(data_path) != built.images.digest():
+        tmp = folder / f".{name}.{os.getpid()}.npz"  # concurrent shards each write their own
+        np.savez(tmp, images=built.images.images)
+        tmp.replace(data_path)
+    text = "".join(f"{i}\n" for i in built.forget)
+    if not forget_path.is_file() or forget_path.read_text() != text:
+        tmp = folder / f".{name}_forget.{os.getpid()}.txt"
+        tmp.write_text(text)
+        tmp.replace(forget_path)
+    return data_path, forget_path
+
+
+def _digest_of(path: Path) -> str:
+    from retrack.data import load_images
+
+    try:
+        return load_images(path).digest()
+    except Exception:  # noqa: BLE001  (a damaged copy is simply rewritten)
+        return ""

@@ -1,0 +1,166 @@
+"""Run (or resume) an experiment's share of runs, and merge finished runs into one table.
+
+A run is finished when its metrics.json exists; its fingerprint.json holds the hash of the
+settings it was computed from. A finished run whose fingerprint no longer matches the config is
+stale: it is refused (one sentence, nothing run) unless `force`, which reruns it. The table and
+experiment.json are built only from runs whose fingerprints match the config they describe.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retrack.errors import UserError, require
+from retrack.experiments.builtins import write_builtin_data
+from retrack.experiments.metrics import Column, RunContext, get_metric
+from retrack.experiments.plan import RunSpec
+from retrack.experiments.resolve import Resolved
+from retrack.experiments.tables import write_summary
+from retrack.runrecord import environment_record, write_json
+
+FINISHED, FINGERPRINT = "metrics.json", "fingerprint.json"
+
+
+@dataclass(frozen=True)
+class Status:
+    finished: list[RunSpec]
+    stale: list[tuple[RunSpec, list[str]]]  # with the settings that changed
+    pending: list[RunSpec]
+
+
+def status(res: Resolved, runs: list[RunSpec]) -> Status:
+    out = Path(res.cfg.out)
+    finished, stale, pending = [], [], []
+    for run in runs:
+        folder = out / run.name
+        if not (folder / FINISHED).is_file():
+            pending.append(run)
+            continue
+        saved = _read_fingerprint(folder)
+        if saved.get("fingerprint") == res.fingerprint(run):
+            finished.append(run)
+        else:
+            stale.append((run, _changed(saved.get("settings"), res.fingerprints[run.name])))
+    return Status(finished, stale, pending)
+
+
+def refuse_stale(st: Status) -> None:
+    if st.stale:
+        run, changed = st.stale[0]
+        what = ", ".join(changed[:4]) if changed else "no fingerprint recorded"
+        raise UserError(f"{len(st.stale)} finished run(s) were computed with other settings than this "
+                        f"config (first: {run.name}, changed: {what}); pass --force to rerun them.")
+
+
+def run_share(res: Resolved, runs: list[RunSpec], force: bool = False, progress: bool = False) -> list[str]:
+    """Run every pending (and, with force, stale) run of `runs`; returns the names run."""
+    st = status(res, runs)
+    if not force:
+        refuse_stale(st)
+    redo = {r.name for r in st.pending} | {r.name for r, _ in st.stale}
+    todo = [r for r in runs if r.name in redo]
+    out = Path(res.cfg.out)
+    data_path = _prepare(res, out) if todo else None
+    for run in todo:
+        print(f"run {run.name}", flush=True)
+        execute(res, run, out / run.name, data_path, progress)
+    return [r.name for r in todo]
+
+
+def _prepare(res: Resolved, out: Path) -> str:
+    """The data path every unlearn() call reads: the config's, or the built-in set written once."""
+    out.mkdir(parents=True, exist_ok=True)
+    if res.builtin is None:
+        return res.cfg.data
+    name = res.cfg.data.split(":", 1)[1]
+    data_path, _ = write_builtin_data(res.builtin, out / "data", name)
+    return str(data_path)
+
+
+def execute(res: Resolved, run: RunSpec, folder: Path, data_path: str, progress: bool = False) -> dict[str, Any]:
+    """Unlearn (unless the pretrained row), then measure; metrics.json is written last."""
+    from retrack.api import unlearn
+
+    cfg = res.cfg
+    shutil.rmtree(folder, ignore_errors=True)  # an interrupted or stale run starts over
+    folder.mkdir(parents=True)
+    forget = res.targets[run.target]
+    started = time.perf_counter()
+    model = res.model
+    if run.method is not None:
+        model = str(folder / "model")
+        unlearn(res.model, data_path, forget, model, progress=progress, method=run.method, seed=run.seed,
+                cache_dir=str(Path(cfg.out) / "cache"), device=cfg.device, **run.settings)
+    ctx = RunContext(model, res.data, forget, run.seed, cfg.sampling, cfg.metrics, res.reference_model,
+                     cfg.device, folder, progress)
+    values: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    for name, settings in cfg.metrics.items():
+        found, details[name] = get_metric(name).compute(ctx, settings)
+        values.update(found)
+    if not cfg.keep_models and run.method is not None:
+        shutil.rmtree(folder / "model", ignore_errors=True)
+    record = {**values, "method": run.label, "method_name": run.method, "seed": run.seed,
+              "target": run.target, "hyper": run.settings, "fingerprint": res.fingerprint(run),
+              "seconds": round(time.perf_counter() - started, 3), "details": details}
+    write_json(folder / FINGERPRINT, {"fingerprint": res.fingerprint(run), "settings": res.fingerprints[run.name]})
+    write_json(folder / FINISHED, record)
+    return record
+
+
+def merge(res: Resolved, runs: list[RunSpec]) -> str:
+    """The one table from every finished run of `runs`; refuses if any of them is stale."""
+    st = status(res, runs)
+    refuse_stale(st)
+    out = Path(res.cfg.out)
+    require(bool(st.finished), f"no finished runs under {str(out)!r} yet; run the experiment first.")
+    done = {r.name for r in st.finished}
+    results: dict[str, list[dict[str, Any]]] = {}
+    records = {}
+    for run in runs:
+        results.setdefault(run.label, [])
+        if run.name in done:
+            records[run.name] = json.loads((out / run.name / FINISHED).read_text())
+            results[run.label].append(records[run.name])
+    results = {k: v for k, v in results.items() if v}
+    md = write_summary(out, results, columns(res))
+    write_json(out / "runs.json", records)
+    write_json(out / "experiment.json", environment_record(
+        res.cfg.as_dict(), complete=not st.pending, runs={r.name: res.fingerprint(r) for r in st.finished},
+        missing=[r.name for r in st.pending]))
+    return md
+
+
+def columns(res: Resolved) -> list[Column]:
+    cols: list[Column] = []
+    for name, settings in res.cfg.metrics.items():
+        cols += get_metric(name).columns(settings)
+    return cols
+
+
+def _read_fingerprint(folder: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads((folder / FINGERPRINT).read_text())
+        return saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _changed(old: Any, new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ, for the refusal message."""
+    if not isinstance(old, dict):
+        return [prefix or "everything"] if old != new else []
+    keys = sorted(set(old) | set(new))
+    found: list[str] = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _changed(a, b, f"{prefix}{k}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            found.append(f"{prefix}{k}")
+    return found
