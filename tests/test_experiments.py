@@ -1,60 +1,272 @@
-"""The experiment planner, summary tables and resumability (with a stand-in runner)."""
+"""The generic experiment runner: plan, table layout, fingerprints, shards, bad configs.
+
+Most tests replace unlearn() by a copy of the model and evaluate()'s metrics by stubs whose values
+follow from the seed, so the tables can be checked to the digit in seconds; one test runs the
+whole chain on a tiny model through the command, and one splits runs over two processes.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
-from retrack import experiments
-from retrack.experiments import ExperimentConfig, parse_seeds, plan, summarise, to_markdown
+from conftest import save_pipeline, tree_digest
+from retrack import evaluate as evaluate_module
+from retrack.cli import main
+from retrack.errors import UserError
+from retrack.experiments import load_config, parse_shard, plan, resolve, run_experiment, shard
+from retrack.experiments.config import parse_config
 
-CONFIG = dict(recipe="mnist_tshirt", seeds=[0, 1], train={"steps": 1},
-              methods={"vanilla": {}, "retrack": {"k": 10, "lam": 0.005}},
-              ablations={"seeds": [0], "k": [1, 10, 100], "lam": [1.0]})
-
-
-def test_plan_covers_pretrained_methods_and_ablations():
-    names = [r.name for r in plan(ExperimentConfig(**CONFIG))]
-    assert names == ["pretrained/seed0", "pretrained/seed1", "vanilla/seed0", "vanilla/seed1",
-                     "retrack/seed0", "retrack/seed1", "retrack K=1/seed0", "retrack K=100/seed0",
-                     "retrack λ=1.0/seed0"]
-    lam_run = plan(ExperimentConfig(**CONFIG))[-1]
-    assert lam_run.hyper == {"k": 10, "lam": 1.0}
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT / "configs" / "mnist_tshirt.yaml"
 
 
-def test_parse_seeds():
-    assert parse_seeds("0-3") == [0, 1, 2, 3] and parse_seeds("1,5,7-8") == [1, 5, 7, 8]
+@pytest.fixture
+def stand_in(tmp_path):
+    """An 8×8 model and 40 images, the last two of which will be the forget set."""
+    model = save_pipeline(tmp_path / "model")
+    data = tmp_path / "data.npz"
+    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    return model, data
 
 
-def test_summary_mean_and_sample_std():
-    rows = summarise({"a": [{"fid": 1.0, "frequency": 0.01}, {"fid": 3.0, "frequency": 0.03}]})
-    assert rows[0]["fid"] == 2.0 and rows[0]["fid_std"] == pytest.approx(2**0.5)
-    md = to_markdown(rows)
-    assert "| a | 2.0000% ± 1.4142% | — | 2.00 ± 1.41 | — | 2 |" in md
-
-
-def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
+@pytest.fixture
+def stubs(monkeypatch):
+    """unlearn() copies the model and records its settings; metric values follow the seed."""
     calls = []
 
-    class FakeRunner:
-        def __init__(self, cfg, out):
-            pass
+    def fake_unlearn(model, data, forget, out, progress=True, **settings):
+        calls.append({"forget": forget, "out": out, **settings})
+        shutil.copytree(model, out)
+        return Path(out)
 
-        def run(self, spec, run_dir):
-            calls.append(spec.name)
-            return {"frequency": 0.0, "fid": float(spec.seed), "is": 9.0, "nll": 1.0}
+    def value(key, f):
+        return lambda run: {key: f(run.cfg.seed), "settings": {"seed": run.cfg.seed}}
 
-    import retrack.recipes.mnist_tshirt.experiment as module
+    monkeypatch.setattr("retrack.api.unlearn", fake_unlearn)
+    monkeypatch.setitem(evaluate_module.RUNNERS, "copies", value("fraction", lambda s: 0.01 * (s + 1)))
+    monkeypatch.setitem(evaluate_module.RUNNERS, "nll", value("mean", lambda s: s + 1.0))
+    monkeypatch.setitem(evaluate_module.RUNNERS, "fid", value("value", lambda s: 10.0 * s))
+    monkeypatch.setitem(evaluate_module.RUNNERS, "is", value("mean", lambda s: 2.0))
+    return calls
 
-    monkeypatch.setattr(module, "MnistTshirtRunner", FakeRunner)
-    cfg = ExperimentConfig(**CONFIG, out=str(tmp_path))
-    experiments.run_experiment(cfg)
-    assert len(calls) == 9
-    (tmp_path / "vanilla" / "seed1" / "metrics.json").unlink()  # as if interrupted
-    md = experiments.run_experiment(cfg)
-    assert calls[9:] == ["vanilla/seed1"]
-    assert "| vanilla | 0.0000% ± 0.0000% | 1.00 ± 0.00 | 0.50 ± 0.71 | 9.00 ± 0.00 | 2 |" in md
-    rows = json.loads((tmp_path / "summary.json").read_text())
-    assert [r["method"] for r in rows][:3] == ["pretrained", "vanilla", "retrack"]
-    assert (tmp_path / "summary.csv").read_text().startswith("method,runs,frequency,frequency_std")
+
+def mnist_overrides(model, data, out):
+    return [f"model={model}", f"data={data}", "targets={indices: 38-39}", "seeds=[0, 1]",
+            f"out={out}", "ablations.k=[1, 10, 3]"]
+
+
+def test_plan_rows_variants_and_ablations(stand_in):
+    model, data = stand_in
+    cfg = parse_config({"model": str(model), "data": str(data), "targets": {"indices": "3-4", "one_at_a_time": True},
+                        "seeds": "0-1", "train": {"steps": 7}, "metrics": ["copies"],
+                        "methods": {"vanilla": {}, "retrack": {"k": 10, "lam": 0.005},
+                                    "retrack strong": {"method": "retrack", "lam": 0.5}},
+                        "ablations": {"seeds": [0], "k": [1, 10], "lam": [1.0]}})
+    runs = plan(cfg)
+    assert [r.name for r in runs][:4] == ["pretrained/index3/seed0", "pretrained/index3/seed1",
+                                          "pretrained/index4/seed0", "pretrained/index4/seed1"]
+    by_name = {r.name: r for r in runs}
+    assert by_name["retrack strong/index4/seed1"].method == "retrack"
+    assert by_name["retrack strong/index4/seed1"].settings == {"steps": 7, "lam": 0.5}
+    assert by_name["retrack λ=1.0/index3/seed0"].settings == {"steps": 7, "k": 10, "lam": 1.0}
+    assert "retrack K=10/index3/seed0" not in by_name and "retrack K=1/index4/seed0" in by_name
+    assert len(runs) == 4 * 4 + 2 * 2  # (pretrained + 3 methods) × 2 targets × 2 seeds + 2 ablations × 2 targets
+    res = resolve(cfg)
+    assert res.targets == {"index3": "3", "index4": "4"}
+    fp = res.fingerprints["retrack strong/index4/seed1"]
+    assert fp["forget"] == [4] and fp["unlearn"]["lam"] == 0.5 and fp["unlearn"]["k"] == 10
+    assert fp["unlearn"]["steps"] == 7 and fp["unlearn"]["batch_size"] == 128  # defaults filled in
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_shards_partition_the_plan(stand_in, n):
+    model, data = stand_in
+    cfg = load_config(MNIST, [f"model={model}", f"data={data}", "targets={indices: 39}", "seeds=0-2"])
+    runs = [r.name for r in plan(cfg)]
+    shares = [[r.name for r in shard(plan(cfg), i, n)] for i in range(1, n + 1)]
+    assert sorted(sum(shares, [])) == sorted(runs) and len(sum(shares, [])) == len(runs)
+    assert all(len(s) in (len(runs) // n, len(runs) // n + 1) for s in shares)
+    assert shares[0][0] == runs[0] and (n == 1 or shares[1][0] == runs[1])
+
+
+def test_mnist_config_gives_the_paper_table_layout(stand_in, stubs, tmp_path):
+    model, data = stand_in
+    cfg = load_config(MNIST, mnist_overrides(model, data, tmp_path / "exp"))
+    outcome = run_experiment(cfg)
+    lines = outcome.table.splitlines()
+    assert lines[0] == "| Method | Frequency ↓ | NLL ↑ | FID ↓ | IS ↑ | runs |"
+    # seeds 0 and 1: frequency 1% and 2%, NLL 1 and 2, FID 0 and 10, IS 2 → mean ± sample std
+    row = "1.5000% ± 0.7071% | 1.50 ± 0.71 | 5.00 ± 7.07 | 2.00 ± 0.00 | 2 |"
+    assert lines[2] == f"| pretrained | {row}"
+    assert [ln.split(" | ")[0][2:] for ln in lines[2:]] == [
+        "pretrained", "neggrad", "erasediff", "vanilla", "siss", "retrack", "retrack K=1", "retrack K=3",
+        "retrack λ=1.0", "retrack λ=0.001"]
+    assert lines[-1] == "| retrack λ=0.001 | 1.0000% ± 0.0000% | 1.00 ± 0.00 | 0.00 ± 0.00 | 2.00 ± 0.00 | 1 |"
+    siss = [c for c in stubs if c["method"] == "siss" and c["seed"] == 1][0]
+    assert (siss["lam"], siss["s"], siss["steps"], siss["lr"], siss["forget"]) == (0.5, 5.0, 50, 5e-5, "38,39")
+    out = tmp_path / "exp"
+    assert (out / "summary.csv").read_text().startswith("method,runs,frequency,frequency_std,nll,nll_std")
+    record = json.loads((out / "experiment.json").read_text())
+    assert record["complete"] and len(record["runs"]) == 16 and record["config"]["seeds"] == [0, 1]
+    assert json.loads((out / "retrack K=3" / "seed0" / "metrics.json").read_text())["hyper"]["k"] == 3
+
+
+def test_rerun_skips_finished_refuses_stale_and_force_reruns(stand_in, stubs, tmp_path):
+    model, data = stand_in
+    over = mnist_overrides(model, data, tmp_path / "exp")
+    run_experiment(load_config(MNIST, over))
+    assert run_experiment(load_config(MNIST, over)).ran == []  # nothing changed: nothing runs
+    finished = tree_digest(tmp_path / "exp")
+    changed = load_config(MNIST, over + ["train.lr=1.0e-4"])
+    with pytest.raises(UserError, match=r"14 finished run\(s\).*unlearn\.lr.*--force"):
+        run_experiment(changed)
+    assert tree_digest(tmp_path / "exp") == finished
+    with pytest.raises(UserError, match="--force"):
+        run_experiment(changed, only_merge=True)  # the table never mixes settings either
+    n = len(stubs)
+    ran = run_experiment(changed, force=True).ran
+    assert len(ran) == 14 and not any(r.startswith("pretrained/") for r in ran)  # lr does not touch them
+    assert {c["lr"] for c in stubs[n:]} == {1e-4}
+    assert json.loads((tmp_path / "exp" / "experiment.json").read_text())["config"]["train"]["lr"] == 1e-4
+    (tmp_path / "exp" / "vanilla" / "seed1" / "metrics.json").unlink()  # as if interrupted
+    assert run_experiment(changed).ran == ["vanilla/seed1"]
+
+
+def test_shards_then_merge_give_the_unsharded_table(stand_in, stubs, tmp_path):
+    model, data = stand_in
+    whole = run_experiment(load_config(MNIST, mnist_overrides(model, data, tmp_path / "a"))).table
+    cfg = load_config(MNIST, mnist_overrides(model, data, tmp_path / "b"))
+    first = run_experiment(cfg, shard_of=(1, 2))
+    assert first.table is None and not (tmp_path / "b" / "summary.md").exists()
+    second = run_experiment(cfg, shard_of=(2, 2))
+    assert sorted(first.ran + second.ran) == sorted(first.planned) and not set(first.ran) & set(second.ran)
+    assert run_experiment(cfg, only_merge=True).table == whole
+    assert (tmp_path / "b" / "summary.md").read_text() == whole
+
+
+BAD = [
+    (["--set", "train.stpes=3"], "train: has an unknown key 'stpes'"),
+    (["--set", "methods.retrack.kk=3"], "methods: retrack: has an unknown key 'kk'"),
+    (["--set", "ablations.kay=[1]"], "ablations: has an unknown key 'kay'"),
+    (["--set", "colour=red"], "unknown key 'colour'"),
+    (["--set", "methods.foo={}"], "unknown method 'foo'"),
+    (["--set", "methods.retrack.lam=2"], "--lam must be between 0 and 1"),
+    (["--set", "model=/nonexistent/model"], "model: '/nonexistent/model' does not exist"),
+    (["--set", "data=/nonexistent/data.npz"], "data: '/nonexistent/data.npz' does not exist"),
+    (["--set", "metrics.fid={inception: /nonexistent/inception.pth}"], "does not exist"),
+    (["--set", "metrics.sharpness={}"], "unknown metric 'sharpness'"),
+    (["--set", "targets={indices: 40}"], "out of range"),
+    (["--methods", "foo"], "--methods: 'foo' is neither"),
+    (["--seeds", "3-1"], "runs backwards"),
+    (["--shard", "3/2"], "--shard 3/2"),
+    (["--set", "seeds=[0, 0]"], "twice"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD)
+def test_bad_configs_exit_2_before_any_run(args, message, stand_in, stubs, tmp_path, capsys):
+    model, data = stand_in
+    over = [a for o in mnist_overrides(model, data, tmp_path / "exp") for a in ("--set", o)]
+    over += ["--methods", "vanilla"]
+    assert main(["experiment", str(MNIST), *over]) == 0
+    finished, calls = tree_digest(tmp_path / "exp"), len(stubs)
+    capsys.readouterr()
+    if args[0] == "--methods":
+        over = over[:-2]
+    assert main(["experiment", str(MNIST), *over, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("retrack: error: ") and message in err[0], err
+    assert tree_digest(tmp_path / "exp") == finished and len(stubs) == calls
+
+
+@pytest.fixture
+def stand_in_rgb(tmp_path):
+    """A 3×8×8 model; 10,010 images (CIFAR-10's indices 10000–10009 exist); a CelebA-like folder
+    with 10001.jpg … 10010.jpg; weight files that only need to exist for validation."""
+    from PIL import Image
+
+    model = save_pipeline(tmp_path / "rgb_model", channels=3)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cifar.npz", images=rng.integers(0, 256, (10_010, 8, 8, 3), dtype=np.uint8))
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for name in [*range(5), *range(10_001, 10_011)]:
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(faces / f"{name}.jpg")
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"stand-in")
+    return model, tmp_path / "cifar.npz", faces, weights
+
+
+@pytest.mark.parametrize(("config", "data_key"), [("cifar10", 1), ("celebahq", 2)])
+def test_paper_configs_validate_on_tiny_stand_ins(config, data_key, stand_in_rgb, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    path = ROOT / "configs" / f"{config}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert raw["model"].startswith("google/ddpm-") and raw["targets"]["one_at_a_time"] is True
+    weights = stand_in_rgb[3]
+    sets = [f"metrics.reconstruction.sscd={weights}", f"metrics.fid.inception={weights}",
+            f"metrics.is.inception={weights}", f"out={tmp_path / 'out'}"]
+    args = [a for s in sets for a in ("--set", s)]
+    # the hub id itself is refused offline (never downloaded) ...
+    assert main(["experiment", str(path), *args, "--set", f"data={stand_in_rgb[data_key]}", "--dry-run"]) == 2
+    assert "not in the local cache" in capsys.readouterr().err
+    # ... and with a local stand-in everything validates: 10 targets × (pretrained + 5 methods)
+    args += ["--set", f"model={stand_in_rgb[0]}", "--set", f"data={stand_in_rgb[data_key]}"]
+    assert main(["experiment", str(path), *args, "--dry-run"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == "60 of 60 runs in this share:"
+    first = "index10000" if config == "cifar10" else "10001"
+    assert listed[1] == f"pretrained/{first}/seed0" and f"retrack/{first}/seed0" in listed
+    cfg = load_config(path, sets + [f"model={stand_in_rgb[0]}", f"data={stand_in_rgb[data_key]}"])
+    res = resolve(cfg)
+    if config == "celebahq":
+        assert res.targets["10005"].endswith("faces/10005.jpg")
+        assert res.fingerprints["siss/10005/seed0"]["forget"] == [6]  # files sort as text: 0, 1, 10001, …, 10005
+        assert res.fingerprints["siss/10005/seed0"]["unlearn"]["s"] == 500.0
+    else:
+        assert res.fingerprints["retrack/index10003/seed0"]["unlearn"]["lam"] == 0.02
+        assert cfg.sampling["steps"] == 1000
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_runs_alone_and_spread_over_two_processes(stand_in, tmp_path):
+    """Real unlearning and sampling on the tiny model, first alone, then as 2 CPU processes."""
+    model, data = stand_in
+    cfg = {"model": str(model), "data": str(data), "targets": {"indices": [38, 39]}, "seeds": [0, 1],
+           "train": {"steps": 1, "batch_size": 4}, "methods": {"vanilla": {}},
+           "metrics": {"copies": {"copy_threshold": 1.0}}, "sampling": {"samples": 4, "steps": 2, "batch_size": 4},
+           "out": str(tmp_path / "alone")}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "retrack", "experiment", str(path)]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "| Method | Frequency ↓ | runs |" in first.stdout and first.stdout.count("run ") >= 4
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(29_500 + os.getpid() % 1000), "-m", "retrack", "experiment", str(path), "--out",
+              str(tmp_path / "two")]
+    two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    ran = sorted(line for line in two.stdout.splitlines() if line.startswith("run "))
+    assert ran == ["run pretrained/seed0 [process 1/2]", "run pretrained/seed1 [process 2/2]",
+                   "run vanilla/seed0 [process 1/2]", "run vanilla/seed1 [process 2/2]"]
+    alone = (tmp_path / "alone" / "summary.md").read_text()
+    assert (tmp_path / "two" / "summary.md").read_text() == alone  # same seeds, same numbers
+
+
+def test_parse_shard():
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "1/0", "a/b", "1"):
+        with pytest.raises(UserError):
+            parse_shard(bad)

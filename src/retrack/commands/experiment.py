@@ -48,11 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from retrack.errors import require
-    from retrack.experiments import load_config, parse_ints, parse_shard, run_experiment
+    from retrack.experiments import load_config, parse_shard, run_experiment
+    from retrack.validation import parse_seeds
 
     sets = list(args.set)
     if args.seeds is not None:
-        sets.append(f"seeds={parse_ints(args.seeds, '--seeds')}")
+        sets.append(f"seeds={parse_seeds(args.seeds)}")
     if args.samples is not None:
         require(args.samples >= 1, f"--samples must be at least 1, got {args.samples}.")
         sets.append(f"sampling.samples={args.samples}")

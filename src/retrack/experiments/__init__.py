@@ -58,7 +58,8 @@ def run_experiment(cfg: ExperimentConfig, methods: list[str] | None = None, shar
             refuse_stale(status(res, share))
         return Outcome(names, [r.name for r in share], [], None)
     distributed.detach(procs)
-    ran = run_share(res, share, force=force, progress=progress)
+    tag = f" [process {procs.rank + 1}/{procs.world}]" if procs.world > 1 else ""
+    ran = run_share(res, share, force=force, progress=progress, tag=tag)
     distributed.barrier(procs)
     table = merge(res, runs) if n == 1 and procs.is_main else None
     distributed.finish(procs)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from retrack.errors import UserError, require
+from retrack.validation import Int, IntList, load_yaml, parse_seeds, read_text
 
 TOP_KEYS = ("name", "out", "model", "data", "targets", "reference_model", "seeds", "train", "methods",
             "ablations", "metrics", "sampling", "pretrained", "keep_models", "device")
@@ -32,28 +33,8 @@ def unlearn_options() -> tuple[str, ...]:
 
 
 def parse_ints(value: Any, what: str) -> list[int]:
-    """A YAML int, list of ints, or '0-9' / '0,3,5' text: the one integer-list parser of the runner."""
-    if isinstance(value, bool):
-        raise UserError(f"{what} must be integers like 0-9 or [0, 3, 5], got {value!r}.")
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list):
-        out: list[int] = []
-        for v in value:
-            out += parse_ints(v, what)
-        require(bool(out), f"{what} is empty.")
-        return out
-    text = str(value)
-    found: list[int] = []
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        ok = lo.isascii() and lo.isdigit() and (not sep or (hi.isascii() and hi.isdigit()))
-        require(ok, f"{what} must look like 0-9 or 0,3,5, got {text!r}.")
-        a, b = int(lo), int(hi or lo)
-        require(a <= b, f"{what}: the range {part.strip()!r} runs backwards; write {b}-{a}.")
-        found += range(a, b + 1)
-    require(len(set(found)) == len(found), f"{what} names an integer twice: {text!r}.")
-    return found
+    """A YAML int, a list, or '0-9' / '0,3,5' text: the project's shared integer-list parser."""
+    return IntList(Int(min=0))(value, what)
 
 
 @dataclass(frozen=True)
@@ -115,14 +96,8 @@ class ExperimentConfig:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    require(p.is_file(), f"experiment config {str(p)!r} does not exist.")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"experiment config {str(p)!r} is not valid YAML: {first}.") from None
-    require(isinstance(raw, dict), f"experiment config {str(p)!r} must be a mapping of keys.")
+    raw = load_yaml(path, "experiment config")
+    require(isinstance(raw, dict), f"experiment config {str(path)!r} must be a mapping of keys.")
     return raw
 
 
@@ -164,7 +139,7 @@ def parse_config(raw: dict[str, Any], source: str = "") -> ExperimentConfig:
     return ExperimentConfig(
         model=_text(raw["model"], "model"), data=_text(raw["data"], "data"),
         targets=_targets(raw.get("targets"), _text(raw["data"], "data")), methods=methods,
-        seeds=tuple(parse_ints(raw["seeds"], "seeds")), metrics=_metrics(raw["metrics"]),
+        seeds=tuple(parse_seeds(raw["seeds"], "seeds")), metrics=_metrics(raw["metrics"]),
         out=_text(raw.get("out", f"runs/{raw.get('name') or Path(source).stem or 'experiment'}"), "out"),
         name=str(raw.get("name") or Path(source).stem), train=train, ablations=ablations,
         ablation_seeds=ab_seeds, sampling=sampling,
@@ -212,7 +187,8 @@ def _method(label: str, settings: Any) -> MethodSpec:
     return MethodSpec(label, method, s)
 
 
-def _ablations(ab: dict[str, Any], methods: tuple[MethodSpec, ...]) -> tuple[tuple[MethodSpec, ...], tuple[int, ...] | None]:
+def _ablations(ab: dict[str, Any],
+               methods: tuple[MethodSpec, ...]) -> tuple[tuple[MethodSpec, ...], tuple[int, ...] | None]:
     """`{base: retrack, seeds: [0], k: [1, 100], lam: [1.0]}`: the base row with one setting
     changed at a time, labelled like the paper ("retrack K=1", "retrack λ=1.0")."""
     if not ab:
@@ -222,7 +198,7 @@ def _ablations(ab: dict[str, Any], methods: tuple[MethodSpec, ...]) -> tuple[tup
     base_label = ab.get("base", "retrack")
     require(base_label in by_label, f"ablations: base {base_label!r} is not a label under methods:.")
     base = by_label[base_label]
-    seeds = tuple(parse_ints(ab["seeds"], "ablations: seeds")) if "seeds" in ab else None
+    seeds = tuple(parse_seeds(ab["seeds"], "ablations: seeds")) if "seeds" in ab else None
     rows = []
     for key, values in ab.items():
         if key in ("base", "seeds"):
@@ -277,7 +253,7 @@ def _indices(value: Any) -> list[int]:
     if isinstance(value, str) and value.startswith("@"):
         f = Path(value[1:])
         require(f.is_file(), f"targets: index file {str(f)!r} does not exist.")
-        lines = [ln.strip() for ln in f.read_text(errors="replace").splitlines()]
+        lines = [ln.strip() for ln in read_text(f, "targets: index file").splitlines()]
         return parse_ints([ln for ln in lines if ln and not ln.startswith("#")], f"targets: {str(f)!r}")
     return parse_ints(value, "targets: indices")
 

@@ -57,7 +57,8 @@ def refuse_stale(st: Status) -> None:
                         f"config (first: {run.name}, changed: {what}); pass --force to rerun them.")
 
 
-def run_share(res: Resolved, runs: list[RunSpec], force: bool = False, progress: bool = False) -> list[str]:
+def run_share(res: Resolved, runs: list[RunSpec], force: bool = False, progress: bool = False,
+              tag: str = "") -> list[str]:
     """Run every pending (and, with force, stale) run of `runs`; returns the names run."""
     st = status(res, runs)
     if not force:
@@ -67,7 +68,7 @@ def run_share(res: Resolved, runs: list[RunSpec], force: bool = False, progress:
     out = Path(res.cfg.out)
     data_path = _prepare(res, out) if todo else None
     for run in todo:
-        print(f"run {run.name}", flush=True)
+        print(f"run {run.name}{tag}", flush=True)
         execute(res, run, out / run.name, data_path, progress)
     return [r.name for r in todo]
 

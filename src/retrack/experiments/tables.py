@@ -4,8 +4,8 @@ over its runs (seeds, targets or both), in Markdown, CSV and JSON."""
 from __future__ import annotations
 
 import csv
-import os
 import io
+import os
 from pathlib import Path
 from typing import Any
 
