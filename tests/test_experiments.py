@@ -66,11 +66,14 @@ def mnist_overrides(model, data, out):
 
 def test_plan_rows_variants_and_ablations(stand_in):
     model, data = stand_in
-    cfg = parse_config({"model": str(model), "data": str(data), "targets": {"indices": "3-4", "one_at_a_time": True},
+    raw = {"model": str(model), "data": str(data), "targets": {"indices": "3-4", "one_at_a_time": True},
                         "seeds": "0-1", "train": {"steps": 7}, "metrics": ["copies"],
                         "methods": {"vanilla": {}, "retrack": {"k": 10, "lam": 0.005},
-                                    "retrack strong": {"method": "retrack", "lam": 0.5}},
-                        "ablations": {"seeds": [0], "k": [1, 10], "lam": [1.0]}})
+                                    "retrack strong": {"method": "retrack", "lam": 0.5},
+                                    "retrack auto": {"method": "retrack", "lam": "auto",
+                                                     "forget_weighting": "min-snr"}},
+                        "ablations": {"seeds": [0], "k": [1, 10], "lam": [1.0]}}
+    cfg = parse_config(raw)
     runs = plan(cfg)
     assert [r.name for r in runs][:4] == ["pretrained/index3/seed0", "pretrained/index3/seed1",
                                           "pretrained/index4/seed0", "pretrained/index4/seed1"]
@@ -79,12 +82,17 @@ def test_plan_rows_variants_and_ablations(stand_in):
     assert by_name["retrack strong/index4/seed1"].settings == {"steps": 7, "lam": 0.5}
     assert by_name["retrack λ=1.0/index3/seed0"].settings == {"steps": 7, "k": 10, "lam": 1.0}
     assert "retrack K=10/index3/seed0" not in by_name and "retrack K=1/index4/seed0" in by_name
-    assert len(runs) == 4 * 4 + 2 * 2  # (pretrained + 3 methods) × 2 targets × 2 seeds + 2 ablations × 2 targets
+    assert len(runs) == 5 * 4 + 2 * 2  # (pretrained + 4 rows) × 2 targets × 2 seeds + 2 ablations × 2 targets
     res = resolve(cfg)
     assert res.targets == {"index3": "3", "index4": "4"}
     fp = res.fingerprints["retrack strong/index4/seed1"]
     assert fp["forget"] == [4] and fp["unlearn"]["lam"] == 0.5 and fp["unlearn"]["k"] == 10
     assert fp["unlearn"]["steps"] == 7 and fp["unlearn"]["batch_size"] == 128  # defaults filled in
+    auto = res.fingerprints["retrack auto/index3/seed0"]["unlearn"]
+    assert (auto["lam"], auto["forget_weighting"], auto["k"]) == ("auto", "min-snr", 10)
+    with pytest.raises(UserError, match="methods: vanilla auto: --lam auto"):
+        resolve(parse_config({**raw, "ablations": {},
+                              "methods": {"vanilla auto": {"method": "vanilla", "lam": "auto"}}}))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
@@ -232,7 +240,8 @@ def test_paper_configs_validate_on_tiny_stand_ins(config, data_key, stand_in_rgb
     if config == "celebahq":
         assert res.targets["10005"].endswith("faces/10005.jpg")
         assert res.fingerprints["siss/10005/seed0"]["forget"] == [6]  # files sort as text: 0, 1, 10001, …, 10005
-        assert res.fingerprints["siss/10005/seed0"]["unlearn"]["s"] == 500.0
+        unlearn = res.fingerprints["siss/10005/seed0"]["unlearn"]
+        assert (unlearn["s"], unlearn["batch_size"], unlearn["grad_accum"], unlearn["lr"]) == (500.0, 64, 16, 5e-6)
     else:
         assert res.fingerprints["retrack/index10003/seed0"]["unlearn"]["lam"] == 0.02
         assert cfg.sampling["steps"] == 1000

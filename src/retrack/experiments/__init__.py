@@ -44,6 +44,17 @@ def run_experiment(cfg: ExperimentConfig, methods: list[str] | None = None, shar
     from retrack.experiments import distributed
 
     procs = processes or distributed.launched()
+    distributed.detach(procs)  # before anything reads the launch: each run trains in one process
+    try:
+        return _run(cfg, methods, shard_of, force, only_merge, dry_run, progress, procs)
+    finally:
+        distributed.finish(procs)
+
+
+def _run(cfg, methods, shard_of, force, only_merge, dry_run, progress, procs) -> Outcome:
+    from retrack.experiments import distributed
+    from retrack.experiments.runner import refuse_stale
+
     res = resolve(cfg)
     runs = select(res.runs, methods)
     i, n = shard_of
@@ -52,17 +63,13 @@ def run_experiment(cfg: ExperimentConfig, methods: list[str] | None = None, shar
     if only_merge:
         return Outcome(names, [], [], merge(res, runs) if procs.is_main else None)
     if dry_run:
-        from retrack.experiments.runner import refuse_stale
-
         if not force:
             refuse_stale(status(res, share))
         return Outcome(names, [r.name for r in share], [], None)
-    distributed.detach(procs)
     tag = f" [process {procs.rank + 1}/{procs.world}]" if procs.world > 1 else ""
     ran = run_share(res, share, force=force, progress=progress, tag=tag)
     distributed.barrier(procs)
     table = merge(res, runs) if n == 1 and procs.is_main else None
-    distributed.finish(procs)
     return Outcome(names, [r.name for r in share], ran, table)
 
 

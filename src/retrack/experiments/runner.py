@@ -44,6 +44,8 @@ def status(res: Resolved, runs: list[RunSpec]) -> Status:
         saved = _read_fingerprint(folder)
         if saved.get("fingerprint") == res.fingerprint(run):
             finished.append(run)
+        elif not saved:
+            stale.append((run, ["no fingerprint.json (made by an older runner?)"]))
         else:
             stale.append((run, _changed(saved.get("settings"), res.fingerprints[run.name])))
     return Status(finished, stale, pending)
@@ -52,7 +54,7 @@ def status(res: Resolved, runs: list[RunSpec]) -> Status:
 def refuse_stale(st: Status) -> None:
     if st.stale:
         run, changed = st.stale[0]
-        what = ", ".join(changed[:4]) if changed else "no fingerprint recorded"
+        what = ", ".join(changed[:4]) or "the fingerprint"
         raise UserError(f"{len(st.stale)} finished run(s) were computed with other settings than this "
                         f"config (first: {run.name}, changed: {what}); pass --force to rerun them.")
 
