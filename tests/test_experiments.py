@@ -90,7 +90,7 @@ def test_plan_rows_variants_and_ablations(stand_in):
     assert fp["unlearn"]["steps"] == 7 and fp["unlearn"]["batch_size"] == 128  # defaults filled in
     auto = res.fingerprints["retrack auto/index3/seed0"]["unlearn"]
     assert (auto["lam"], auto["forget_weighting"], auto["k"]) == ("auto", "min-snr", 10)
-    with pytest.raises(UserError, match="methods: vanilla auto: --lam auto"):
+    with pytest.raises(UserError, match="methods: vanilla auto: lam auto"):
         resolve(parse_config({**raw, "ablations": {},
                               "methods": {"vanilla auto": {"method": "vanilla", "lam": "auto"}}}))
 
@@ -166,8 +166,9 @@ BAD = [
     (["--set", "methods.retrack.kk=3"], "methods: retrack: has an unknown key 'kk'"),
     (["--set", "ablations.kay=[1]"], "ablations: has an unknown key 'kay'"),
     (["--set", "colour=red"], "unknown key 'colour'"),
-    (["--set", "methods.foo={}"], "unknown method 'foo'"),
-    (["--set", "methods.retrack.lam=2"], "--lam must be between 0 and 1"),
+    (["--set", "methods.foo={}"], "methods: foo: method must be one of erasediff"),
+    (["--set", "methods.retrack.lam=2"], "methods: retrack: lam must be"),
+    (["--set", "train.grad_accum=5"], "grad_accum"),
     (["--set", "model=/nonexistent/model"], "model: '/nonexistent/model' does not exist"),
     (["--set", "data=/nonexistent/data.npz"], "data: '/nonexistent/data.npz' does not exist"),
     (["--set", "metrics.fid={inception: /nonexistent/inception.pth}"], "does not exist"),

@@ -147,11 +147,7 @@ def unlearn_recipe(spec: str, method: str) -> dict:
 def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
     """Everything that can be checked before loading data or a model: method defaults, device,
     the model's layout, the data and forget files, and a writable, new output."""
-    cls = objectives.method_class(cfg.method)
-    _check_variant_options(cfg, cls)
-    per_process_batch(_train_settings(cfg), process_count())
-    defaults = {f: getattr(cls, f) for f in ("lam", "s", "eta") if hasattr(cls, f)}
-    methods_own = {f: getattr(cfg, f) if getattr(cfg, f) is not None else defaults.get(f) for f in defaults}
+    cfg = resolve_method(cfg)
     require_kind(cfg.model, cfg.prompt)
     device = cfg.device or default_device()
     _check_text_options(cfg, device)
@@ -159,7 +155,7 @@ def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
     check_forget_file(cfg.forget)
     protected = [Path(p) for p in (cfg.model, cfg.data) if Path(p).exists()]
     check_output(Path(cfg.out), cfg.overwrite, protected)
-    return replace(cfg, device=device, **methods_own)
+    return replace(cfg, device=device)
 
 
 def _check_text_options(cfg: UnlearnConfig, device: str) -> None:
@@ -178,6 +174,17 @@ def _check_text_options(cfg: UnlearnConfig, device: str) -> None:
         require(not is_lora_folder(cfg.model), f"--model {cfg.model!r} is a LoRA adapter; unlearn its base pipeline, "
                 "or fuse the adapter into it first (pipe.fuse_lora(), then pipe.save_pretrained).")
         require_sd_extra(cfg.lora is not None)
+
+
+def resolve_method(cfg: UnlearnConfig, processes: int | None = None) -> UnlearnConfig:
+    """The method's own defaults filled in and its options checked, touching no file (an
+    experiment checks every run's settings this way before the first run)."""
+    cls = objectives.method_class(cfg.method)
+    _check_variant_options(cfg, cls)
+    per_process_batch(_train_settings(cfg), process_count() if processes is None else processes)
+    defaults = {f: getattr(cls, f) for f in ("lam", "s", "eta") if hasattr(cls, f)}
+    return replace(cfg, **{f: getattr(cfg, f) if getattr(cfg, f) is not None else defaults.get(f)
+                           for f in defaults})
 
 
 def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -167,14 +168,19 @@ def _unlearn_settings(run: RunSpec, cfg: ExperimentConfig) -> dict[str, Any]:
     from retrack import api
 
     try:
-        full = api._validated(api.UnlearnConfig(model="-", data="-", forget="-", out="-",
-                                                method=run.method or "", seed=run.seed, **run.settings))
+        full = api.resolve_method(api.UnlearnConfig(model="-", data="-", forget="0", out="-", method=run.method,
+                                                    seed=run.seed, **run.settings), processes=1)
     except UserError as e:
-        raise UserError(f"methods: {run.label}: {e}") from None
+        raise UserError(f"methods: {run.label}: {_as_keys(str(e))}") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"methods: {run.label}: a setting has the wrong type ({e}).") from None
     out = {k: v for k, v in asdict(full).items() if k not in PER_RUN}
     return {"method": full.method, **out}
+
+
+def _as_keys(message: str) -> str:
+    """The API names its settings by flag (--grad-accum); a config names them by key."""
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
 
 def _metric_settings(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -195,7 +201,7 @@ def _metric_settings(cfg: ExperimentConfig) -> dict[str, Any]:
                                            sampler=s["sampler"], batch_size=s["batch_size"],
                                            device="cpu", **merged))
         except UserError as e:
-            raise UserError(f"metrics: {e}") from None
+            raise UserError(f"metrics: {_as_keys(str(e))}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"metrics: a setting has the wrong type ({e}).") from None
         out["evaluate"] = {k: v for k, v in asdict(full).items() if k not in ("device", "seed")}
