@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -263,8 +264,11 @@ def test_command_runs_alone_and_spread_over_two_processes(stand_in, tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "| Method | Frequency ↓ | runs |" in first.stdout and first.stdout.count("run ") >= 4
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(29_500 + os.getpid() % 1000), "-m", "retrack", "experiment", str(path), "--out",
+    with socket.socket() as sock:  # a free port: other tests may launch processes at the same time
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(port), "-m", "retrack", "experiment", str(path), "--out",
               str(tmp_path / "two")]
     two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]

@@ -138,7 +138,10 @@ def merged_evaluate_settings(metrics: dict[str, dict[str, Any]]) -> dict[str, An
 # name → (column key, title, key of the value in evaluate's result, formatter)
 _KNOWN = {"copies": ("frequency", "Frequency ↓", "fraction", pct), "nll": ("nll", "NLL ↑", "mean", two),
           "reconstruction": ("reconstruction", None, "mean", two), "fid": ("fid", "FID ↓", "value", two),
-          "is": ("is", "IS ↑", "mean", two), "clipiqa": ("clipiqa", "CLIP-IQA ↑", "mean", two)}
+          "is": ("is", "IS ↑", "mean", two), "clipiqa": ("clipiqa", "CLIP-IQA ↑", "mean", two),
+          "fid_reference": ("fid_reference", "FID to retrained ↓", "value", two),
+          "nll_reference": ("nll_reference", "NLL retrained", "mean", two),
+          "changed": ("changed", "Changed ↓", "value", pct)}
 
 
 def _evaluate_columns(name: str) -> Callable[[dict[str, Any]], tuple[Column, ...]]:
