@@ -37,7 +37,7 @@ def direct(model: Path, data: Path, out: Path, a: argparse.Namespace) -> None:
     unlearn(str(model), str(data), "0,1", str(out / "model"), progress=False, method="retrack", seed=0,
             steps=a.steps, batch_size=a.batch_size, k=10, cache_dir=str(out / "cache"))
     evaluate(str(out / "model"), str(data), "0,1", ["copies"], progress=False, save_samples=out / "s.npz",
-             seed=0, num_samples=a.samples, steps=10, sampler="ddim", batch_size=a.samples)
+             seed=0, num_samples=a.samples, steps=10, sampler="ddim", batch_size=a.samples, copy_threshold=5.0)
 
 
 def runner(config: Path, out: Path) -> None:
@@ -62,7 +62,7 @@ def main() -> int:
     config.write_text(yaml.safe_dump({
         "model": str(model), "data": str(data), "targets": {"indices": [0, 1]}, "seeds": [0],
         "pretrained": False, "methods": {"retrack": {"k": 10}},
-        "train": {"steps": a.steps, "batch_size": a.batch_size}, "metrics": {"copies": {}},
+        "train": {"steps": a.steps, "batch_size": a.batch_size}, "metrics": {"copies": {"copy_threshold": 5.0}},
         "sampling": {"samples": a.samples, "steps": 10, "sampler": "ddim", "batch_size": a.samples}}))
     times: dict[str, list[float]] = {"direct": [], "runner": []}
     for rep in range(a.repeats + 1):  # the first pair warms caches and imports up, and is dropped
