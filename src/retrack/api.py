@@ -12,7 +12,9 @@ import torch
 from retrack import objectives
 from retrack.data import ForgetSpec, ImageSet, check_forget_file, load_images, parse_forget, split
 from retrack.errors import UserError, require
+from retrack.evaluate import EvaluateConfig, MetricNames
 from retrack.models import LoadedModel, load_model, require_kind, save_model
+from retrack.monitor import CURVES_FILE, DURING_TRAINING, Monitor, StopAt, check_evaluation, merge_log
 from retrack.neighbours import cached_nearest_neighbours
 from retrack.objectives.retrack import FORGET_WEIGHTINGS
 from retrack.runrecord import atomic_directory, check_output, environment_record, temp_file, write_json
@@ -85,6 +87,21 @@ class UnlearnConfig(Validated):
     gradient_checkpointing: bool = option(Bool(), False)
     mixed_precision: str = option(Choice(*MIXED_PRECISION), "no")
     recipe: str | None = option(Optional(Text()), None)
+    # Evaluation during fine-tuning (monitor.py); the instruments are retrack evaluate's flags.
+    eval_every: int | None = option(Optional(POSITIVE_INT), None)
+    eval_metrics: tuple[str, ...] = option(MetricNames("--eval-metrics", DURING_TRAINING), ("copies",))
+    eval_samples: int = option(POSITIVE_INT, 256)
+    eval_steps: int = option(POSITIVE_INT, 50)
+    eval_seed: int = option(SEED, 0)
+    stop_at: tuple[str, float] | None = option(Optional(StopAt()), None)
+    copy_rule: str = option(Choice("l2", "descriptor"), "l2")
+    copy_threshold: float | None = option(Optional(Float()), None)
+    descriptor: str | None = option(Optional(Text()), None)
+    sscd: str | None = option(Optional(Text()), None)
+    fid_features: str | None = option(Optional(Text()), None)
+    inception: str | None = option(Optional(Text()), None)
+    classifier: str | None = option(Optional(Text()), None)
+    eval_clip: str | None = option(Optional(Text()), None)  # CLIP-IQA's model (--clip is the gradient clip)
 
 
 def default_device() -> str:
@@ -148,6 +165,10 @@ def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
     """Everything that can be checked before loading data or a model: method defaults, device,
     the model's layout, the data and forget files, and a writable, new output."""
     cfg = resolve_method(cfg)
+    check_evaluation(cfg)
+    require(cfg.eval_every is None or cfg.prompt is None,
+            "--eval-every evaluates pixel models; with --prompt, evaluate the output with retrack evaluate.")
+    eval_config(cfg)
     require_kind(cfg.model, cfg.prompt)
     device = cfg.device or default_device()
     _check_text_options(cfg, device)
@@ -187,11 +208,29 @@ def resolve_method(cfg: UnlearnConfig, processes: int | None = None) -> UnlearnC
                            for f in defaults})
 
 
+def eval_config(cfg: UnlearnConfig) -> EvaluateConfig | None:
+    """The evaluation during fine-tuning as `retrack evaluate` would run it (None: no evaluation);
+    resolving it names missing weights before anything loads."""
+    from retrack.evaluate import resolved
+
+    if cfg.eval_every is None:
+        return None
+    require("clipiqa" not in cfg.eval_metrics or cfg.eval_clip is not None,
+            "CLIP-IQA needs a local CLIP model: pass --eval-clip PATH (a transformers CLIP folder).")
+    require(cfg.eval_clip is None or Path(cfg.eval_clip).exists(), f"--eval-clip {cfg.eval_clip!r} does not exist.")
+    return resolved(EvaluateConfig(
+        metrics=cfg.eval_metrics, seed=cfg.eval_seed, num_samples=cfg.eval_samples, steps=cfg.eval_steps,
+        copy_rule=cfg.copy_rule, copy_threshold=cfg.copy_threshold, descriptor=cfg.descriptor,
+        sscd=cfg.sscd, fid_features=cfg.fid_features, inception=cfg.inception, classifier=cfg.classifier,
+        clip=cfg.eval_clip, device=cfg.device or default_device()))
+
+
 def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     """The expensive part, on a resolved config."""
     out_path = Path(cfg.out)
     images = load_images(cfg.data)
     parts = split(images, parse_forget(cfg.forget, images))
+    evaluation = _evaluation_setup(cfg, images)  # used on the main process only (trainer)
     if cfg.prompt is not None:
         model = _load_text(cfg, images, progress)
         space, denoiser, to_tensor = model.notes.pop("latents"), model.denoiser, torch.from_numpy
@@ -217,10 +256,37 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
                                           cfg.device)
     train_data = TrainData(to_tensor(space[parts.remain]), to_tensor(forget_imgs), neighbour_table(table))
     settings_ = _train_settings(cfg)
-    log = train(denoiser, objective, train_data, settings_, cfg.device, progress)
+    # Pixel models only (resolve_unlearn refuses --eval-every with --prompt), so `loaded` exists.
+    monitor = None if evaluation is None else _monitor(cfg, evaluation, loaded, remain, forget_imgs)
+    log = train(denoiser, objective, train_data, settings_, cfg.device, progress, between_steps=monitor)
     if _is_main_process():
-        _write_output(out_path, save, cfg, objective, images, parts, table, log, extra)
+        _write_output(out_path, save, cfg, objective, images, parts, table, log, extra, monitor)
     return out_path
+
+
+def _evaluation_setup(cfg: UnlearnConfig, images: ImageSet):
+    """The evaluation's config (with the copy threshold for these images) and its instruments,
+    loaded before the model so that a bad weight file costs seconds."""
+    from retrack.evaluate import copy_threshold_for, load_instruments
+
+    ecfg = eval_config(cfg)
+    if ecfg is None:
+        return None
+    ecfg = copy_threshold_for(ecfg, images)
+    return ecfg, load_instruments(ecfg)
+
+
+def _monitor(cfg: UnlearnConfig, evaluation, loaded: LoadedModel, remain: np.ndarray,
+             forget_imgs: np.ndarray) -> Monitor:
+    from retrack.evaluate import distinct, measure
+
+    ecfg, tools = evaluation
+    T = int(loaded.scheduler.config.num_train_timesteps)
+    require(cfg.eval_steps <= T, f"--eval-steps must be in 1..{T} for this model, got {cfg.eval_steps}.")
+    targets = distinct(forget_imgs)
+    return Monitor(int(cfg.eval_every), cfg.steps,
+                   lambda: measure(ecfg, loaded, targets, remain, tools, progress=False),
+                   loaded.denoiser, cfg.stop_at)
 
 
 def _load_text(cfg: UnlearnConfig, images: ImageSet, progress: bool):
@@ -308,7 +374,11 @@ def _is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def _write_output(out, save, cfg, objective, images, parts, table, log, extra) -> None:
+def _write_output(out, save, cfg, objective, images, parts, table, log, extra, monitor=None) -> None:
+    if monitor is not None:
+        extra = {**extra, "evaluation": {
+            "every": monitor.every, "steps": [e["step"] for e in monitor.entries], "stop_at": cfg.stop_at,
+            "stopped_at": monitor.stopped_at, "steps_done": len(log), "curves": CURVES_FILE}}
     record = environment_record(
         cfg,
         objective=asdict(objective),
@@ -324,7 +394,11 @@ def _write_output(out, save, cfg, objective, images, parts, table, log, extra) -
     with atomic_directory(out) as tmp:
         save(tmp)
         write_json(tmp / RUN_RECORD, record)
-        write_json(tmp / STEP_LOG, log)
+        write_json(tmp / STEP_LOG, merge_log(log, monitor.entries) if monitor else log)
+        if monitor is not None:
+            from retrack.monitor import draw_curves
+
+            draw_curves(monitor.entries, monitor.stopped_at).save(tmp / CURVES_FILE, format="PNG")
 
 
 @dataclass(frozen=True)

@@ -44,13 +44,16 @@ REFERENCE_METRICS = ("fid_reference", "nll_reference")
 
 
 class MetricNames(Check):
-    """'nll,fid' or a list of metric names, each known and named once."""
+    """'nll,fid' or a list of metric names, each known and named once (messages name `flag`)."""
+
+    def __init__(self, flag: str = "--metrics", allowed: tuple[str, ...] = METRICS) -> None:
+        self.flag, self.allowed = flag, allowed
 
     def describe(self) -> str:
-        return "comma-separated metrics from " + ", ".join(METRICS)
+        return "comma-separated metrics from " + ", ".join(self.allowed)
 
     def __call__(self, value: Any, name: str | None = None) -> tuple[str, ...]:
-        return parse_metrics(value)
+        return parse_metrics(value, self.flag, self.allowed)
 
 
 _FILE_OR_NAME = Optional(Text())
@@ -87,15 +90,16 @@ class EvaluateConfig(Validated):
     guidance: float = option(Float(0.0), 7.5)  # classifier-free guidance with --prompt
 
 
-def parse_metrics(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def parse_metrics(spec: str | list[str] | tuple[str, ...], flag: str = "--metrics",
+                  allowed: tuple[str, ...] = METRICS) -> tuple[str, ...]:
     """'nll,fid' or a list of names to a validated tuple, in the order given."""
-    require(isinstance(spec, str | list | tuple), f"--metrics must be names like nll,fid, got {spec!r}.")
+    require(isinstance(spec, str | list | tuple), f"{flag} must be names like nll,fid, got {spec!r}.")
     names = [str(m).strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec)]
     names = [m for m in names if m]
-    require(bool(names), "--metrics is empty; choose from " + ", ".join(METRICS) + ".")
-    bad = [m for m in names if m not in METRICS]
-    require(not bad, f"--metrics: unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}." if bad else "")
-    require(len(set(names)) == len(names), f"--metrics names a metric twice: {','.join(names)}.")
+    require(bool(names), f"{flag} is empty; choose from " + ", ".join(allowed) + ".")
+    bad = [m for m in names if m not in allowed]
+    require(not bad, f"{flag}: unknown metric {bad[0]!r}; choose from {', '.join(allowed)}." if bad else "")
+    require(len(set(names)) == len(names), f"{flag} names a metric twice: {','.join(names)}.")
     return tuple(names)
 
 
@@ -171,6 +175,7 @@ class Instruments:
     descriptor: Any = None  # metrics.similarity.Descriptor
     fid_features: torch.nn.Module | None = None  # None: Inception from --inception
     classifier: torch.nn.Module | None = None  # None: Inception from --inception
+    fid_reference: Any = None  # metrics.quality.FrechetReference of the remain set, made on first use
 
 
 def _module(spec: str, device: str, flag: str, kind: str) -> torch.nn.Module:
@@ -289,11 +294,13 @@ def _copies(run: _Run) -> dict[str, Any]:
 
 
 def _fid(run: _Run) -> dict[str, Any]:
-    from retrack.metrics.quality import frechet_distance
+    from retrack.metrics.quality import FrechetReference
 
     c, kept = run.cfg, run.kept()
-    value = frechet_distance(run.remain, kept, run.tools.fid_features, c.inception,
-                             c.batch_size, c.device, run.progress)
+    if run.tools.fid_reference is None:  # the remain set's features, once for every evaluation
+        run.tools.fid_reference = FrechetReference(run.remain, run.tools.fid_features, c.inception,
+                                                   c.batch_size, c.device, run.progress)
+    value = run.tools.fid_reference(kept, run.progress)
     return {"value": value, "real": "remain", "num_real": len(run.remain),
             "num_generated": len(kept), "excluded_copies": int(run.copies().is_copy.sum()),
             "features": c.fid_features or "inception", "settings": run.sample_settings()}
@@ -495,6 +502,15 @@ def _run_text(model: str | Path, images: ImageSet, forget: str, cfg: EvaluateCon
     cfg = copy_threshold_for(cfg, pixels)
     tools = load_instruments(cfg)
     run = _TextRun(cfg, loaded, distinct(pixels.images[parts.forget]), pixels.images[parts.remain], tools, progress)
+    return {name: RUNNERS[name](run) for name in cfg.metrics}
+
+
+def measure(cfg: EvaluateConfig, loaded: LoadedModel, targets: np.ndarray, remain: np.ndarray,
+            tools: Instruments, progress: bool = True) -> dict[str, Any]:
+    """The metrics of `cfg` that need no second model, on `loaded` as it is now (evaluation during
+    fine-tuning); the instruments and the remain set's FID features are reused across calls."""
+    require(not set(cfg.metrics) & {*REFERENCE_METRICS, "changed"}, "measure() takes no reference metrics.")
+    run = _Run(cfg, loaded, targets, remain, tools, progress)
     return {name: RUNNERS[name](run) for name in cfg.metrics}
 
 

@@ -212,11 +212,15 @@ def train(
     device: str | None = None,
     progress: bool = True,
     on_gradient: Callable[[int, list[torch.nn.Parameter]], None] | None = None,
+    between_steps: Callable[[int], bool] | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune `denoiser` in place with `objective`; returns the per-step log.
 
     `on_gradient(step, params)`, if given, sees every step's combined gradient in p.grad (averaged
     across processes, before clipping) and the weights it will update.
+    `between_steps(done)`, if given, runs on the main process with the number of optimiser steps
+    done (0 before the first, then after each); returning True ends the run there, on every
+    process. It may look at `denoiser` but must leave the generator stream and weights alone.
     """
     from accelerate import Accelerator
 
@@ -232,7 +236,11 @@ def train(
     model.train()
     bar = tqdm(range(settings.steps), desc=f"unlearn ({objective.name})", dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
+    stop = _between_steps(between_steps, 0, model, accelerator)
+    done = 0
     for step in bar:
+        if stop:
+            break
         # The whole batch is drawn and noised at once, so accumulation changes no draw.
         batch = draw_batch(objective, data, n, gen, accelerator.device)
         prepared = objective.prepare(batch, denoiser.schedule, gen)
@@ -247,15 +255,30 @@ def train(
         entry = {"step": step, **terms, "grad_norm": grad_norm}
         log.append(entry)
         bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
+        done = step + 1
+        stop = _between_steps(between_steps, done, model, accelerator)
     model.eval()
-    _check_weights(params, settings.steps)
-    if settings.steps > 0:
+    _check_weights(params, done)
+    if done > 0:
         # A step's loss check runs before it, so the last step's result is checked here, on the
         # last batch's first micro-batch (the memory --grad-accum was chosen for).
         mb = split_prepared(prepared, settings.grad_accum)[0]
         with torch.no_grad():
-            _check_finite(objective.terms(model(mb.x, mb.t), mb), settings.steps, after_last=True)
+            _check_finite(objective.terms(model(mb.x, mb.t), mb), done, after_last=True)
     return log
+
+
+def _between_steps(hook: Callable[[int], bool] | None, done: int, model, accelerator) -> bool:
+    """The hook on the main process only; its verdict reaches every process, so all stop together."""
+    if hook is None:
+        return False
+    stop = bool(hook(done)) if accelerator.is_main_process else False
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        stop = bool(broadcast(torch.tensor([int(stop)], device=accelerator.device)).item())
+    model.train()  # whatever mode the hook left the model in
+    return stop
 
 
 def per_process_batch(settings: TrainSettings, processes: int) -> int:

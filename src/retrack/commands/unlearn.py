@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Fine-tune a trained diffusion model so that it behaves as if the forget "
         "images had never been in its training set. The input model is never modified; the "
         "output is written atomically in the same diffusers layout, with retrack_run.json "
-        "(resolved config, seed, versions, data hashes) and retrack_log.json (per-step losses).",
+        "(resolved config, seed, versions, data hashes) and retrack_log.json (per-step losses, and "
+        "with --eval-every the evaluations).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
                    help="diffusers pipeline folder (unet/ + scheduler/), bare UNet2DModel folder, or hub id; "
@@ -71,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "batch 1 × 16 accumulation, lr 1e-5, AdamW (0.9, 0.999) wd 1e-2, K 10, λ 0.5, SISS s 750, "
                    "EraseDiff η 1e-2) or a YAML file of flag names; flags given here override it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _eval_flags(p)
     defaults = {a.dest: a.default for a in p._actions if a.default is not argparse.SUPPRESS}
     p.set_defaults(func=run, flag_defaults=defaults)
 
@@ -84,6 +86,37 @@ def _text_flags(p: argparse.ArgumentParser) -> None:
                    help="text-to-image models: train a LoRA adapter of this rank on the UNet's attention "
                    "projections instead of the whole UNet; writes pytorch_lora_weights.safetensors")
     p.add_argument("--lora-alpha", default=None, help="LoRA α; None means the rank (scale α/rank = 1)")
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    e = p.add_argument_group(
+        "evaluation during fine-tuning",
+        "metrics on the model as it trains, at steps 0, N, 2N, ... and after the last step, each time "
+        "from the same sampling seeds; written to retrack_log.json (entries with kind 'eval') and drawn "
+        "in eval_curves.png. The run's weights are the same as without evaluation.")
+    e.add_argument("--eval-every", default=None, help="evaluate every N optimiser steps (default: never)")
+    e.add_argument("--eval-metrics", default="copies",
+                   help="comma-separated, from: copies, fid, is, nll, reconstruction, clipiqa")
+    e.add_argument("--eval-samples", default=256, help="samples drawn at each evaluation")
+    e.add_argument("--eval-steps", default=50, help="DDIM steps of each evaluation sample")
+    e.add_argument("--eval-seed", default=0, help="seed of the evaluation samples (the same at every step)")
+    e.add_argument("--stop-at", default=None,
+                   help="METRIC=VALUE: stop at the first evaluation where a forgetting metric reaches "
+                   "VALUE (copies and reconstruction at or below it, nll at or above), e.g. copies=0")
+    e.add_argument("--copy-rule", default="l2",
+                   help="copies: 'l2' (the paper's L2 distance rule) or 'descriptor' (similarity)")
+    e.add_argument("--copy-threshold", default=None,
+                   help="copies: L2 distance in [0,1] pixels (default 10, for 1×28×28 images only) or "
+                   "similarity (descriptor rule, default 0.5)")
+    e.add_argument("--descriptor", default=None, help="descriptor of the copy rule and reconstruction "
+                   "(default: sscd with --sscd, else pixel_cosine)")
+    e.add_argument("--sscd", default=None, help="SSCD TorchScript file")
+    e.add_argument("--fid-features", default=None,
+                   help="FID feature space: 'mnist' (the shipped digit classifier, 28×28 grey) or a "
+                   "TorchScript file (default: Inception from --inception)")
+    e.add_argument("--inception", default=None, help="Inception weights file for FID/IS")
+    e.add_argument("--classifier", default=None, help="IS logits: 'mnist' or a TorchScript file")
+    e.add_argument("--eval-clip", default=None, help="local CLIP folder for CLIP-IQA")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -92,22 +92,42 @@ def frechet_distance(
     progress: bool = True,
 ) -> float:
     """FID between uint8 (N, H, W, C) sets, with Inception pool features or a custom module."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    return FrechetReference(real, features, inception_weights, batch_size, device, progress)(fake, progress)
 
-    require(len(real) >= 2 and len(fake) >= 2, "FID needs at least 2 real and 2 generated images.")
-    require(real.shape[1:] == fake.shape[1:],
-            f"real {real.shape[1:]} and generated {fake.shape[1:]} images differ in size.")
-    custom = features is not None
-    if not custom:
-        features = inception_network(inception_weights, "2048", FID_NEEDS)
-    xr, xf = _nchw_uint8(real, not custom), _nchw_uint8(fake, not custom)
-    with _eval_mode(features.to(device)), torch.no_grad():
-        metric = FrechetInceptionDistance(feature=_Sized(features, xr[:2].to(device))).to(device)
-        for x, is_real in ((xr, True), (xf, False)):
-            desc = f"FID {'real' if is_real else 'generated'}"
-            for batch in _batches(x, batch_size, desc, progress):
-                metric.update(batch.to(device), real=is_real)
-        return float(metric.compute())
+
+class FrechetReference:
+    """FID of any number of generated sets against one real set, whose features are taken once.
+
+    Evaluation during fine-tuning measures FID at many steps against the same remain set; its
+    features (60,000 images for MNIST) would otherwise be recomputed at every evaluation.
+    """
+
+    def __init__(self, real: np.ndarray, features: nn.Module | None = None,
+                 inception_weights: str | Path | None = None, batch_size: int = 64,
+                 device: torch.device | str = "cpu", progress: bool = True) -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        require(len(real) >= 2, "FID needs at least 2 real and 2 generated images.")
+        self.custom = features is not None
+        if not self.custom:
+            features = inception_network(inception_weights, "2048", FID_NEEDS)
+        self.shape, self.features, self.batch_size, self.device = real.shape[1:], features, batch_size, device
+        xr = _nchw_uint8(real, not self.custom)
+        with _eval_mode(features.to(device)), torch.no_grad():
+            self.metric = FrechetInceptionDistance(feature=_Sized(features, xr[:2].to(device)),
+                                                   reset_real_features=False).to(device)
+            for batch in _batches(xr, batch_size, "FID real", progress):
+                self.metric.update(batch.to(device), real=True)
+
+    def __call__(self, fake: np.ndarray, progress: bool = True) -> float:
+        require(len(fake) >= 2, "FID needs at least 2 real and 2 generated images.")
+        require(self.shape == fake.shape[1:],
+                f"real {self.shape} and generated {fake.shape[1:]} images differ in size.")
+        self.metric.reset()  # the generated features only: reset_real_features=False
+        with _eval_mode(self.features), torch.no_grad():
+            for batch in _batches(_nchw_uint8(fake, not self.custom), self.batch_size, "FID generated", progress):
+                self.metric.update(batch.to(self.device), real=False)
+            return float(self.metric.compute())
 
 
 def inception_score(

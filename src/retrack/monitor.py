@@ -1,0 +1,181 @@
+"""Evaluation during fine-tuning: chosen metrics at steps 0, N, 2N, …, last, and an early stop.
+
+The paper follows forgetting over the optimiser steps (its Figure 4). Every evaluation draws its
+samples from the same seeds (`--eval-seed`, never the step), so a curve compares model states, not
+draws. Evaluating must not change the run: it happens on the main process only, in eval mode, with
+torch's global random state forked, and the trainer's own generator is never touched, so a run
+with `--eval-every` ends in exactly the weights of one without. The metrics themselves are
+retrack.evaluate's (copies by the paper's L2 rule or a descriptor, FID in the configured features,
+NLL, ...), measured on the model being trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from retrack.errors import require
+from retrack.validation import Check, Float, InvalidValue
+
+# The metrics of retrack.evaluate that need no second model (a retrained or the pretrained one).
+DURING_TRAINING = ("copies", "fid", "is", "nll", "reconstruction", "clipiqa")
+EVAL_KIND = "eval"
+CURVES_FILE = "eval_curves.png"
+# Forgetting metrics a run may stop at, and which way "reached" points.
+STOP_METRICS = {"copies": "below", "reconstruction": "below", "nll": "above"}
+# The one number of each metric a curve plots (copies: the fraction of samples, the paper's frequency).
+HEADLINE = {"copies": "fraction", "fid": "value", "is": "mean", "nll": "mean", "reconstruction": "mean",
+            "clipiqa": "mean"}
+LABELS = {"copies": "copies (fraction of samples)", "fid": "FID", "is": "Inception score",
+          "nll": "NLL of forget images (bits/dim)", "reconstruction": "reconstruction similarity",
+          "clipiqa": "CLIP-IQA"}
+# Settings that act only with --eval-every (the metrics' instruments and sampling).
+EVAL_FIELDS = ("eval_metrics", "eval_samples", "eval_steps", "eval_seed", "stop_at", "copy_rule",
+               "copy_threshold", "descriptor", "sscd", "fid_features", "inception", "classifier", "eval_clip")
+
+
+class StopAt(Check):
+    """'copies=0': a forgetting metric and the value at which the run has forgotten enough."""
+
+    def describe(self) -> str:
+        return "METRIC=VALUE with METRIC one of " + ", ".join(STOP_METRICS)
+
+    def __call__(self, value: Any, name: str | None = None) -> tuple[str, float]:
+        flag = name or "--stop-at"
+        if isinstance(value, list | tuple) and len(value) == 2:
+            metric, target = value
+        elif isinstance(value, str) and value.count("=") == 1:
+            metric, target = value.split("=")
+        else:
+            raise InvalidValue(f"{flag} must be {self.describe()} (e.g. copies=0), got {value!r}.")
+        metric = str(metric).strip().lower()
+        if metric not in STOP_METRICS:
+            raise InvalidValue(f"{flag}: {metric!r} is not a forgetting metric; stop at one of "
+                               f"{', '.join(STOP_METRICS)} (e.g. copies=0).")
+        return metric, Float()(target, f"the value of {flag} {metric}")
+
+
+def reached(stop_at: tuple[str, float], values: dict[str, float]) -> bool:
+    """Copies and reconstruction similarity fall as a model forgets; the forget images' NLL rises."""
+    metric, target = stop_at
+    value = values[metric]
+    return value <= target if STOP_METRICS[metric] == "below" else value >= target
+
+
+def headline(name: str, result: dict[str, Any]) -> float:
+    return float(result[HEADLINE[name]])
+
+
+def check_evaluation(cfg: Any) -> None:
+    """Evaluation settings that cannot act, checked before anything loads: without --eval-every
+    they do nothing, and a stop metric must be one that is evaluated."""
+    if cfg.eval_every is None:
+        defaults = type(cfg).__dataclass_fields__
+        given = [f for f in EVAL_FIELDS if getattr(cfg, f) != defaults[f].default]
+        require(not given, f"--{given[0].replace('_', '-')} acts only at evaluations during fine-tuning; "
+                           "add --eval-every N." if given else "")
+        return
+    if cfg.stop_at is not None:
+        metric = cfg.stop_at[0]
+        require(metric in cfg.eval_metrics, f"--stop-at {metric} needs {metric} among --eval-metrics "
+                                            f"(now {','.join(cfg.eval_metrics)}).")
+
+
+@dataclass
+class Monitor:
+    """The trainer's between-steps hook: evaluates when due, keeps the entries, decides the stop.
+
+    `measure()` returns {metric: its result dict} for the model as it is now (retrack.evaluate's
+    `measure` on the training model); `module` is that model, put in eval mode meanwhile.
+    """
+
+    every: int
+    last: int
+    measure: Callable[[], dict[str, dict[str, Any]]]
+    module: torch.nn.Module
+    stop_at: tuple[str, float] | None = None
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    stopped_at: int | None = None
+
+    def due(self, done: int) -> bool:
+        return done % self.every == 0 or done == self.last
+
+    def __call__(self, done: int) -> bool:
+        if not self.due(done):
+            return False
+        start = time.perf_counter()
+        with _evaluating(self.module):
+            results = self.measure()
+        values = {name: headline(name, r) for name, r in results.items()}
+        details = {name: {k: v for k, v in r.items() if k != "settings"} for name, r in results.items()}
+        self.entries.append({"step": done, "kind": EVAL_KIND, "eval": values,
+                             "details": {**details, "seconds": round(time.perf_counter() - start, 3)}})
+        if self.stop_at is not None and reached(self.stop_at, values):
+            self.stopped_at = done
+            return True
+        return False
+
+
+@contextlib.contextmanager
+def _evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and a forked global RNG (CPU and the module's GPU), both restored afterwards."""
+    was = module.training
+    device = next(module.parameters()).device
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=gpus):
+            module.eval()
+            yield
+    finally:
+        module.train(was)
+
+
+def merge_log(train_log: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One log in step order; the evaluation after s steps comes before step s's loss entry (which
+    is measured before that step's update), so both read "the model after s updates"."""
+    keyed = [((e["step"], 0), e) for e in evals] + [((e["step"], 1), e) for e in train_log]
+    return [e for _, e in sorted(keyed, key=lambda pair: pair[0])]
+
+
+def draw_curves(evals: list[dict[str, Any]], stopped_at: int | None = None):
+    """Metric-vs-step panels like the paper's Figure 4, as a PIL image (matplotlib, Agg).
+
+    matplotlib is already a dependency through mlxtend; it draws the axes and ticks a reader
+    needs to read a value off the curve.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    from PIL import Image
+
+    names = list(evals[0]["eval"]) if evals else []
+    steps = [e["step"] for e in evals]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.6 * max(1, len(names)), 2.8), dpi=100,
+                             squeeze=False)
+    try:
+        for ax, name in zip(axes.flat, names, strict=False):
+            ax.plot(steps, [e["eval"][name] for e in evals], marker="o", markersize=3, lw=1.2)
+            if stopped_at is not None:
+                ax.axvline(stopped_at, color="tab:red", ls="--", lw=1, label=f"stopped at step {stopped_at}")
+                ax.legend(fontsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(LABELS.get(name, name), fontsize=9)
+            ax.set_xlabel("optimiser steps", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
