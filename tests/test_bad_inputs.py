@@ -130,6 +130,7 @@ def demo(w: Path, *extra) -> list:
 
 
 Case = tuple[str, Callable[[Path], list], str]
+EV = ("--eval-every", "1", "--copy-threshold", "1.5")
 BIG = str(2**64)
 CASES: list[Case] = [
     # unlearn: numbers and ranges
@@ -236,6 +237,29 @@ CASES: list[Case] = [
     ("out-in-model", lambda w: unlearn(w, "--out", M(w) / "x", "--overwrite"), "overlaps the input"),
     ("out-proc", lambda w: unlearn(w, "--out", "/proc/retrack/o"), "cannot be written"),
     ("out-below-file", lambda w: unlearn(w, "--out", w / "afile" / "o"), "which is a file"),
+    # unlearn: evaluation during fine-tuning
+    ("eval-every-0", lambda w: unlearn(w, "--eval-every", "0"), "--eval-every must be an integer ≥ 1, got '0'"),
+    ("eval-every-neg", lambda w: unlearn(w, "--eval-every=-2"), "--eval-every must be an integer ≥ 1, got '-2'"),
+    ("eval-metric-unknown", lambda w: unlearn(w, *EV, "--eval-metrics", "copies,fidd"),
+     "--eval-metrics: unknown metric 'fidd'; choose from"),
+    ("eval-metrics-empty", lambda w: unlearn(w, *EV, "--eval-metrics", ","), "--eval-metrics is empty"),
+    ("eval-samples-0", lambda w: unlearn(w, *EV, "--eval-samples", "0"), "--eval-samples must be an integer ≥ 1"),
+    ("eval-steps-T", lambda w: unlearn(w, *EV, "--eval-steps", "5000"), "--eval-steps must be in 1..1000"),
+    ("eval-flag-alone", lambda w: unlearn(w, "--eval-metrics", "nll"), "--eval-metrics acts only at evaluations"),
+    ("stop-at-alone", lambda w: unlearn(w, "--stop-at", "copies=0"),
+     "--stop-at acts only at evaluations during fine-tuning; add --eval-every N."),
+    ("stop-at-syntax", lambda w: unlearn(w, *EV, "--stop-at", "copies"), "--stop-at must be METRIC=VALUE"),
+    ("stop-at-fid", lambda w: unlearn(w, *EV, "--stop-at", "fid=3"), "'fid' is not a forgetting metric"),
+    ("stop-at-value", lambda w: unlearn(w, *EV, "--stop-at", "copies=few"),
+     "the value of --stop-at copies must be a finite number, got 'few'"),
+    ("stop-at-unevaluated", lambda w: unlearn(w, *EV, "--eval-metrics", "nll", "--stop-at", "copies=0"),
+     "--stop-at copies needs copies among --eval-metrics (now nll)"),
+    ("eval-fid-no-weights", lambda w: unlearn(w, *EV, "--eval-metrics", "fid"), "FID needs Inception weights"),
+    ("eval-fid-features", lambda w: unlearn(w, *EV, "--eval-metrics", "fid", "--fid-features", w / "nope.pt"),
+     "is neither 'mnist' nor an existing TorchScript file"),
+    ("eval-clipiqa", lambda w: unlearn(w, *EV, "--eval-metrics", "clipiqa"), "pass --eval-clip PATH"),
+    ("eval-threshold-8px", lambda w: unlearn(w, "--eval-every", "1"), "the default --copy-threshold 10 is the paper's"),
+    ("eval-threshold-neg", lambda w: unlearn(w, *EV, "--copy-threshold", "-1"), "--copy-threshold is an L2 distance"),
     # sample
     ("sample-num-0", lambda w: sample(w, "--num", "0"), "--num must be an integer ≥ 1"),
     ("sample-num-word", lambda w: sample(w, "--num", "few"), "--num must be an integer ≥ 1"),
