@@ -40,8 +40,14 @@ def main(out: Path, model: str, data: str) -> None:
         train(denoiser, build(method), tiny_train_data(), SETTINGS, "cpu", False, record)
         final = [p.detach().clone() for p in denoiser.parameters()]
         torch.save({"steps": seen, "final": final}, out / f"{method}-{rank}.pt")
+    # Evaluating on the main process alone: every sample a copy (threshold 100), never stopping ...
     unlearn(model, data, "0,1", str(out / "unlearned"), progress=False, steps=2, batch_size=8,
-            grad_accum=2, k=3, device="cpu", cache_dir=str(out / f"cache-{rank}"))
+            grad_accum=2, k=3, device="cpu", cache_dir=str(out / f"cache-{rank}"), eval_every=1,
+            eval_samples=2, eval_steps=2, copy_threshold=100.0, stop_at="copies=0")
+    # ... and no copy at all (threshold 0): the main process's stop at step 0 reaches both.
+    unlearn(model, data, "0,1", str(out / "stopped"), progress=False, steps=2, batch_size=8, k=3, device="cpu",
+            cache_dir=str(out / f"cache-{rank}"), eval_every=1, eval_samples=2, eval_steps=2,
+            copy_threshold=0.0, stop_at="copies=0")
 
 
 if __name__ == "__main__":

@@ -109,3 +109,10 @@ def test_only_the_main_process_writes_the_output(runs):
     assert record["processes"] == PROCESSES and record["config"]["grad_accum"] == 2
     assert Path(record["config"]["cache_dir"]).name == "cache-0"  # each process names its own cache
     assert not [p.name for p in runs.iterdir() if p.name.startswith(".unlearned")]
+
+
+def test_evaluation_runs_on_the_main_process_and_its_stop_reaches_every_process(runs):
+    evaluation = json.loads((runs / "unlearned" / "retrack_run.json").read_text())["evaluation"]
+    assert evaluation["steps"] == [0, 1, 2] and evaluation["stopped_at"] is None and evaluation["steps_done"] == 2
+    evaluation = json.loads((runs / "stopped" / "retrack_run.json").read_text())["evaluation"]
+    assert evaluation["steps"] == [0] and evaluation["stopped_at"] == 0 and evaluation["steps_done"] == 0
