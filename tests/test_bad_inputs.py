@@ -263,6 +263,7 @@ CASES: list[Case] = [
     ("unlearn-eval-fid-features", lambda w: unlearn(w, *EV, "--eval-metrics", "fid", "--fid-features",
                                                     w / "nope.pt"),
      "is neither 'mnist' nor an existing TorchScript file"),
+    ("unlearn-eval-prompt", lambda w: unlearn(w, *EV, "--prompt", "a t-shirt"), "--eval-every evaluates pixel models"),
     ("unlearn-eval-clipiqa", lambda w: unlearn(w, *EV, "--eval-metrics", "clipiqa"), "pass --eval-clip PATH"),
     ("unlearn-eval-threshold-8px", lambda w: unlearn(w, "--eval-every", "1"),
      "the default --copy-threshold 10 is the paper's"),
