@@ -257,8 +257,7 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     train_data = TrainData(to_tensor(space[parts.remain]), to_tensor(forget_imgs), neighbour_table(table))
     settings_ = _train_settings(cfg)
     # Pixel models only (resolve_unlearn refuses --eval-every with --prompt), so `loaded` exists.
-    monitor = None if evaluation is None else _monitor(cfg, evaluation, loaded, space[parts.remain],
-                                                                forget_imgs)
+    monitor = None if evaluation is None else _monitor(cfg, evaluation, loaded, space[parts.remain], forget_imgs)
     log = train(denoiser, objective, train_data, settings_, cfg.device, progress, between_steps=monitor)
     if _is_main_process():
         _write_output(out_path, save, cfg, objective, images, parts, table, log, extra, monitor)
