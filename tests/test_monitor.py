@@ -45,6 +45,10 @@ def test_eval_every_logs_steps_0_n_2n_last_and_leaves_the_weights_as_without(tin
     losses = [e for e in log if e.get("kind") != "eval"]
     assert losses == json.loads((plain / "retrack_log.json").read_text())
     assert [(e["step"], e.get("kind")) for e in log[:3]] == [(0, "eval"), (0, None), (1, None)]
+    from retrack.report.folders import split_log  # the report's reader plots these as metric curves
+
+    train_series, eval_series = split_log(log)
+    assert eval_series == {"copies": ([0, 2, 4, 5], [1.0] * 4)} and "copies" not in train_series
     record = json.loads((evald / "retrack_run.json").read_text())["evaluation"]
     assert record == {"every": 2, "steps": [0, 2, 4, 5], "stop_at": None, "stopped_at": None, "steps_done": 5,
                       "curves": "eval_curves.png"}
