@@ -2,7 +2,7 @@
 (config checks, data and model digests, fingerprint, metrics.json, the merged table) against the
 same unlearn() + evaluate() called directly, interleaved, median of --repeats.
 
-    python bench/bench_runner.py [--repeats 5] [--steps 20] [--samples 64]
+    python bench/bench_runner.py [--repeats 5] [--steps 20] [--samples 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -53,7 +53,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--size", type=int, default=16, help="image side")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (more than the free cores makes every timing noise)")
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     root = Path(tempfile.mkdtemp(prefix="bench_runner."))
     model = tiny_model(root / "model", a.size)
     data = root / "data.npz"
@@ -74,7 +77,7 @@ def main() -> int:
                 times[name].append(time.perf_counter() - start)
     d, r = statistics.median(times["direct"]), statistics.median(times["runner"])
     print(f"one run, {a.steps} ReTrack steps (batch {a.batch_size}, {a.size}×{a.size}), "
-          f"{a.samples} samples; median of {a.repeats}, interleaved")
+          f"{a.samples} samples; {a.threads} torch thread(s); median of {a.repeats}, interleaved")
     print(f"direct unlearn() + evaluate(): {d:.3f} s")
     print(f"retrack experiment runner:     {r:.3f} s")
     print(f"runner overhead: {100 * (r - d) / d:+.2f}% (target < 2%)")
