@@ -28,3 +28,19 @@ def test_shipped_model_loads_and_memorised_the_tshirt_at_about_one_percent():
     memo = json.loads((SHIPPED_MODEL / "memorisation.json").read_text())
     assert memo["samples"] >= 2000 and 0.003 <= memo["frequency"] <= 0.03
     assert memo["copies"] == round(memo["frequency"] * memo["samples"])
+
+
+def test_retrained_model_matches_its_provenance_and_never_saw_the_tshirt():
+    from retrack.pretrain import PretrainRecipe, recipe_data
+
+    retrained = SHIPPED_MODEL.parent / "retrained"
+    record = json.loads((retrained / "provenance.json").read_text())
+    assert file_sha256(retrained / "unet" / "diffusion_pytorch_model.safetensors") == record["weights_sha256"]
+    assert record["data_digest"] == recipe_data("mnist_tshirt_remain").digest() and record["data_size"] == 5000
+    recipe = PretrainRecipe.from_yaml(SHIPPED_MODEL.parent / "retrain.yaml")
+    assert record["config"]["data"] == recipe.data and record["steps"] == recipe.steps
+    shipped = json.loads((SHIPPED_MODEL / "provenance.json").read_text())
+    assert {k: v for k, v in record["config"].items() if k != "data"} == \
+        {k: v for k, v in shipped["config"].items() if k != "data"}
+    memo = json.loads((retrained / "memorisation.json").read_text())
+    assert memo["copies"] == 0 and memo["samples"] >= 2000
