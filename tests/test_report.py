@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from retrack.cli import main
 from retrack.errors import UserError
 from retrack.grid import grid_image
 from retrack.report import write_report
+from retrack.runrecord import current_umask
 
 RUN_FIGURES = {"samples-before", "samples-after", "neighbours", "reconstruction", "curves-loss"}
 
@@ -45,6 +47,7 @@ def test_run_report_holds_every_figure_and_table(run_dir, tmp_path):
 
     out = write_report(run_dir, tmp_path / "r.html", samples=4, sampling_steps=2, reconstruction=True,
                        max_neighbours=2)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~current_umask()  # not mkstemp's 0600
     page = parse_report(out.read_text())
     assert set(page.figures) == RUN_FIGURES
     images = {name: decode(uri) for name, uri in page.figures.items()}

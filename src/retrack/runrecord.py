@@ -53,12 +53,15 @@ def environment_record(config: Any, **extra: Any) -> dict[str, Any]:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
+    write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically, with the umask's permissions like any file the user makes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_file(path)
     try:
-        with open(tmp, "w") as fh:
-            json.dump(_jsonable(obj), fh, indent=2)
-            fh.write("\n")
+        Path(tmp).write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

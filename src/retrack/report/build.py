@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ from retrack.report.folders import RunFolder, kind_of, read_experiment
 from retrack.report.html import Page
 from retrack.report.options import ReportOptions
 from retrack.report.pages import demo_page, run_page
+from retrack.runrecord import write_text
 from retrack.validation import check_output, existing_dir
 
 REPORT_NAME = "report.html"
@@ -46,9 +45,5 @@ def write_report(folder: str | Path, out: str | Path | None = None, overwrite: b
     path = check_output(out if out is not None else folder / REPORT_NAME, "--out", overwrite,
                         suffix=".html")
     page = build_page(folder, opts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(page.html())
-    os.replace(tmp, path)
+    write_text(path, page.html())
     return path
