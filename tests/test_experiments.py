@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -272,7 +273,8 @@ def test_command_runs_alone_and_spread_over_two_processes(stand_in, tmp_path):
               str(tmp_path / "two")]
     two = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
-    ran = sorted(line for line in two.stdout.splitlines() if line.startswith("run "))
+    # Both processes print to one pipe, so their lines may interleave: match the entries, not lines.
+    ran = sorted(re.findall(r"run \S+ \[process \d/2\]", two.stdout))
     assert ran == ["run pretrained/seed0 [process 1/2]", "run pretrained/seed1 [process 2/2]",
                    "run vanilla/seed0 [process 1/2]", "run vanilla/seed1 [process 2/2]"]
     alone = (tmp_path / "alone" / "summary.md").read_text()
@@ -284,3 +286,15 @@ def test_parse_shard():
     for bad in ("0/2", "3/2", "1/0", "a/b", "1"):
         with pytest.raises(UserError):
             parse_shard(bad)
+
+
+def test_reference_metrics_validate_with_the_configs_reference_model(stand_in, tmp_path):
+    model, data = stand_in
+    raw = {"model": str(model), "data": str(data), "targets": {"indices": "38-39"}, "seeds": [0],
+           "methods": {"vanilla": {}}, "metrics": ["copies", "nll_reference"],
+           "sampling": {"samples": 4, "steps": 2}}
+    with pytest.raises(UserError, match="nll_reference needs"):
+        resolve(parse_config(raw))
+    reference = save_pipeline(tmp_path / "reference", seed=1)
+    res = resolve(parse_config({**raw, "reference_model": str(reference)}))
+    assert len(res.fingerprints) == 2

@@ -195,6 +195,8 @@ def _metric_settings(cfg: ExperimentConfig) -> dict[str, Any]:
             require(Path(value).exists(), f"metrics: {key} file {value!r} does not exist.")
     s = cfg.sampling
     out: dict[str, Any] = {"names": list(cfg.metrics), "settings": cfg.metrics}
+    if cfg.reference_model is not None:
+        merged["reference_model"] = cfg.reference_model  # checked here as each run will pass it
     if names:
         try:
             full = resolved(EvaluateConfig(metrics=names, num_samples=s["samples"], steps=s["steps"],
