@@ -27,6 +27,7 @@ import torch
 from retrack.data import ImageSet
 from retrack.errors import UserError, require
 from retrack.models import SUPPORTED, TEXT_PIPELINES, Denoiser, Schedule
+from retrack.neighbours import save_cached_array
 
 SD_EXTRA = "pip install 'retrack-unlearning[sd]'"
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
@@ -239,14 +240,7 @@ def cached_latents(pipe, images: ImageSet, cache_dir: Path, progress: bool = Tru
     if progress:
         print(f"encoding {len(images)} images with the VAE (cached for next time)", file=sys.stderr)
     latents = encode_images(pipe, images.images)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, latents)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    save_cached_array(path, latents)
     return latents, key
 
 

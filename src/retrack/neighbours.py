@@ -109,15 +109,21 @@ def cached_nearest_neighbours(
     if cached is not None:
         return cached
     indices, _ = nearest_neighbours(remain, forget, k, progress=progress, device=device)
+    save_cached_array(path, indices)
+    return indices
+
+
+def save_cached_array(path: Path, array: np.ndarray) -> None:
+    """Write a cache entry atomically (temp file, then rename), so a concurrent run never reads
+    half of it; a read-only cache location only costs recomputation next time."""
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
-            np.save(fh, indices)
+            np.save(fh, array)
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only cache location only costs recomputation
-    return indices
+        pass
 
 
 def _read_cache(path: Path, shape: tuple[int, int], n_remain: int) -> np.ndarray | None:
