@@ -128,6 +128,27 @@ def test_mnist_config_gives_the_paper_table_layout(stand_in, stubs, tmp_path):
     record = json.loads((out / "experiment.json").read_text())
     assert record["complete"] and len(record["runs"]) == 16 and record["config"]["seeds"] == [0, 1]
     assert json.loads((out / "retrack K=3" / "seed0" / "metrics.json").read_text())["hyper"]["k"] == 3
+    from PIL import Image
+
+    with Image.open(out / "tradeoff.png") as png:  # no reference model: FID on x, two y panels
+        assert png.size == (1040, 420)
+
+
+def test_tradeoff_axes_and_points():
+    from retrack.experiments.metrics import Column
+    from retrack.experiments.tradeoff import axes_for, tradeoff_points
+
+    cols = [Column(k, k) for k in ("frequency", "nll", "fid", "fid_reference", "is")]
+    assert axes_for({}, cols) == ("fid_reference", ["frequency", "nll"])
+    assert axes_for({}, cols[2:3] + cols[:1]) == ("fid", ["frequency"])
+    assert axes_for({"x": "is", "y": ["nll"]}, cols) == ("is", ["nll"])
+    assert axes_for({}, cols[2:]) is None  # nothing measures forgetting: no plot
+    with pytest.raises(UserError, match="tradeoff: 'sharpness' is not a column"):
+        axes_for({"y": ["sharpness"]}, cols)
+    results = {"a": [{"fid": 1.0, "frequency": 0.5}, {"fid": 2.0, "frequency": None}, {"fid": 3.0, "frequency": 0.0}],
+               "b": [{"fid": 4.0}]}
+    points = tradeoff_points(results, "fid", "frequency")
+    assert list(points) == ["a"] and points["a"].tolist() == [[1.0, 0.5], [3.0, 0.0]]
 
 
 def test_rerun_skips_finished_refuses_stale_and_force_reruns(stand_in, stubs, tmp_path):
@@ -180,6 +201,9 @@ BAD = [
     (["--seeds", "3-1"], "runs backwards"),
     (["--shard", "3/2"], "--shard 3/2"),
     (["--set", "seeds=[0, 0]"], "twice"),
+    (["--set", "tradeoff={x: sharpness}"], "tradeoff: 'sharpness' is not a column"),
+    (["--set", "tradeoff={z: fid}"], "tradeoff: unknown key 'z'"),
+    (["--set", "tradeoff={y: [1, 2]}"], "tradeoff.y must be"),
 ]
 
 

@@ -58,10 +58,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically, with the umask's permissions like any file the user makes."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically (temp file in the same folder, then rename), umask permissions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_file(path)
     try:
-        Path(tmp).write_text(text, encoding="utf-8")
+        Path(tmp).write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

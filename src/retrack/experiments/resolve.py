@@ -61,6 +61,7 @@ def resolve(cfg: ExperimentConfig) -> Resolved:
     runs = plan(cfg)
     unlearn = {r.label: _unlearn_settings(r, cfg) for r in runs if r.method is not None}
     metrics = _metric_settings(cfg)
+    _check_tradeoff(cfg)
     common = {"version": FINGERPRINT_VERSION, "model": model_id, "data": images.digest(),
               "metrics": metrics, "sampling": cfg.sampling, "reference_model": reference[1]}
     fingerprints = {r.name: {**common, "forget": forget[r.target][1], "seed": r.seed,
@@ -181,6 +182,14 @@ def _unlearn_settings(run: RunSpec, cfg: ExperimentConfig) -> dict[str, Any]:
 def _as_keys(message: str) -> str:
     """The API names its settings by flag (--grad-accum); a config names them by key."""
     return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+def _check_tradeoff(cfg: ExperimentConfig) -> None:
+    """The plot's axes must be columns of the table, checked before the first run."""
+    from retrack.experiments.metrics import get_metric
+    from retrack.experiments.tradeoff import axes_for
+
+    axes_for(cfg.tradeoff, [c for name, st in cfg.metrics.items() for c in get_metric(name).columns(st)])
 
 
 def _metric_settings(cfg: ExperimentConfig) -> dict[str, Any]:

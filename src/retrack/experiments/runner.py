@@ -21,7 +21,8 @@ from retrack.experiments.metrics import Column, RunContext, get_metric
 from retrack.experiments.plan import RunSpec
 from retrack.experiments.resolve import Resolved
 from retrack.experiments.tables import write_summary
-from retrack.runrecord import environment_record, write_json
+from retrack.experiments.tradeoff import TRADEOFF_FILE, axes_for, draw_tradeoff
+from retrack.runrecord import environment_record, write_bytes, write_json
 
 FINISHED, FINGERPRINT = "metrics.json", "fingerprint.json"
 
@@ -132,11 +133,20 @@ def merge(res: Resolved, runs: list[RunSpec]) -> str:
             results[run.label].append(records[run.name])
     results = {k: v for k, v in results.items() if v}
     md = write_summary(out, results, columns(res))
+    _write_tradeoff(res, out, results)
     write_json(out / "runs.json", records)
     write_json(out / "experiment.json", environment_record(
         res.cfg.as_dict(), complete=not st.pending, runs={r.name: res.fingerprint(r) for r in st.finished},
         missing=[r.name for r in st.pending]))
     return md
+
+
+def _write_tradeoff(res: Resolved, out: Path, results: dict[str, list[dict[str, Any]]]) -> None:
+    """tradeoff.png beside the table, when it has a quality and a forgetting column."""
+    cols = columns(res)
+    picked = axes_for(res.cfg.tradeoff, cols)
+    if picked is not None:
+        write_bytes(out / TRADEOFF_FILE, draw_tradeoff(results, cols, *picked))
 
 
 def columns(res: Resolved) -> list[Column]:

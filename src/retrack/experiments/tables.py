@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retrack.experiments.metrics import Column
-from retrack.runrecord import write_json
+from retrack.runrecord import write_json, write_text
 
 
 def summarise(results: dict[str, list[dict[str, Any]]], columns: list[Column]) -> list[dict[str, Any]]:
@@ -51,13 +50,9 @@ def to_csv(rows: list[dict[str, Any]], columns: list[Column]) -> str:
 def write_summary(out: Path, results: dict[str, list[dict[str, Any]]], columns: list[Column]) -> str:
     rows = summarise(results, columns)
     md = to_markdown(rows, columns)
-    _write_text(out / "summary.md", md)
-    _write_text(out / "summary.csv", to_csv(rows, columns))
+    write_text(out / "summary.md", md)
+    write_text(out / "summary.csv", to_csv(rows, columns))
     write_json(out / "summary.json", rows)
     return md
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
