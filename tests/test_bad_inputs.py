@@ -131,6 +131,12 @@ def demo(w: Path, *extra) -> list:
 
 Case = tuple[str, Callable[[Path], list], str]
 EV = ("--eval-every", "1", "--copy-threshold", "1.5")
+
+
+def sd_ev(w: Path) -> tuple:
+    return ("--model", w / "sd", "--prompt", "a", "--eval-every", "1")
+
+
 BIG = str(2**64)
 CASES: list[Case] = [
     # unlearn: numbers and ranges
@@ -263,7 +269,20 @@ CASES: list[Case] = [
     ("unlearn-eval-fid-features", lambda w: unlearn(w, *EV, "--eval-metrics", "fid", "--fid-features",
                                                     w / "nope.pt"),
      "is neither 'mnist' nor an existing TorchScript file"),
-    ("unlearn-eval-prompt", lambda w: unlearn(w, *EV, "--prompt", "a t-shirt"), "--eval-every evaluates pixel models"),
+    ("unlearn-eval-prompt-pixel", lambda w: unlearn(w, *EV, "--prompt", "a t-shirt"),
+     "--prompt is for text-to-image models"),
+    ("unlearn-eval-sd-clipiqa", lambda w: unlearn(w, *sd_ev(w), "--eval-metrics", "similarity,clipiqa"),
+     "CLIP-IQA needs a local CLIP model: pass --eval-clip PATH"),
+    ("unlearn-eval-sd-nll", lambda w: unlearn(w, *sd_ev(w), "--eval-metrics", "nll"),
+     "--eval-metrics nll needs a pixel model; with --prompt choose from similarity, copies, fid, is, clipiqa"),
+    ("unlearn-eval-sd-l2", lambda w: unlearn(w, *sd_ev(w), "--copy-rule", "l2"),
+     "--copy-rule l2 with --prompt needs --copy-threshold"),
+    ("unlearn-eval-sd-stop", lambda w: unlearn(w, *sd_ev(w), "--eval-metrics", "copies", "--stop-at", "similarity=0.3"),
+     "--stop-at similarity needs similarity among --eval-metrics (now copies)"),
+    ("unlearn-eval-sd-target", lambda w: unlearn(w, *sd_ev(w), "--eval-target", w / "nope.png"),
+     "--eval-target '"),
+    ("unlearn-eval-guidance-pixel", lambda w: unlearn(w, *EV, "--eval-guidance", "3"),
+     "--eval-guidance is for text-to-image models"),
     ("unlearn-eval-clipiqa", lambda w: unlearn(w, *EV, "--eval-metrics", "clipiqa"), "pass --eval-clip PATH"),
     ("unlearn-eval-threshold-8px", lambda w: unlearn(w, "--eval-every", "1"),
      "the default --copy-threshold 10 is the paper's"),
@@ -327,7 +346,7 @@ CASES: list[Case] = [
     ("eval-prompt-on-pixel", lambda w: evaluate(w, "--prompt", "a cat"), "--prompt is for text-to-image models"),
     ("eval-text-without-prompt", lambda w: evaluate(w, "--model", w / "sd"), "pass --prompt"),
     ("eval-prompt-nll", lambda w: evaluate(w, "--model", w / "sd", "--prompt", "a", "--metrics", "copies,nll"),
-     "--metrics nll needs a pixel model; with --prompt choose from copies, fid, is, clipiqa"),
+     "--metrics nll needs a pixel model; with --prompt choose from similarity, copies, fid, is, clipiqa"),
     ("eval-guidance-pixel", lambda w: evaluate(w, "--guidance", "2"), "--guidance is for text-to-image models"),
     ("eval-sampler", lambda w: evaluate(w, "--sampler", "x"), "--sampler must be one of ddpm, ddim"),
     ("eval-nll-schedule", lambda w: evaluate(w, "--nll-schedule", "vp"), "--nll-schedule must be one of"),

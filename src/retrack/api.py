@@ -88,13 +88,16 @@ class UnlearnConfig(Validated):
     mixed_precision: str = option(Choice(*MIXED_PRECISION), "no")
     recipe: str | None = option(Optional(Text()), None)
     # Evaluation during fine-tuning (monitor.py); the instruments are retrack evaluate's flags.
+    # None in eval_metrics, eval_samples and copy_rule means the model kind's default (eval_defaults).
     eval_every: int | None = option(Optional(POSITIVE_INT), None)
-    eval_metrics: tuple[str, ...] = option(MetricNames("--eval-metrics", DURING_TRAINING), ("copies",))
-    eval_samples: int = option(POSITIVE_INT, 256)
+    eval_metrics: tuple[str, ...] | None = option(Optional(MetricNames("--eval-metrics", DURING_TRAINING)), None)
+    eval_samples: int | None = option(Optional(POSITIVE_INT), None)
     eval_steps: int = option(POSITIVE_INT, 50)
     eval_seed: int = option(SEED, 0)
+    eval_guidance: float = option(Float(0.0), 7.5)
+    eval_target: str | None = option(Optional(Text()), None)
     stop_at: tuple[str, float] | None = option(Optional(StopAt()), None)
-    copy_rule: str = option(Choice("l2", "descriptor"), "l2")
+    copy_rule: str | None = option(Optional(Choice("l2", "descriptor")), None)
     copy_threshold: float | None = option(Optional(Float()), None)
     descriptor: str | None = option(Optional(Text()), None)
     sscd: str | None = option(Optional(Text()), None)
@@ -165,9 +168,8 @@ def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
     """Everything that can be checked before loading data or a model: method defaults, device,
     the model's layout, the data and forget files, and a writable, new output."""
     cfg = resolve_method(cfg)
+    cfg = eval_defaults(cfg)
     check_evaluation(cfg)
-    require(cfg.eval_every is None or cfg.prompt is None,
-            "--eval-every evaluates pixel models; with --prompt, evaluate the output with retrack evaluate.")
     eval_config(cfg)
     require_kind(cfg.model, cfg.prompt)
     device = cfg.device or default_device()
@@ -208,6 +210,41 @@ def resolve_method(cfg: UnlearnConfig, processes: int | None = None) -> UnlearnC
                            for f in defaults})
 
 
+PIXEL_EVAL = {"eval_metrics": ("copies",), "eval_samples": 256, "copy_rule": "l2"}
+# The paper's SD protocol: 16 samples for the prompt, their mean similarity to the training image.
+TEXT_EVAL = {"eval_metrics": ("similarity", "copies"), "eval_samples": 16, "copy_rule": "descriptor"}
+
+
+def eval_defaults(cfg: UnlearnConfig) -> UnlearnConfig:
+    """The evaluation settings left unset, filled for the model's kind (a text-to-image model with
+    --prompt, or a pixel model), so the run record shows what was measured. CLIP-IQA joins a text
+    model's defaults when --eval-clip names a local CLIP."""
+    if cfg.eval_every is None:
+        return cfg
+    text = cfg.prompt is not None
+    if not text:
+        require(cfg.eval_guidance == 7.5, "--eval-guidance is for text-to-image models with --prompt.")
+        require(cfg.eval_target is None, "--eval-target is for text-to-image models with --prompt.")
+    defaults = dict(TEXT_EVAL if text else PIXEL_EVAL)
+    if text and cfg.eval_clip is not None:
+        defaults["eval_metrics"] = (*defaults["eval_metrics"], "clipiqa")
+    cfg = replace(cfg, **{k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in defaults.items()})
+    if text:
+        from retrack.evaluate import TEXT_METRICS, target_files
+
+        for path in target_files(cfg.eval_target):
+            require(path.is_file(), f"--eval-target {str(path)!r} is not an image file.")
+
+        counts = {"copies", "fid", "is"} & set(cfg.eval_metrics)
+        require(not counts or cfg.copy_rule != "l2" or cfg.copy_threshold is not None,
+                "--copy-rule l2 with --prompt needs --copy-threshold (an L2 distance over [0, 1] pixels at the "
+                "pipeline's image size).")
+        other = [m for m in cfg.eval_metrics if m not in TEXT_METRICS]
+        require(not other, f"--eval-metrics {other[0] if other else ''} needs a pixel model; with --prompt choose "
+                           f"from {', '.join(m for m in TEXT_METRICS if m in DURING_TRAINING)}.")
+    return cfg
+
+
 def eval_config(cfg: UnlearnConfig) -> EvaluateConfig | None:
     """The evaluation during fine-tuning as `retrack evaluate` would run it (None: no evaluation);
     resolving it names missing weights before anything loads."""
@@ -222,7 +259,8 @@ def eval_config(cfg: UnlearnConfig) -> EvaluateConfig | None:
         metrics=cfg.eval_metrics, seed=cfg.eval_seed, num_samples=cfg.eval_samples, steps=cfg.eval_steps,
         copy_rule=cfg.copy_rule, copy_threshold=cfg.copy_threshold, descriptor=cfg.descriptor,
         sscd=cfg.sscd, fid_features=cfg.fid_features, inception=cfg.inception, classifier=cfg.classifier,
-        clip=cfg.eval_clip, device=cfg.device or default_device()))
+        clip=cfg.eval_clip, device=cfg.device or default_device(), prompt=cfg.prompt, guidance=cfg.eval_guidance,
+        target=cfg.eval_target))
 
 
 def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
@@ -235,11 +273,13 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
         model = _load_text(cfg, images, progress)
         space, denoiser, to_tensor = model.notes.pop("latents"), model.denoiser, torch.from_numpy
         save, extra = (lambda tmp: _save_text(model, tmp)), _text_record(model)
+        monitor_on = lambda: _text_monitor(cfg, evaluation, model, images, parts)  # noqa: E731
     else:
         loaded = load_model(cfg.model, cfg.device)
         _check_fits(images, loaded)
         space, denoiser, to_tensor = images.images, loaded.denoiser, _nchw
         save, extra = (lambda tmp: save_model(loaded, tmp)), {}
+        monitor_on = lambda: _monitor(cfg, evaluation, loaded, space[parts.remain], space[parts.forget])  # noqa: E731
     if cfg.gradient_checkpointing:
         denoiser.unet.enable_gradient_checkpointing()
     steps = denoiser.schedule.num_steps
@@ -256,8 +296,7 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
                                           cfg.device)
     train_data = TrainData(to_tensor(space[parts.remain]), to_tensor(forget_imgs), neighbour_table(table))
     settings_ = _train_settings(cfg)
-    # Pixel models only (resolve_unlearn refuses --eval-every with --prompt), so `loaded` exists.
-    monitor = None if evaluation is None else _monitor(cfg, evaluation, loaded, space[parts.remain], forget_imgs)
+    monitor = None if evaluation is None else monitor_on()
     log = train(denoiser, objective, train_data, settings_, cfg.device, progress, between_steps=monitor)
     if _is_main_process():
         _write_output(out_path, save, cfg, objective, images, parts, table, log, extra, monitor)
@@ -272,7 +311,8 @@ def _evaluation_setup(cfg: UnlearnConfig, images: ImageSet):
     ecfg = eval_config(cfg)
     if ecfg is None:
         return None
-    ecfg = copy_threshold_for(ecfg, images)
+    if cfg.prompt is None:  # a text model's threshold is checked at its pipeline's image size
+        ecfg = copy_threshold_for(ecfg, images)
     return ecfg, load_instruments(ecfg)
 
 
@@ -289,12 +329,28 @@ def _monitor(cfg: UnlearnConfig, evaluation, loaded: LoadedModel, remain: np.nda
                    loaded.denoiser, cfg.stop_at)
 
 
+def _text_monitor(cfg: UnlearnConfig, evaluation, model, images: ImageSet, parts) -> Monitor:
+    """Evaluation of a text-to-image model: samples through its pipeline under the run's prompt
+    (the UNet being trained, with its LoRA adapter if any), compared with the training image(s)
+    at the pipeline's size."""
+    from retrack.evaluate import copy_threshold_for, measure, text_targets
+
+    ecfg, tools = evaluation
+    T = int(model.pipeline.scheduler.config.num_train_timesteps)
+    require(cfg.eval_steps <= T, f"--eval-steps must be in 1..{T} for this model, got {cfg.eval_steps}.")
+    found = text_targets(model.pipeline, images, parts, ecfg)
+    ecfg = copy_threshold_for(ecfg, found.pixels)
+    return Monitor(int(cfg.eval_every), cfg.steps,
+                   lambda: measure(ecfg, model, found.targets, found.remain, tools, False, found.name),
+                   model.denoiser, cfg.stop_at)
+
+
 def _load_text(cfg: UnlearnConfig, images: ImageSet, progress: bool):
     """The pipeline with the prompt bound in, and the data set's latents (cached by content)."""
     from retrack.latent import cached_latents, load_text_model, preprocessing
     from retrack.neighbours import default_cache_dir
 
-    model = load_text_model(cfg.model, cfg.prompt, cfg.device, cfg.lora, cfg.lora_alpha)
+    model = load_text_model(cfg.model, cfg.prompt, cfg.device, cfg.lora, cfg.lora_alpha, seed=cfg.seed)
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir().parent
     latents, key = cached_latents(model.pipeline, images, root / "latents", progress)
     model.notes.update(latents=np.ascontiguousarray(latents), latent_key=key,

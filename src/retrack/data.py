@@ -103,7 +103,7 @@ def load_images(path: str | Path) -> ImageSet:
         return ImageSet(_load_cifar(cifar), str(p))
     files = _image_files(p)
     require(bool(files), f"data folder {str(p)!r} holds no png/jpg images, IDX files or CIFAR-10 batches.")
-    images = [_read_image_file(f) for f in files]
+    images = [read_image_file(f) for f in files]
     odd = next((f for f, im in zip(files, images, strict=False) if im.shape != images[0].shape), None)
     require(odd is None, f"image {str(odd)!r} differs in size or channels from {str(files[0])!r}.")
     return ImageSet(np.stack(images), str(p))
@@ -122,11 +122,11 @@ def image_chunks(path: str | Path, rows: int = 256) -> tuple[tuple[int, int, int
     if not files:
         images = load_images(p).images
         return tuple(images.shape), iter_rows(images)
-    first = _read_image_file(files[0])
+    first = read_image_file(files[0])
 
     def chunks() -> Iterator[np.ndarray]:
         for start in range(0, len(files), rows):
-            batch = [_read_image_file(f) for f in files[start : start + rows]]
+            batch = [read_image_file(f) for f in files[start : start + rows]]
             odd = next((f for f, im in zip(files[start:], batch, strict=False) if im.shape != first.shape), None)
             require(odd is None, f"image {str(odd)!r} differs in size or channels from {str(files[0])!r}.")
             yield np.stack(batch)
@@ -162,7 +162,7 @@ def _load_npz(p: Path) -> ImageSet:
     return ImageSet(_nhwc(images), str(p))
 
 
-def _read_image_file(f: Path) -> np.ndarray:
+def read_image_file(f: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -289,7 +289,7 @@ def parse_forget(spec: str, data: ImageSet) -> np.ndarray:
             lookup = {}
             for i, d in enumerate(data.image_digests()):
                 lookup.setdefault(d, []).append(i)
-        image = _read_image_file(Path(tok))
+        image = read_image_file(Path(tok))
         found = lookup.get(image_digest(image))
         require(found is not None, f"forget image {tok!r} does not occur in the data.")
         indices.extend(found)

@@ -2,8 +2,10 @@
 
 Protocol (REFERENCE.md, "Evaluation protocols"): NLL and the reconstruction probe are measured on
 the forget images (each distinct image once: the MNIST T-shirt set holds 606 copies of one
-image); samples are drawn once and shared by copies, FID, IS and CLIP-IQA; copies are counted
-against the forget images and removed before FID/IS; FID's real set is the remain set.
+image); samples are drawn once and shared by similarity, copies, FID, IS and CLIP-IQA; copies are
+counted against the forget images (or, for a text-to-image model, the training image files given
+as `target`) and removed before FID/IS; FID's real set is the remain set. `similarity` is the
+paper's SD measure: the mean descriptor similarity of the samples to the image being forgotten.
 Every weight file is a local path, and every missing one is reported before any long work starts.
 """
 
@@ -36,10 +38,10 @@ from retrack.validation import (
     option,
 )
 
-METRICS = ("nll", "reconstruction", "copies", "fid", "is", "clipiqa", "fid_reference",
+METRICS = ("nll", "reconstruction", "similarity", "copies", "fid", "is", "clipiqa", "fid_reference",
            "nll_reference", "changed")
-TEXT_METRICS = ("copies", "fid", "is", "clipiqa")  # what a text-to-image model's samples support
-SAMPLE_METRICS = ("copies", "fid", "is", "clipiqa", "fid_reference", "changed")
+TEXT_METRICS = ("similarity", "copies", "fid", "is", "clipiqa")  # what a text-to-image model's samples support
+SAMPLE_METRICS = ("similarity", "copies", "fid", "is", "clipiqa", "fid_reference", "changed")
 REFERENCE_METRICS = ("fid_reference", "nll_reference")
 
 
@@ -88,6 +90,7 @@ class EvaluateConfig(Validated):
     device: str | None = option(Optional(Device()), None)
     prompt: str | None = option(Optional(Text()), None)  # text-to-image models: the prompt sampled under
     guidance: float = option(Float(0.0), 7.5)  # classifier-free guidance with --prompt
+    target: str | None = option(_FILE_OR_NAME, None)  # --prompt: training image file(s); None: the forget images
 
 
 def parse_metrics(spec: str | list[str] | tuple[str, ...], flag: str = "--metrics",
@@ -142,8 +145,11 @@ def _check_text(cfg: EvaluateConfig) -> None:
     """With --prompt only the sample metrics apply: the likelihood and reconstruction probes are
     defined on pixel models here."""
     require(cfg.prompt is not None or cfg.guidance == 7.5, "--guidance is for text-to-image models with --prompt.")
+    require(cfg.prompt is not None or cfg.target is None, "--target is for text-to-image models with --prompt.")
     if cfg.prompt is None:
         return
+    for path in target_files(cfg.target):
+        require(path.is_file(), f"--target {str(path)!r} is not an image file.")
     other = [name for name in cfg.metrics if name not in TEXT_METRICS]
     require(not other, f"--metrics {other[0] if other else ''} needs a pixel model; with --prompt choose from "
                        f"{', '.join(TEXT_METRICS)}.")
@@ -199,7 +205,7 @@ def load_instruments(cfg: EvaluateConfig) -> Instruments:
 
     found = Instruments()
     uses_copies = any(m in cfg.metrics for m in ("copies", "fid", "is", "changed"))
-    if "reconstruction" in cfg.metrics or (cfg.copy_rule == "descriptor" and uses_copies):
+    if {"reconstruction", "similarity"} & set(cfg.metrics) or (cfg.copy_rule == "descriptor" and uses_copies):
         found.descriptor = make_descriptor(cfg.descriptor, cfg.sscd, cfg.batch_size, cfg.device)
     if ("fid" in cfg.metrics or "fid_reference" in cfg.metrics) and cfg.fid_features is not None:
         found.fid_features = _module(cfg.fid_features, cfg.device, "--fid-features", "features")
@@ -225,6 +231,7 @@ class _Run:
     progress: bool
     reference: LoadedModel | None = None  # retrained without the forget images
     pretrained: LoadedModel | None = None  # before unlearning
+    target_name: str = "forget"  # what `targets` are: the forget images, or the files of --target
     _samples: np.ndarray | None = None
     _copies: Any = None
 
@@ -290,7 +297,17 @@ def _reconstruction(run: _Run) -> dict[str, Any]:
 
 
 def _copies(run: _Run) -> dict[str, Any]:
-    return {**run.copies().summary(), "targets": "forget", "settings": run.sample_settings()}
+    return {**run.copies().summary(), "targets": run.target_name, "settings": run.sample_settings()}
+
+
+def _similarity(run: _Run) -> dict[str, Any]:
+    """Each sample's similarity to the most similar target, averaged: with one target, the paper's
+    "mean SSCD between the samples and the training image" (higher = remembered)."""
+    d = run.tools.descriptor
+    per_sample = d.cross(run.samples(), run.targets).max(axis=1)
+    return {"mean": float(per_sample.mean()), "descriptor": d.name, "per_sample": per_sample.tolist(),
+            "num_samples": len(per_sample), "targets": run.target_name, "num_targets": len(run.targets),
+            "settings": run.sample_settings()}
 
 
 def _fid(run: _Run) -> dict[str, Any]:
@@ -359,7 +376,7 @@ def _changed(run: _Run) -> dict[str, Any]:
     return {**out, "pretrained_model": c.pretrained_model, "settings": run.sample_settings()}
 
 
-RUNNERS = {"nll": _nll, "reconstruction": _reconstruction, "copies": _copies, "fid": _fid,
+RUNNERS = {"nll": _nll, "reconstruction": _reconstruction, "similarity": _similarity, "copies": _copies, "fid": _fid,
            "is": _is, "clipiqa": _clipiqa, "fid_reference": _fid_reference,
            "nll_reference": _nll_reference, "changed": _changed}
 
@@ -492,25 +509,59 @@ class _TextRun(_Run):
                            self.progress)
 
 
+def target_files(spec: str | None) -> list[Path]:
+    """--target: comma-separated image files (the training images a text model must forget)."""
+    return [] if spec is None else [Path(p.strip()) for p in str(spec).split(",") if p.strip()]
+
+
+@dataclass
+class TextTargets:
+    """What a text-to-image model's samples are compared with, at the pipeline's image size."""
+
+    targets: np.ndarray  # uint8 (M, h, w, 3): the --target files, or the distinct forget images
+    remain: np.ndarray  # uint8 remain images (FID's real set), empty unless FID needs them
+    name: str  # "forget" or the --target files
+    pixels: ImageSet  # the targets as an ImageSet (for the copy threshold's size check)
+
+
+def text_targets(pipe: Any, images: ImageSet, parts: Any, cfg: EvaluateConfig) -> TextTargets:
+    """The training images as the pipeline sees them (resized, RGB): the --target files when given,
+    else the distinct forget images; the remain set only when FID will read it."""
+    from retrack.data import read_image_file
+    from retrack.latent import pixel_images
+
+    files = target_files(cfg.target)
+    if files:
+        raw = [read_image_file(f) for f in files]
+        targets = np.concatenate([pixel_images(pipe, im[None]) for im in raw])
+        name = ",".join(str(f) for f in files)
+    else:
+        targets, name = distinct(pixel_images(pipe, images.images[parts.forget])), "forget"
+    wants_remain = bool({"fid", "fid_reference"} & set(cfg.metrics))
+    remain = pixel_images(pipe, images.images[parts.remain]) if wants_remain else targets[:0]
+    return TextTargets(targets, remain, name, ImageSet(targets, name))
+
+
 def _run_text(model: str | Path, images: ImageSet, forget: str, cfg: EvaluateConfig,
               progress: bool) -> dict[str, Any]:
-    from retrack.latent import load_text_model, pixel_images
+    from retrack.latent import load_text_model
 
     parts = split(images, parse_forget(forget, images))
     loaded = load_text_model(str(model), cfg.prompt, cfg.device)
-    pixels = ImageSet(pixel_images(loaded.pipeline, images.images), images.source)
-    cfg = copy_threshold_for(cfg, pixels)
-    tools = load_instruments(cfg)
-    run = _TextRun(cfg, loaded, distinct(pixels.images[parts.forget]), pixels.images[parts.remain], tools, progress)
-    return {name: RUNNERS[name](run) for name in cfg.metrics}
+    found = text_targets(loaded.pipeline, images, parts, cfg)
+    cfg = copy_threshold_for(cfg, found.pixels)
+    return measure(cfg, loaded, found.targets, found.remain, load_instruments(cfg), progress, found.name)
 
 
-def measure(cfg: EvaluateConfig, loaded: LoadedModel, targets: np.ndarray, remain: np.ndarray,
-            tools: Instruments, progress: bool = True) -> dict[str, Any]:
-    """The metrics of `cfg` that need no second model, on `loaded` as it is now (evaluation during
-    fine-tuning); the instruments and the remain set's FID features are reused across calls."""
+def measure(cfg: EvaluateConfig, loaded: Any, targets: np.ndarray, remain: np.ndarray,
+            tools: Instruments, progress: bool = True, target_name: str = "forget") -> dict[str, Any]:
+    """The metrics of `cfg` that need no second model, on `loaded` (a LoadedModel, or a
+    latent.TextModel sampled under its prompt) as it is now: `retrack evaluate` and the evaluation
+    during fine-tuning both come here; the instruments and the remain set's FID features are reused
+    across calls."""
     require(not set(cfg.metrics) & {*REFERENCE_METRICS, "changed"}, "measure() takes no reference metrics.")
-    run = _Run(cfg, loaded, targets, remain, tools, progress)
+    cls = _Run if isinstance(loaded, LoadedModel) else _TextRun
+    run = cls(cfg, loaded, targets, remain, tools, progress, target_name=target_name)
     return {name: RUNNERS[name](run) for name in cfg.metrics}
 
 

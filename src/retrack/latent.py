@@ -66,14 +66,16 @@ class TextModel:
 
 
 def load_text_model(model: str, prompt: str, device: str, lora_rank: int | None = None,
-                    lora_alpha: float | None = None, flag: str = "--model") -> TextModel:
-    """Load a StableDiffusionPipeline (folder or hub id) and bind `prompt` into its UNet."""
+                    lora_alpha: float | None = None, flag: str = "--model", seed: int = 0) -> TextModel:
+    """Load a StableDiffusionPipeline (folder or hub id) and bind `prompt` into its UNet; a new LoRA
+    adapter's random initial weights come from `seed` (the run's), not from the global RNG."""
     require_sd_extra(lora_rank is not None)
     with quiet_libraries():
-        return _bind(_load_pipeline(model, flag), model, prompt, device, lora_rank, lora_alpha)
+        return _bind(_load_pipeline(model, flag), model, prompt, device, lora_rank, lora_alpha, seed)
 
 
-def _bind(pipe, model: str, prompt: str, device: str, lora_rank: int | None, lora_alpha: float | None) -> TextModel:
+def _bind(pipe, model: str, prompt: str, device: str, lora_rank: int | None, lora_alpha: float | None,
+          seed: int = 0) -> TextModel:
     require(hasattr(pipe.scheduler, "alphas_cumprod"),
             f"the scheduler {type(pipe.scheduler).__name__} of {model!r} has no alphas_cumprod (ᾱ_t).")
     pipe.set_progress_bar_config(disable=True)
@@ -85,7 +87,7 @@ def _bind(pipe, model: str, prompt: str, device: str, lora_rank: int | None, lor
         context, _ = pipe.encode_prompt(prompt, torch.device(device), 1, False)
     schedule = Schedule(pipe.scheduler.alphas_cumprod.to(torch.float64))
     denoiser = PromptDenoiser(pipe.unet, schedule, pipe.scheduler.config.prediction_type, context.float())
-    lora = add_lora(pipe.unet, lora_rank, lora_alpha) if lora_rank is not None else None
+    lora = add_lora(pipe.unet, lora_rank, lora_alpha, seed) if lora_rank is not None else None
     return TextModel(pipe, denoiser, info, str(model), lora)
 
 
@@ -168,15 +170,20 @@ def prompt_record(tokenizer, prompt: str) -> dict[str, Any]:
     return record
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None) -> dict[str, Any]:
-    """Freeze the UNet and add a peft LoRA adapter on its attention projections (diffusers' layout)."""
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None, seed: int = 0) -> dict[str, Any]:
+    """Freeze the UNet and add a peft LoRA adapter on its attention projections (diffusers' layout).
+    peft draws the adapter's A matrices from torch's global RNG: seeded here, in a fork of it, so
+    the same run seed gives the same adapter in any process, and nothing else's draws change."""
     from peft import LoraConfig
 
     require(rank >= 1, f"--lora must be an integer ≥ 1, got {rank}.")
     unet.requires_grad_(False)
     alpha = float(rank if alpha is None else alpha)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                target_modules=list(LORA_TARGETS)))
+    device = next(unet.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                    target_modules=list(LORA_TARGETS)))
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     require(trainable > 0, "--lora found no attention projections (to_q, to_k, to_v, to_out.0) in the UNet.")
     return {"rank": rank, "alpha": alpha, "target_modules": list(LORA_TARGETS), "trainable_parameters": trainable}
@@ -265,26 +272,49 @@ def pixel_images(pipe, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
 def sample_text(model: TextModel, num: int, steps: int = 50, sampler: str = "ddim", seed: int = 0,
                 batch_size: int = 16, guidance: float = 7.5, progress: bool = True) -> np.ndarray:
     """`num` images for the bound prompt through the pipeline itself (classifier-free guidance
-    with the empty prompt), uint8 (N, H, W, 3); sample i depends only on the seed and i."""
+    with the empty prompt), uint8 (N, H, W, 3); sample i depends only on the seed and i.
+
+    The pipeline's own scheduler, and its tokenizer's padding and truncation state (which every
+    call of the tokenizer sets, and save_pretrained writes), are put back afterwards: a model sampled
+    while it trains (evaluation during fine-tuning) must be saved exactly as one that was not.
+    """
     from tqdm.auto import tqdm
 
     from retrack.sampling import make_scheduler, sample_generators
 
     pipe = model.pipeline
-    config = pipe.scheduler.config
+    own = pipe.scheduler
+    config = own.config
     require(1 <= steps <= config.num_train_timesteps,
             f"--steps must be in 1..{config.num_train_timesteps} for this model, got {steps}.")
-    pipe.scheduler = make_scheduler(config, sampler, config.prediction_type)
     device = pipe.unet.device
     out = []
-    with quiet_libraries():
-        for start in tqdm(range(0, num, batch_size), desc=f"sample ({sampler}, {steps} steps)",
-                          disable=not progress, dynamic_ncols=True):
-            n = min(batch_size, num - start)
-            images = pipe([model.prompt["text"]] * n, num_inference_steps=steps, guidance_scale=guidance,
-                          generator=sample_generators(seed, start, n, device), output_type="np").images
-            out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
+    pipe.scheduler = make_scheduler(config, sampler, config.prediction_type)
+    try:
+        with quiet_libraries(), _tokenizer_state(pipe.tokenizer):
+            for start in tqdm(range(0, num, batch_size), desc=f"sample ({sampler}, {steps} steps)",
+                              disable=not progress, dynamic_ncols=True):
+                n = min(batch_size, num - start)
+                images = pipe([model.prompt["text"]] * n, num_inference_steps=steps, guidance_scale=guidance,
+                              generator=sample_generators(seed, start, n, device), output_type="np").images
+                out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
+    finally:
+        pipe.scheduler = own
     return np.concatenate(out)
+
+
+@contextlib.contextmanager
+def _tokenizer_state(tokenizer) -> Iterator[None]:
+    """A fast tokenizer's backend keeps the padding and truncation of its last call; restore them."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    saved = None if backend is None else (backend.truncation, backend.padding)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            truncation, padding = saved
+            backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
+            backend.no_padding() if padding is None else backend.enable_padding(**padding)
 
 
 # ---------------------------------------------------------------------------------------------

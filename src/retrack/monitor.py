@@ -6,7 +6,8 @@ draws. Evaluating must not change the run: it happens on the main process only, 
 torch's global random state forked, and the trainer's own generator is never touched, so a run
 with `--eval-every` ends in exactly the weights of one without. The metrics themselves are
 retrack.evaluate's (copies by the paper's L2 rule or a descriptor, FID in the configured features,
-NLL, ...), measured on the model being trained.
+NLL, ...), measured on the model being trained; a text-to-image model is sampled through its own
+pipeline under the run's prompt, and its samples compared with the training image(s).
 """
 
 from __future__ import annotations
@@ -23,20 +24,21 @@ from retrack.errors import require
 from retrack.validation import Check, Float, InvalidValue
 
 # The metrics of retrack.evaluate that need no second model (a retrained or the pretrained one).
-DURING_TRAINING = ("copies", "fid", "is", "nll", "reconstruction", "clipiqa")
+DURING_TRAINING = ("similarity", "copies", "fid", "is", "nll", "reconstruction", "clipiqa")
 EVAL_KIND = "eval"
 CURVES_FILE = "eval_curves.png"
 # Forgetting metrics a run may stop at, and which way "reached" points.
-STOP_METRICS = {"copies": "below", "reconstruction": "below", "nll": "above"}
+STOP_METRICS = {"similarity": "below", "copies": "below", "reconstruction": "below", "nll": "above"}
 # The one number of each metric a curve plots (copies: the fraction of samples, the paper's frequency).
-HEADLINE = {"copies": "fraction", "fid": "value", "is": "mean", "nll": "mean", "reconstruction": "mean",
-            "clipiqa": "mean"}
-LABELS = {"copies": "copies (fraction of samples)", "fid": "FID", "is": "Inception score",
-          "nll": "NLL of forget images (bits/dim)", "reconstruction": "reconstruction similarity",
-          "clipiqa": "CLIP-IQA"}
+HEADLINE = {"similarity": "mean", "copies": "fraction", "fid": "value", "is": "mean", "nll": "mean",
+            "reconstruction": "mean", "clipiqa": "mean"}
+LABELS = {"similarity": "similarity of samples to the target", "copies": "copies (fraction of samples)",
+          "fid": "FID", "is": "Inception score", "nll": "NLL of forget images (bits/dim)",
+          "reconstruction": "reconstruction similarity", "clipiqa": "CLIP-IQA"}
 # Settings that act only with --eval-every (the metrics' instruments and sampling).
-EVAL_FIELDS = ("eval_metrics", "eval_samples", "eval_steps", "eval_seed", "stop_at", "copy_rule",
-               "copy_threshold", "descriptor", "sscd", "fid_features", "inception", "classifier", "eval_clip")
+EVAL_FIELDS = ("eval_metrics", "eval_samples", "eval_steps", "eval_seed", "eval_guidance", "eval_target",
+               "stop_at", "copy_rule", "copy_threshold", "descriptor", "sscd", "fid_features", "inception",
+               "classifier", "eval_clip")
 
 
 class StopAt(Check):
@@ -61,7 +63,8 @@ class StopAt(Check):
 
 
 def reached(stop_at: tuple[str, float], values: dict[str, float]) -> bool:
-    """Copies and reconstruction similarity fall as a model forgets; the forget images' NLL rises."""
+    """Similarity, copies and reconstruction similarity fall as a model forgets; the forget
+    images' NLL rises."""
     metric, target = stop_at
     value = values[metric]
     return value <= target if STOP_METRICS[metric] == "below" else value >= target
@@ -143,39 +146,11 @@ def merge_log(train_log: list[dict[str, Any]], evals: list[dict[str, Any]]) -> l
 
 
 def draw_curves(evals: list[dict[str, Any]], stopped_at: int | None = None):
-    """Metric-vs-step panels like the paper's Figure 4, as a PIL image (matplotlib, Agg).
-
-    matplotlib is already a dependency through mlxtend; it draws the axes and ticks a reader
-    needs to read a value off the curve.
-    """
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    from PIL import Image
+    """Metric-vs-step panels like the paper's Figure 4, in one row, as a PIL image."""
+    from retrack.curves import curves
 
     names = list(evals[0]["eval"]) if evals else []
     steps = [e["step"] for e in evals]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.6 * max(1, len(names)), 2.8), dpi=100,
-                             squeeze=False)
-    try:
-        for ax, name in zip(axes.flat, names, strict=False):
-            ax.plot(steps, [e["eval"][name] for e in evals], marker="o", markersize=3, lw=1.2)
-            if stopped_at is not None:
-                ax.axvline(stopped_at, color="tab:red", ls="--", lw=1, label=f"stopped at step {stopped_at}")
-                ax.legend(fontsize=7)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_title(LABELS.get(name, name), fontsize=9)
-            ax.set_xlabel("optimiser steps", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    series = {LABELS.get(n, n): (steps, [e["eval"][n] for e in evals]) for n in names}
+    return curves(series, ylabel=None, ncols=max(1, len(names)), xlabel="optimiser steps", stopped_at=stopped_at,
+                  size=(3.6, 2.8), dpi=100)

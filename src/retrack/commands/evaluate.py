@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 HELP_METRICS = ("comma-separated: nll (bits/dim of the forget images), reconstruction (similarity "
-                "after noising to T/4 and denoising), copies (fraction of samples copying a forget "
+                "after noising to T/4 and denoising), similarity (mean descriptor similarity of the samples "
+                "to the most similar forget image), copies (fraction of samples copying a forget "
                 "image), fid (vs the remain set), is, clipiqa; against a model retrained without the forget "
                 "images (--reference-model): fid_reference (FID between the two models' samples), "
                 "nll_reference (the forget images' NLL under it: the target); changed (fraction of "
@@ -29,9 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _sampling_flags(p)
     _instrument_flags(p)
     p.add_argument("--prompt", default=None,
-                   help="text-to-image models: the prompt the samples are drawn under (metrics: copies, fid, "
-                   "is, clipiqa; the training images are resized to the pipeline's size first)")
+                   help="text-to-image models: the prompt the samples are drawn under (metrics: similarity, "
+                   "copies, fid, is, clipiqa; the training images are resized to the pipeline's size first)")
     p.add_argument("--guidance", default=7.5, help="classifier-free guidance scale with --prompt")
+    p.add_argument("--target", default=None,
+                   help="with --prompt: the training image file(s) (comma-separated) that similarity and copies "
+                   "compare the samples with (default: the forget images of --data)")
     p.add_argument("--probes", default=1, help="Hutchinson probes per image for nll")
     p.add_argument("--dequantize", action="store_true", help="uniform dequantisation for nll")
     p.add_argument("--nll-schedule", default="model",
@@ -75,7 +79,8 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def _instrument_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--descriptor", default=None,
-                   help="reconstruction similarity: sscd, ssim, pixel_cosine or a TorchScript "
+                   help="similarity, reconstruction and the descriptor copy rule: sscd, ssim, pixel_cosine or a "
+                   "TorchScript "
                    "file; unset: sscd if --sscd is given, else pixel_cosine")
     p.add_argument("--sscd", default=None, help="sscd_disc_mixup TorchScript file")
     p.add_argument("--inception", default=None,

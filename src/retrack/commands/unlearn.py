@@ -93,30 +93,42 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
         "evaluation during fine-tuning",
         "metrics on the model as it trains, at steps 0, N, 2N, ... and after the last step, each time "
         "from the same sampling seeds; written to retrack_log.json (entries with kind 'eval') and drawn "
-        "in eval_curves.png. The run's weights are the same as without evaluation.")
+        "in eval_curves.png. The run's weights are the same as without evaluation. A text-to-image model "
+        "(--prompt) is sampled through its pipeline under the prompt, as `retrack evaluate --prompt` does.")
     e.add_argument("--eval-every", default=None, help="evaluate every N optimiser steps (default: never)")
-    e.add_argument("--eval-metrics", default="copies",
-                   help="comma-separated, from: copies, fid, is, nll, reconstruction, clipiqa")
-    e.add_argument("--eval-samples", default=256, help="samples drawn at each evaluation")
+    e.add_argument("--eval-metrics", default=None,
+                   help="comma-separated, from: similarity (mean descriptor similarity of the samples to the "
+                   "forget image), copies, fid, is, nll, reconstruction, clipiqa (text-to-image models: "
+                   "similarity, copies, fid, is, clipiqa); default: copies for pixel models, "
+                   "similarity,copies for text-to-image models (and clipiqa with --eval-clip)")
+    e.add_argument("--eval-samples", default=None,
+                   help="samples drawn at each evaluation (default 256; 16 with --prompt, the paper's SD protocol)")
     e.add_argument("--eval-steps", default=50, help="DDIM steps of each evaluation sample")
     e.add_argument("--eval-seed", default=0, help="seed of the evaluation samples (the same at every step)")
+    e.add_argument("--eval-guidance", default=7.5, help="--prompt: classifier-free guidance of the evaluation samples")
+    e.add_argument("--eval-target", default=None,
+                   help="--prompt: the training image file(s) (comma-separated) that similarity and copies "
+                   "compare the samples with (default: the forget images)")
     e.add_argument("--stop-at", default=None,
                    help="METRIC=VALUE: stop at the first evaluation where a forgetting metric reaches "
-                   "VALUE (copies and reconstruction at or below it, nll at or above), e.g. copies=0")
-    e.add_argument("--copy-rule", default="l2",
-                   help="copies: 'l2' (the paper's L2 distance rule) or 'descriptor' (similarity)")
+                   "VALUE (similarity, copies and reconstruction at or below it, nll at or above), e.g. "
+                   "copies=0 or similarity=0.3")
+    e.add_argument("--copy-rule", default=None,
+                   help="copies: 'l2' (the paper's L2 distance rule; the default for pixel models) or "
+                   "'descriptor' (similarity above --copy-threshold; the default with --prompt)")
     e.add_argument("--copy-threshold", default=None,
                    help="copies: L2 distance in [0,1] pixels (default 10, for 1×28×28 images only) or "
                    "similarity (descriptor rule, default 0.5)")
-    e.add_argument("--descriptor", default=None, help="descriptor of the copy rule and reconstruction "
-                   "(default: sscd with --sscd, else pixel_cosine)")
-    e.add_argument("--sscd", default=None, help="SSCD TorchScript file")
+    e.add_argument("--descriptor", default=None, help="descriptor of similarity, the copy rule and reconstruction "
+                   "(default: sscd with --sscd, else pixel_cosine; the name is recorded with every value)")
+    e.add_argument("--sscd", default=None, help="SSCD TorchScript file (sscd_disc_mixup)")
     e.add_argument("--fid-features", default=None,
                    help="FID feature space: 'mnist' (the shipped digit classifier, 28×28 grey) or a "
                    "TorchScript file (default: Inception from --inception)")
     e.add_argument("--inception", default=None, help="Inception weights file for FID/IS")
     e.add_argument("--classifier", default=None, help="IS logits: 'mnist' or a TorchScript file")
-    e.add_argument("--eval-clip", default=None, help="local CLIP folder for CLIP-IQA")
+    e.add_argument("--eval-clip", default=None, help="local transformers CLIP folder for CLIP-IQA "
+                   "(torchmetrics would download its weights; nothing is downloaded here)")
 
 
 def run(args: argparse.Namespace) -> int:
