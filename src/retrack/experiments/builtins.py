@@ -37,7 +37,13 @@ def _mnist_planted(name: str) -> Callable[[], BuiltinData]:
     return build
 
 
-MODELS: dict[str, Callable[[], str]] = {"mnist_tshirt": _shipped_mnist_tshirt}
+def _shipped_mnist_boot() -> str:
+    from retrack.recipes import RECIPES
+
+    return str(RECIPES / "mnist_boot" / "model")
+
+
+MODELS: dict[str, Callable[[], str]] = {"mnist_tshirt": _shipped_mnist_tshirt, "mnist_boot": _shipped_mnist_boot}
 DATA: dict[str, Callable[[], BuiltinData]] = {"mnist_tshirt": _mnist_planted("tshirt"),
                                               "mnist_boot": _mnist_planted("boot")}
 
