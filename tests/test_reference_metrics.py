@@ -134,3 +134,33 @@ def test_reference_bad_input_exit_2_nothing_written(metric, extra, words, tiny_m
     err = capsys.readouterr().err
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not out.with_name("m.run.json").exists()
+
+
+def test_sample_cache_reuses_the_reference_samples_and_only_for_the_same_settings(
+        tiny_model, tiny_data, tmp_path, features, monkeypatch):
+    import retrack.sampling as sampling
+
+    calls = []
+    real = sampling.sample
+
+    def counted(*args, **kwargs):
+        calls.append(args[5] if len(args) > 5 else kwargs.get("seed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", counted)
+    cache = tmp_path / "cache"
+    other = perturbed(tiny_model, tmp_path / "other", 0.05)
+    settings = dict(fid_features=str(features), num_samples=12, steps=2, batch_size=12, device="cpu",
+                    progress=False, reference_model=str(tiny_model), sample_cache=str(cache))
+    first = evaluate(other, tiny_data, "3", ["fid_reference"], **settings)
+    assert len(calls) == 2 and len(list(cache.glob("samples-*.npy"))) == 1  # model and reference
+    again = evaluate(other, tiny_data, "3", ["fid_reference"], **settings)
+    assert len(calls) == 3 and again["fid_reference"]["value"] == first["fid_reference"]["value"]
+    evaluate(other, tiny_data, "3", ["fid_reference"], **{**settings, "seed": 1})
+    assert len(calls) == 5 and len(list(cache.glob("samples-*.npy"))) == 2  # another seed: redrawn
+    for entry in cache.glob("samples-*.npy"):
+        entry.write_bytes(b"damaged")
+    redrawn = evaluate(other, tiny_data, "3", ["fid_reference"], **settings)
+    assert len(calls) == 7 and redrawn["fid_reference"]["value"] == first["fid_reference"]["value"]
+    uncached = evaluate(other, tiny_data, "3", ["fid_reference"], **{**settings, "sample_cache": None})
+    assert uncached["fid_reference"]["value"] == first["fid_reference"]["value"]

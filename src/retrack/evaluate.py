@@ -11,6 +11,8 @@ Every weight file is a local path, and every missing one is reported before any 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import types
 from dataclasses import dataclass, replace
@@ -91,6 +93,7 @@ class EvaluateConfig(Validated):
     prompt: str | None = option(Optional(Text()), None)  # text-to-image models: the prompt sampled under
     guidance: float = option(Float(0.0), 7.5)  # classifier-free guidance with --prompt
     target: str | None = option(_FILE_OR_NAME, None)  # --prompt: training image file(s); None: the forget images
+    sample_cache: str | None = option(Optional(Text()), None)  # folder reusing a local companion's samples
 
 
 def parse_metrics(spec: str | list[str] | tuple[str, ...], flag: str = "--metrics",
@@ -253,6 +256,38 @@ class _Run:
         return sample(loaded.denoiser, dict(loaded.scheduler.config), c.num_samples, c.steps,
                       c.sampler, c.seed, c.batch_size, self.progress)
 
+    def companion_samples(self, loaded: LoadedModel) -> np.ndarray:
+        """Samples of a second model (retrained, pretrained) with this run's seeds, reused from
+        `sample_cache` when the same local model made them with the same settings before: every
+        row of an experiment compares with the same retrained samples, which would otherwise
+        double the cost of each run. A missing, foreign or damaged entry is simply redrawn."""
+        from retrack.neighbours import save_cached_array
+
+        path = self._cache_path(loaded)
+        if path is not None:
+            try:
+                cached = np.load(path, allow_pickle=False)
+                if cached.dtype == np.uint8 and len(cached) == self.cfg.num_samples:
+                    return cached
+            except Exception:  # noqa: BLE001 - an unreadable entry only costs a redraw
+                pass
+        images = self.draw(loaded)
+        if path is not None:
+            save_cached_array(path, images)
+        return images
+
+    def _cache_path(self, loaded: LoadedModel) -> Path | None:
+        source = getattr(loaded, "source", None)
+        if self.cfg.sample_cache is None or source is None or not Path(source).is_dir():
+            return None
+        source = Path(source)
+        from retrack.runrecord import tree_sha256
+
+        key = {"model": tree_sha256(source), **self.sample_settings(), "batch_size": self.cfg.batch_size,
+               "device": str(self.cfg.device)}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return Path(self.cfg.sample_cache) / f"samples-{digest}.npy"
+
     def copies(self):
         """Copies of the forget images among the samples (computed once, also for FID/IS)."""
         if self._copies is None:
@@ -350,7 +385,7 @@ def _fid_reference(run: _Run) -> dict[str, Any]:
     from retrack.metrics.quality import frechet_distance
 
     c = run.cfg
-    value = frechet_distance(run.draw(run.reference), run.samples(), run.tools.fid_features,
+    value = frechet_distance(run.companion_samples(run.reference), run.samples(), run.tools.fid_features,
                              c.inception, c.batch_size, c.device, run.progress)
     return {"value": value, "real": "reference model's samples", "reference_model": c.reference_model,
             "num_generated": c.num_samples, "features": c.fid_features or "inception",
@@ -367,7 +402,7 @@ def _changed(run: _Run) -> dict[str, Any]:
     from retrack.metrics.reference import changed_samples
 
     c = run.cfg
-    before = run.draw(run.pretrained)
+    before = run.companion_samples(run.pretrained)
     if c.copy_rule == "l2":
         before_copy = copies_l2(before, run.targets, c.copy_threshold).is_copy
     else:

@@ -7,6 +7,7 @@ an interrupted or failed run never leaves a half-written model where a user expe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -49,6 +50,18 @@ def environment_record(config: Any, **extra: Any) -> dict[str, Any]:
         "command": " ".join(sys.argv),
         **_jsonable(extra),
     }
+
+
+def tree_sha256(folder: Path) -> str:
+    """One digest of every file under `folder` (names and bytes; dot files skipped): what a
+    model folder holds, so caches and fingerprints change when any weight or config does."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -82,6 +82,7 @@ class RunContext:
     device: str | None = None
     run_dir: Path | None = None
     progress: bool = False
+    sample_cache: str | None = None  # folder where the retrained model's samples are kept for every row
     _evaluation: dict[str, Any] | None = field(default=None, repr=False)
 
     def evaluation(self) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def evaluate_settings(ctx: RunContext) -> dict[str, Any]:
     merged = merged_evaluate_settings(ctx.metrics)
     s = ctx.sampling
     merged.update(seed=ctx.seed, num_samples=s["samples"], steps=s["steps"], sampler=s["sampler"],
-                  batch_size=s["batch_size"], device=ctx.device)
+                  batch_size=s["batch_size"], device=ctx.device, sample_cache=ctx.sample_cache)
     if ctx.reference_model is not None and "reference_model" in EvaluateConfig.__dataclass_fields__:
         merged["reference_model"] = ctx.reference_model
     return merged

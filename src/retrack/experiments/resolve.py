@@ -23,6 +23,7 @@ from retrack.experiments.builtins import BuiltinData, builtin_data, builtin_mode
 from retrack.experiments.config import BUILTIN, PER_RUN, ExperimentConfig
 from retrack.experiments.metrics import evaluate_metric_names, merged_evaluate_settings
 from retrack.experiments.plan import RunSpec, plan
+from retrack.runrecord import tree_sha256
 
 FINGERPRINT_VERSION = 1
 # Evaluate settings that name a weight file unless they hold one of these built-in names.
@@ -83,7 +84,7 @@ def _model(spec: str, key: str) -> tuple[str, str]:
     p = Path(spec).expanduser()
     if p.exists() or _looks_local(spec):
         require(p.is_dir(), f"{key}: {spec!r} does not exist or is not a model folder.")
-        return str(p), "sha256:" + _tree_digest(p)
+        return str(p), "sha256:" + tree_sha256(p)
     _check_hub_id(spec, key)
     return spec, "hub:" + spec
 
@@ -103,16 +104,6 @@ def _check_hub_id(repo: str, key: str) -> None:
             return
     raise UserError(f"{key}: {repo!r} is a hub id that is not in the local cache and HF_HUB_OFFLINE "
                     "is set; give a local folder (or --set {key}=PATH) instead.")
-
-
-def _tree_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(str(f.relative_to(folder)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _data(spec: str) -> tuple[ImageSet, BuiltinData | None]:
@@ -215,7 +206,7 @@ def _metric_settings(cfg: ExperimentConfig) -> dict[str, Any]:
             raise UserError(f"metrics: {_as_keys(str(e))}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"metrics: a setting has the wrong type ({e}).") from None
-        out["evaluate"] = {k: v for k, v in asdict(full).items() if k not in ("device", "seed")}
+        out["evaluate"] = {k: v for k, v in asdict(full).items() if k not in ("device", "seed", "sample_cache")}
         for key in WEIGHT_SETTINGS:
             value = out["evaluate"].get(key)
             if isinstance(value, str) and Path(value).is_file():

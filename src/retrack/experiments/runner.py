@@ -101,7 +101,7 @@ def execute(res: Resolved, run: RunSpec, folder: Path, data_path: str, progress:
         unlearn(res.model, data_path, forget, model, progress=progress, method=run.method, seed=run.seed,
                 cache_dir=str(Path(cfg.out) / "cache"), device=cfg.device, **run.settings)
     ctx = RunContext(model, res.data, forget, run.seed, cfg.sampling, cfg.metrics, res.reference_model,
-                     cfg.device, folder, progress)
+                     cfg.device, folder, progress, sample_cache=str(Path(cfg.out) / "cache" / "samples"))
     values: dict[str, float] = {}
     details: dict[str, Any] = {}
     for name, settings in cfg.metrics.items():
