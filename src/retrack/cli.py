@@ -14,7 +14,7 @@ import sys
 from retrack import __version__
 from retrack.errors import UserError
 
-COMMANDS = ("unlearn", "sample", "evaluate", "audit", "pretrain", "demo", "experiment", "prepare_data",
+COMMANDS = ("unlearn", "sample", "evaluate", "audit", "sd_sets", "pretrain", "demo", "experiment", "prepare_data",
             "report")
 
 

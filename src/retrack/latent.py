@@ -74,6 +74,13 @@ def load_text_model(model: str, prompt: str, device: str, lora_rank: int | None 
         return _bind(_load_pipeline(model, flag), model, prompt, device, lora_rank, lora_alpha, seed)
 
 
+def with_prompt(model: TextModel, prompt: str) -> TextModel:
+    """The same loaded pipeline under another prompt, without loading it again."""
+    require(model.lora is None, "with_prompt binds a prompt into a model without a trainable LoRA adapter.")
+    with quiet_libraries():
+        return _bind(model.pipeline, model.source, prompt, str(model.pipeline.unet.device), None, None)
+
+
 def _bind(pipe, model: str, prompt: str, device: str, lora_rank: int | None, lora_alpha: float | None,
           seed: int = 0) -> TextModel:
     require(hasattr(pipe.scheduler, "alphas_cumprod"),

@@ -29,8 +29,13 @@ def make_scheduler(scheduler_config: dict, sampler: SamplerName, prediction_type
     return cls.from_config(dict(scheduler_config), prediction_type=prediction_type)
 
 
+def sample_seeds(seed: int, start: int, count: int) -> list[int]:
+    """The generator seed of samples start … start + count − 1 of a call seeded by `seed`."""
+    return [(seed * 1_000_003 + start + i) % 2**64 for i in range(count)]
+
+
 def sample_generators(seed: int, start: int, count: int, device: torch.device | str) -> list[torch.Generator]:
-    return [torch.Generator(device).manual_seed((seed * 1_000_003 + start + i) % 2**64) for i in range(count)]
+    return [torch.Generator(device).manual_seed(s) for s in sample_seeds(seed, start, count)]
 
 
 def per_sample_randn(shape: tuple[int, ...], generators: list[torch.Generator], device) -> torch.Tensor:
