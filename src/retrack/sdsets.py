@@ -164,9 +164,10 @@ def read_prompts(path: Path) -> list[Job]:
     else:
         require(path.suffix.lower() == ".csv", f"--prompts {str(path)!r} must be a .csv or .jsonl file.")
         reader = csv.DictReader(text.splitlines())
-        missing = [c for c in ("prompt", "image") if c not in (reader.fieldnames or [])]
-        require(not missing, f"--prompts {str(path)!r} has no {missing[0]!r} column in its header "
-                             f"(found: {', '.join(reader.fieldnames or []) or 'nothing'}); it needs prompt,image.")
+        found = reader.fieldnames or []
+        for column in ("prompt", "image"):
+            require(column in found, f"--prompts {str(path)!r} has no {column!r} column in its header "
+                                     f"(found: {', '.join(found) or 'nothing'}); it needs prompt,image.")
         rows = [(n, row) for n, row in enumerate(reader, 2)]
     jobs = [_job(path, n, row) for n, row in rows]
     require(bool(jobs), f"--prompts {str(path)!r} holds no prompts.")
