@@ -339,3 +339,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, args, message, ws
     assert err.startswith("retrack: error: ") and err.count("\n") == 1, err
     assert message in err and "Traceback" not in err, err
     assert tree(ws) == before
+
+
+def test_the_python_api_takes_the_flags_names(ws, tmp_path):
+    from retrack.errors import UserError
+    from retrack.sdsets import sd_sets
+
+    records = sd_sets(str(ws / "sd"), str(tmp_path / "p"), progress=False, prompt=PROMPT, image=str(ws / "train.png"),
+                      samples=N, steps=STEPS, device="cpu")
+    assert [r["forget"]["indices"] for r in records] == [[PLANTED]]
+    with pytest.raises(UserError, match=r"unknown sd-sets setting 'sample' \(did you mean 'samples'\?\)"):
+        sd_sets(str(ws / "sd"), str(tmp_path / "q"), prompt=PROMPT, image=str(ws / "train.png"), sample=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
