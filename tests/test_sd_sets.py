@@ -190,9 +190,14 @@ def test_the_recorded_unlearn_command_runs_on_the_sets_as_they_are(ws, one, tmp_
     args = shlex.split(cmd)[1:]
     args[args.index("--out") + 1] = str(tmp_path / "u")
     assert _run([*args, "--steps", "1", "--batch-size", "2", "--k", "3", "--quiet", "--device", "cpu",
-                 "--cache-dir", tmp_path / "c"]) == 0
+                 "--cache-dir", tmp_path / "c", "--eval-every", "1", "--eval-target", one / "training.png",
+                 "--eval-samples", "3", "--eval-steps", str(STEPS)]) == 0
     data = json.loads((tmp_path / "u" / "retrack_run.json").read_text())["data"]
     assert data["forget_indices"] == [PLANTED] and data["remain_size"] == N - 1
+    # Evaluation at step 0 samples the input model with the same seeds: the same similarities.
+    first = next(e for e in json.loads((tmp_path / "u" / "retrack_log.json").read_text()) if e.get("kind") == "eval")
+    want = json.loads((one / "sets.json").read_text())["similarity"][:3]
+    assert first["step"] == 0 and first["details"]["similarity"]["per_sample"] == pytest.approx(want, abs=1e-12)
 
 
 def test_the_cluster_rule_takes_the_training_images_single_linkage_cluster(ws, tmp_path):

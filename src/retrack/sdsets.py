@@ -199,10 +199,10 @@ def slugs(prompts: list[str]) -> list[str]:
 
 def read_training_image(path: Path, flag: str) -> np.ndarray:
     """uint8 (H, W, C) pixels of an image file, or one sentence saying why not."""
-    from retrack.data import _read_image_file
+    from retrack.data import read_image_file
 
     require(path.is_file(), f"{flag}: training image {str(path)!r} does not exist.")
-    return _read_image_file(path)
+    return read_image_file(path)
 
 
 def file_sha256(path: Path) -> str:
