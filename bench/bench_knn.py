@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(__file__))
+from peak import peak_rss_mb  # noqa: E402
+
 OLD_CHUNK = 4096  # remain images per chunk in the in-RAM kNN before streaming stores
 
 
@@ -48,11 +51,6 @@ def make_store(path: Path, n: int, size: int) -> None:
     write_store(chunks(), shape, path, f"synthetic uniform uint8, seed 0, {n}×{size}×{size}×3")
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM): unlike ru_maxrss it starts afresh at exec, so a child does
-    not report its parent's peak."""
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
 
 
 def child(mode: str, store: Path, n: int, forget: int, k: int) -> None:

@@ -1,7 +1,8 @@
 """Cost of one ReTrack step against one forward+backward of the same UNet on the 2B images it touches,
 the cost of each ReTrack option (--lam auto, --surgery, min-SNR forget weighting, forget t-min)
 against a paper ReTrack step, and peak memory of a ReTrack step for K = 1 and K = 1000 (each in a
-fresh process).
+fresh process, which reads its own VmHWM; also the peak of a process that only builds the same
+model and data, so the step's own share shows).
 
     python bench/bench_step.py [--batch-size 128] [--repeats 10] [--device cpu]
 
@@ -14,13 +15,15 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 import yaml
+
+sys.path.insert(0, os.path.dirname(__file__))
+from peak import peak_rss_mb  # noqa: E402
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "src", "retrack", "recipes", "mnist_tshirt",
                       "pretrain.yaml")
@@ -112,17 +115,15 @@ def time_steps(batch: int, repeats: int, device: str, variants: bool = True) -> 
 
 
 def peak_memory_child(batch: int, k: int, device: str) -> None:
-    model, objective, data = setup(batch, k, device)
+    """K > 0: two ReTrack steps; K = 0: only the model and data of K = 1 (the baseline)."""
+    model, objective, data = setup(batch, max(k, 1), device)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
     gen = torch.Generator().manual_seed(0)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
+    for _ in range(2 if k > 0 else 0):
         retrack_step(model, objective, data, opt, batch, gen, device)
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB → MB on Linux
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mb()
     print(json.dumps({"k": k, "peak_mb": peak}))
 
 
@@ -146,13 +147,16 @@ def main() -> None:
         print(f"ReTrack {label}: {seconds:.3f} s, {seconds / timing['retrack_step_s']:.3f}× a paper "
               "ReTrack step (target ≤ 1.10)")
     peaks = {}
-    for k in (1, 1000):
+    what = "GPU memory allocated" if args.device.startswith("cuda") else "RSS (VmHWM of a fresh process)"
+    for k in (0, 1, 1000):
         out = subprocess.run([sys.executable, __file__, "--child-k", str(k), "--batch-size",
                               str(args.batch_size), "--device", args.device],
                              capture_output=True, text=True, check=True).stdout
         peaks[k] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
-        print(f"peak memory of a ReTrack step, K={k}: {peaks[k]:.0f} MB")
-    print(f"K=1000 / K=1: {peaks[1000] / peaks[1]:.3f} (target ≤ 1.05)")
+        label = "model and data only (no step)" if k == 0 else f"a ReTrack step, K={k}"
+        print(f"peak {what}, {label}: {peaks[k]:.0f} MB")
+    print(f"K=1000 / K=1: {peaks[1000] / peaks[1]:.3f} (target ≤ 1.05); above the baseline: "
+          f"K=1 {peaks[1] - peaks[0]:.0f} MB, K=1000 {peaks[1000] - peaks[0]:.0f} MB")
 
 
 if __name__ == "__main__":
