@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,6 @@ def eval_defaults(cfg: UnlearnConfig) -> UnlearnConfig:
 
         for path in target_files(cfg.eval_target):
             require(path.is_file(), f"--eval-target {str(path)!r} is not an image file.")
-
         counts = {"copies", "fid", "is"} & set(cfg.eval_metrics)
         require(not counts or cfg.copy_rule != "l2" or cfg.copy_threshold is not None,
                 "--copy-rule l2 with --prompt needs --copy-threshold (an L2 distance over [0, 1] pixels at the "
@@ -273,13 +273,13 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
         model = _load_text(cfg, images, progress)
         space, denoiser, to_tensor = model.notes.pop("latents"), model.denoiser, torch.from_numpy
         save, extra = (lambda tmp: _save_text(model, tmp)), _text_record(model)
-        monitor_on = lambda: _text_monitor(cfg, evaluation, model, images, parts)  # noqa: E731
+        monitor_on = partial(_text_monitor, cfg, evaluation, model, images, parts)
     else:
         loaded = load_model(cfg.model, cfg.device)
         _check_fits(images, loaded)
         space, denoiser, to_tensor = images.images, loaded.denoiser, _nchw
         save, extra = (lambda tmp: save_model(loaded, tmp)), {}
-        monitor_on = lambda: _monitor(cfg, evaluation, loaded, space[parts.remain], space[parts.forget])  # noqa: E731
+        monitor_on = partial(_monitor, cfg, evaluation, loaded, space[parts.remain], space[parts.forget])
     if cfg.gradient_checkpointing:
         denoiser.unet.enable_gradient_checkpointing()
     steps = denoiser.schedule.num_steps
