@@ -62,3 +62,14 @@ def test_mismatched_shapes_are_user_errors():
 def test_l2_copies_mask_accepts_a_single_target_image():
     mask = l2_copies(constant(0, 91, 92), constant(0)[0])
     assert mask.tolist() == [True, True, False]
+
+
+def test_descriptor_rule_default_threshold_follows_the_descriptor():
+    from retrack.evaluate import EvaluateConfig, resolved
+    from retrack.sdsets import DESCRIPTOR_COPY_THRESHOLDS
+
+    def threshold(**kw):
+        return resolved(EvaluateConfig(metrics=("copies",), copy_rule="descriptor", device="cpu", **kw)).copy_threshold
+
+    assert threshold() == 0.95 == DESCRIPTOR_COPY_THRESHOLDS["pixel_cosine"]  # the offline default
+    assert threshold(descriptor="ssim") == 0.5 and threshold(copy_threshold=0.7) == 0.7

@@ -84,7 +84,7 @@ class EvaluateConfig(Validated):
     nll_schedule: str = option(Choice(*FLOW_CONVENTIONS), "model")  # the model's own ᾱ, or score-sde
     t_start: int | None = option(Optional(POSITIVE_INT), None)  # reconstruction start; None: T/4
     copy_rule: str = option(Choice("l2", "descriptor"), "l2")
-    copy_threshold: float | None = option(Optional(Float()), None)  # None: 10 (l2, 28×28) or 0.5
+    copy_threshold: float | None = option(Optional(Float()), None)  # None: 10 (l2, 28×28); 0.5 sscd, 0.95 pixel_cosine
     is_splits: int = option(POSITIVE_INT, 10)
     reference_model: str | None = option(_FILE_OR_NAME, None)  # retrained without the forget images
     pretrained_model: str | None = option(_FILE_OR_NAME, None)  # before unlearning; None: its run record's
@@ -139,7 +139,9 @@ def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
     descriptor = cfg.descriptor or ("sscd" if cfg.sscd else "pixel_cosine")
     threshold = cfg.copy_threshold
     if threshold is None and cfg.copy_rule == "descriptor":
-        threshold = 0.5
+        from retrack.metrics.copies import DESCRIPTOR_COPY_THRESHOLDS, SSCD_COPY_THRESHOLD
+
+        threshold = DESCRIPTOR_COPY_THRESHOLDS.get(descriptor, SSCD_COPY_THRESHOLD)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return replace(cfg, descriptor=descriptor, copy_threshold=threshold, device=device)
 

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from retrack.errors import UserError, require
+from retrack.metrics.copies import DESCRIPTOR_COPY_THRESHOLDS
 from retrack.validation import (
     POSITIVE_INT,
     SEED,
@@ -55,7 +56,6 @@ from retrack.validation import (
 )
 
 RULES = ("threshold", "cluster")
-DEFAULT_THRESHOLDS = {"sscd": 0.5, "pixel_cosine": 0.95}
 OFFLINE_NOTE = ("pixel_cosine is an offline stand-in for SSCD: the cosine of the raw images in [-1, 1], not a "
                 "copy-detection descriptor; its scores are not SSCD scores. Pass --sscd for the paper's descriptor.")
 SETS, INDEX, SHEET, TRAINING, DATA, FORGET_FILE = (
@@ -284,7 +284,7 @@ def resolve_sets(cfg: SetsConfig) -> Plan:
     name = cfg.descriptor or ("sscd" if cfg.sscd else "pixel_cosine")
     require(cfg.sscd is None or name == "sscd", f"--sscd is the sscd descriptor's file; --descriptor {name} "
                                                 "does not use it.")
-    threshold = cfg.threshold if cfg.threshold is not None else DEFAULT_THRESHOLDS.get(name)
+    threshold = cfg.threshold if cfg.threshold is not None else DESCRIPTOR_COPY_THRESHOLDS.get(name)
     require(threshold is not None, f"--descriptor {name} has no default copy threshold; pass --threshold.")
     device = Device()(cfg.device)
     descriptor = make_descriptor(name, cfg.sscd, device=device)

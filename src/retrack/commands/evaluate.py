@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "--descriptor similarity above it")
     p.add_argument("--copy-threshold", default=None,
                    help="copy threshold (default 10 for l2, the paper's value for 1x28x28 images: "
-                   "other sizes must set it; 0.5 for descriptor)")
+                   "other sizes must set it; descriptor rule: 0.5 for sscd, 0.95 for pixel_cosine)")
     p.add_argument("--is-splits", default=10, help="splits of the Inception Score")
     p.add_argument("--reference-model", default=None,
                    help="fid_reference, nll_reference: the model retrained without the forget images "

@@ -118,7 +118,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
                    "'descriptor' (similarity above --copy-threshold; the default with --prompt)")
     e.add_argument("--copy-threshold", default=None,
                    help="copies: L2 distance in [0,1] pixels (default 10, for 1×28×28 images only) or "
-                   "similarity (descriptor rule, default 0.5)")
+                   "similarity (descriptor rule, default 0.5 for sscd, 0.95 for pixel_cosine)")
     e.add_argument("--descriptor", default=None, help="descriptor of similarity, the copy rule and reconstruction "
                    "(default: sscd with --sscd, else pixel_cosine; the name is recorded with every value)")
     e.add_argument("--sscd", default=None, help="SSCD TorchScript file (sscd_disc_mixup)")

@@ -20,6 +20,10 @@ from retrack.metrics.similarity import Descriptor
 Rule = Literal["l2", "descriptor"]
 PAPER_L2_THRESHOLD = 10.0
 SSCD_COPY_THRESHOLD = 0.5
+# Default copy thresholds per descriptor. pixel_cosine (the offline stand-in) needs a far higher
+# one: unrelated Fashion-MNIST images score 0.42 at the median and up to 0.92 against the T-shirt
+# (scripts/calibrate_pixel_cosine.py), so 0.5 would call most samples copies.
+DESCRIPTOR_COPY_THRESHOLDS = {"sscd": SSCD_COPY_THRESHOLD, "pixel_cosine": 0.95}
 
 
 @dataclass(frozen=True)
