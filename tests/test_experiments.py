@@ -170,6 +170,16 @@ def test_rerun_skips_finished_refuses_stale_and_force_reruns(stand_in, stubs, tm
     assert json.loads((tmp_path / "exp" / "experiment.json").read_text())["config"]["train"]["lr"] == 1e-4
     (tmp_path / "exp" / "vanilla" / "seed1" / "metrics.json").unlink()  # as if interrupted
     assert run_experiment(changed).ran == ["vanilla/seed1"]
+    saved = tmp_path / "exp" / "vanilla" / "seed0" / "fingerprint.json"
+    record = json.loads(saved.read_text())
+    assert record["settings"]["metrics"]["evaluate"].pop("prompt", "unset") is None
+    record["fingerprint"] = "made by a version without the prompt setting"
+    saved.write_text(json.dumps(record))
+    assert run_experiment(changed).ran == []  # an unset setting added since changes nothing
+    record["settings"]["metrics"]["evaluate"]["steps"] += 1
+    saved.write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"1 finished run\(s\).*metrics\.evaluate\.steps"):
+        run_experiment(changed)
 
 
 def test_shards_then_merge_give_the_unsharded_table(stand_in, stubs, tmp_path):

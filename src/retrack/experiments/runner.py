@@ -19,7 +19,7 @@ from retrack.errors import UserError, require
 from retrack.experiments.builtins import write_builtin_data
 from retrack.experiments.metrics import Column, RunContext, get_metric
 from retrack.experiments.plan import RunSpec
-from retrack.experiments.resolve import Resolved
+from retrack.experiments.resolve import Resolved, digest_settings
 from retrack.experiments.tables import write_summary
 from retrack.experiments.tradeoff import TRADEOFF_FILE, axes_for, draw_tradeoff
 from retrack.runrecord import environment_record, write_bytes, write_json
@@ -43,7 +43,8 @@ def status(res: Resolved, runs: list[RunSpec]) -> Status:
             pending.append(run)
             continue
         saved = _read_fingerprint(folder)
-        if saved.get("fingerprint") == res.fingerprint(run):
+        if saved.get("fingerprint") == res.fingerprint(run) or _same_settings(saved.get("settings"),
+                                                                               res.fingerprints[run.name]):
             finished.append(run)
         elif not saved:
             stale.append((run, ["no fingerprint.json (made by an older runner?)"]))
@@ -162,6 +163,18 @@ def _read_fingerprint(folder: Path) -> dict[str, Any]:
         return saved if isinstance(saved, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _same_settings(old: Any, new: dict[str, Any]) -> bool:
+    """Equal once unset (None) settings are dropped on both sides: a newer retrack that adds an
+    optional setting, unset here, computes the same numbers, so finished runs stay finished."""
+    return isinstance(old, dict) and digest_settings(_set_only(old)) == digest_settings(_set_only(new))
+
+
+def _set_only(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _set_only(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _changed(old: Any, new: dict[str, Any], prefix: str = "") -> list[str]:
