@@ -9,24 +9,44 @@ from retrack.validation import POSITIVE_INT, Device, Optional
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="train a small diffusers UNet from a YAML recipe",
-                       description="Train a small unconditional diffusers UNet from a YAML recipe. "
-                       "Resumable: re-running the same command continues from the last checkpoint.")
+    p = sub.add_parser("pretrain", help="train a small diffusers model from a YAML recipe",
+                       description="Train a small unconditional diffusers UNet from a YAML recipe, or, for a "
+                       "recipe with `kind: latent-text`, a small StableDiffusionPipeline (VAE, then UNet on its "
+                       "latents). Resumable: re-running the same command continues from the last checkpoint.")
     p.add_argument("--config", required=True, help="recipe YAML (see recipes/mnist_tshirt/pretrain.yaml)")
     p.add_argument("--out", required=True, help="output pipeline folder (EMA weights, provenance.json)")
     p.add_argument("--steps", type=Optional(POSITIVE_INT), default=None,
-                   help="override the recipe's number of steps")
+                   help="override the recipe's number of steps (of the UNet stage for a latent-text recipe)")
     p.add_argument("--device", default="cpu", type=Device(), help="torch device (default: cpu)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from retrack.pretrain import PretrainRecipe, check_recipe_data, pretrain
+    from retrack.recipes.latent_tshirt.recipe import KIND, recipe_kind
     from retrack.runrecord import check_output
 
+    if recipe_kind(args.config) == KIND:
+        return run_latent(args)
     recipe = PretrainRecipe.from_yaml(args.config)
     check_recipe_data(recipe.data)
     check_output(Path(args.out), overwrite=False)
     out = pretrain(recipe, Path(args.out), args.device, args.steps)
+    print(f"wrote {out}")
+    return 0
+
+
+def run_latent(args: argparse.Namespace) -> int:
+    from retrack.latent import quiet_libraries, require_sd_extra
+    from retrack.recipes.latent_tshirt.recipe import LatentRecipe
+    from retrack.recipes.latent_tshirt.train import build_latent_model
+    from retrack.runrecord import check_output
+
+    require_sd_extra()
+    with quiet_libraries():
+        recipe = LatentRecipe.from_yaml(args.config)
+    check_output(Path(args.out), overwrite=False)
+    with quiet_libraries():
+        out = build_latent_model(recipe, Path(args.out), args.device, args.steps)
     print(f"wrote {out}")
     return 0
