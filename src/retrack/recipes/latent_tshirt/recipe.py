@@ -95,7 +95,8 @@ class LatentRecipe(Validated):
         try:
             DDPMScheduler(**self.scheduler)
         except Exception as e:  # noqa: BLE001 - diffusers raises TypeError, ValueError, NotImplementedError
-            raise UserError(f"scheduler: of recipe {where!r} is not a valid DDPMScheduler: {type(e).__name__}.") from None
+            raise UserError(f"scheduler: of recipe {where!r} is not a valid DDPMScheduler: "
+                            f"{type(e).__name__}.") from None
 
 
 def recipe_kind(path: str | Path) -> str | None:

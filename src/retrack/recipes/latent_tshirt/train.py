@@ -238,7 +238,8 @@ def _write(parts: Parts, recipe: LatentRecipe, out: Path, work: Path) -> None:
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    sample = np.random.default_rng(recipe.seed).choice(len(parts.data.data), min(256, len(parts.data.data)), replace=False)
+    n = len(parts.data.data)
+    sample = np.random.default_rng(recipe.seed).choice(n, min(256, n), replace=False)
     recon = {"planted_tshirt_l2": float(reconstruction_l2(parts, parts.data.forget[:1])[0]),
              "mean_l2_of_256_images": float(reconstruction_l2(parts, np.sort(sample)).mean())}
     pipe = StableDiffusionPipeline(vae=parts.vae.eval(), text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
