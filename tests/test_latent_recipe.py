@@ -194,3 +194,22 @@ def test_a_bad_latent_recipe_is_one_sentence_and_writes_nothing(folders, tmp_pat
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
+def test_copy_rules_on_hand_made_images():
+    from retrack.recipes.latent_tshirt.memorisation import copy_measures, copy_summary
+
+    zeros = np.zeros((28, 28), np.uint8)
+    planted, full = zeros.copy(), np.full((28, 28), 255, np.uint8)
+    planted[:2, :2] = 255  # L2 2 from the blank image, √780 from the full one
+    rgb = [np.repeat(pad(im[None]), 3, axis=-1)[0] for im in (planted, zeros, full)]
+    m = copy_measures(np.stack(rgb), pad(planted[None])[0], pad(np.stack([zeros, full])))
+    np.testing.assert_allclose(m["l2_planted"], [0, 2, np.sqrt(780)])
+    np.testing.assert_allclose(m["l2_nearest_other"], [2, 0, 0])
+    # in [-1, 1] the blank image differs from the planted one in 12 of 3,072 values: cos = 3048/3072
+    # the full image: 780·3 values of +1 where the planted one has −1, 12 equal +1, the rest equal −1
+    full_cos = (3072 - 2 * 780 * 3) / np.sqrt(3072 * 3072)
+    np.testing.assert_allclose(m["pixel_cosine"], [1, 3048 / 3072, full_cos])
+    s = copy_summary(m)
+    assert (s["l2_lt_10"]["count"], s["nearest_is_planted"]["count"], s["pixel_cosine_gt_0.95"]["count"]) == (2, 1, 2)
+    assert s["samples"] == 3 and s["nearest_is_planted"]["fraction"] == pytest.approx(1 / 3)
