@@ -53,3 +53,38 @@ def copy_summary(m: dict[str, np.ndarray]) -> dict[str, Any]:
     out["pixel_cosine_percentiles"] = dict(zip(map(str, q), np.percentile(m["pixel_cosine"], q).round(4).tolist(),
                                                strict=True))
     return out
+
+
+VISIBLE_RMS = 0.1  # the `changed` metric's rule: RMS of the pixel difference in [0, 1]
+
+
+def visibly_changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) whether sample i of two models (same seed) differs visibly at 28×28 grey."""
+    x, y = unpad(a).astype(np.float64) / 255, unpad(b).astype(np.float64) / 255
+    return np.sqrt(((x - y) ** 2).mean(axis=(1, 2, 3))) > VISIBLE_RMS
+
+
+def measure_model(model: str, data_model: str, samples: int, seed: int = 12345, steps: int = 50,
+                  guidance: float = 7.5, progress: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Sample every prompt of the recipe from `model` and count copies of the planted T-shirt.
+
+    `data_model` is the pipeline built by the recipe (its provenance.json says which data it saw);
+    `model` may be it or an unlearned copy. Returns the summary per prompt and the samples.
+    """
+    import json
+    from pathlib import Path
+
+    from retrack.latent import load_text_model, sample_text
+    from retrack.recipes.latent_tshirt.data import PROMPTS, build_latent_tshirt
+
+    data = json.loads((Path(data_model) / "provenance.json").read_text())["config"]["data"]
+    built = build_latent_tshirt(data["tshirts"], data["copies"], data.get("fashion_dir"), data.get("mnist_dir"))
+    others = built.data.images[: built.forget[0]]
+    results, images = {}, {}
+    for prompt in PROMPTS:
+        loaded = load_text_model(str(model), prompt, "cpu")
+        images[prompt] = sample_text(loaded, samples, steps=steps, seed=seed, guidance=guidance, progress=progress)
+        measures = copy_measures(images[prompt], built.tshirt, others)
+        results[prompt] = {**copy_summary(measures), "seed": seed, "steps": steps, "guidance": guidance,
+                           "sampler": "ddim"}
+    return results, images
