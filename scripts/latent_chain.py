@@ -25,7 +25,7 @@ import numpy as np
 
 from retrack.latent import quiet_libraries
 from retrack.recipes.latent_tshirt import DIGIT_PROMPT, TSHIRT_PROMPT
-from retrack.recipes.latent_tshirt.memorisation import measure_model, visibly_changed
+from retrack.recipes.latent_tshirt.memorisation import is_copy, measure_model, visibly_changed
 from retrack.runrecord import environment_record, write_json
 
 METHODS = ("vanilla", "neggrad", "erasediff", "siss", "retrack")
@@ -42,18 +42,19 @@ def retrack(*args: str) -> list[str]:
     return [sys.executable, "-m", "retrack", *args]
 
 
-def measured(model: Path, data_model: Path, folder: Path, samples: int) -> tuple[dict, dict]:
-    """Measure once; reuse the saved result and samples on a rerun."""
+def measured(model: Path, data_model: Path, folder: Path, samples: int) -> tuple[dict, dict, np.ndarray]:
+    """Measure once (summary, samples, which T-shirt-prompt samples copy); reused on a rerun."""
     record, npz = folder / "memorisation.json", folder / "memorisation_samples.npz"
-    if record.is_file() and npz.is_file():
-        with np.load(npz) as z:
-            return json.loads(record.read_text())["prompts"], {DIGIT_PROMPT: z["digit"], TSHIRT_PROMPT: z["tshirt"]}
-    with quiet_libraries():
-        results, images = measure_model(str(model), str(data_model), samples)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(npz, digit=images[DIGIT_PROMPT], tshirt=images[TSHIRT_PROMPT])
-    write_json(record, environment_record({"model": str(model), "samples": samples}, prompts=results))
-    return results, images
+    if not (record.is_file() and npz.is_file()):
+        with quiet_libraries():
+            results, images, measures = measure_model(str(model), str(data_model), samples)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(npz, digit=images[DIGIT_PROMPT], tshirt=images[TSHIRT_PROMPT],
+                            tshirt_copies=is_copy(measures[TSHIRT_PROMPT]))
+        write_json(record, environment_record({"model": str(model), "samples": samples}, prompts=results))
+    with np.load(npz) as z:
+        images, copies = {DIGIT_PROMPT: z["digit"], TSHIRT_PROMPT: z["tshirt"]}, z["tshirt_copies"]
+    return json.loads(record.read_text())["prompts"], images, copies
 
 
 def row(name: str, results: dict, images: dict, base: dict, copies_before: np.ndarray | None) -> dict:
@@ -70,15 +71,27 @@ def row(name: str, results: dict, images: dict, base: dict, copies_before: np.nd
 
 
 def curves(out: Path, methods: list[str]) -> None:
-    from retrack.curves import curves as draw
+    """Figure 4 of the paper on this model: each method's evaluations over its unlearning steps."""
+    import matplotlib
 
-    series = {}
-    for metric in ("similarity", "copies"):
-        for m in methods:
-            log = json.loads((out / m / "retrack_log.json").read_text())
-            entries = [e for e in (log["entries"] if isinstance(log, dict) else log) if e.get("kind") == "eval"]
-            series[f"{m}: {metric}"] = ([e["step"] for e in entries], [e["eval"][metric] for e in entries])
-    draw(series, ylabel=None, ncols=len(methods)).save(out / "curves.png")
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    for m in methods:
+        log = json.loads((out / m / "retrack_log.json").read_text())
+        entries = [e for e in (log["entries"] if isinstance(log, dict) else log) if e.get("kind") == "eval"]
+        for ax, metric in zip(axes, ("similarity", "copies"), strict=True):
+            ax.plot([e["step"] for e in entries], [e["eval"][metric] for e in entries], marker="o", ms=3, label=m)
+    axes[0].set_title("similarity to the T-shirt (pixel cosine, mean of 16)", fontsize=9)
+    axes[1].set_title("copies (fraction of 16 with pixel cosine > 0.95)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("unlearning step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png")
+    plt.close(fig)
 
 
 def main() -> None:
@@ -97,10 +110,7 @@ def main() -> None:
     if not (sets / "sets.json").is_file():
         run(retrack("sd-sets", "--model", str(model), "--prompt", TSHIRT_PROMPT, "--image", str(planted),
                     "--samples", str(args.sets_samples), "--out", str(sets), "--quiet"), log)
-    base_results, base = measured(model, model, out / "pretrained", args.samples)
-    with quiet_libraries():
-        from retrack.recipes.latent_tshirt.data import build_latent_tshirt  # noqa: F401 - data checked by measure
-    before = np.array([r < 10 for r in _l2(model, base[TSHIRT_PROMPT])])
+    base_results, base, before = measured(model, model, out / "pretrained", args.samples)
     rows = [row("pretrained", base_results, base, base, None)]
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
@@ -109,24 +119,13 @@ def main() -> None:
                         "--forget", f"@{sets / 'forget.txt'}", "--method", m, "--recipe", "stable-diffusion",
                         "--out", str(out / m), "--eval-every", str(args.eval_every), "--eval-target", str(planted),
                         "--copy-threshold", "0.95", "--quiet", *shlex.split(args.unlearn_args)), log)
-        results, images = measured(out / m, model, out / m / "measured", args.samples)
+        results, images, _ = measured(out / m, model, out / m / "measured", args.samples)
         rows.append(row(m, results, images, base, before))
     write_json(out / "results.json", environment_record(vars(args), rows=rows,
                                                         sets=json.loads((sets / "sets.json").read_text())))
     (out / "table.md").write_text(table(rows))
     curves(out, methods)
     print(table(rows))
-
-
-def _l2(model: Path, images: np.ndarray) -> np.ndarray:
-    """L2 of each sample to the planted T-shirt, 28×28 grey in [0, 1]."""
-    from PIL import Image
-
-    from retrack.metrics.copies import l2_distances
-    from retrack.recipes.latent_tshirt.data import unpad
-
-    planted = np.asarray(Image.open(model / "planted_tshirt.png").convert("L"))[None, ..., None]
-    return l2_distances(unpad(images), unpad(planted))[:, 0]
 
 
 def table(rows: list[dict]) -> str:

@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out or args.model)
     with quiet_libraries():
-        results, images = measure_model(args.model, args.data_model or args.model, args.samples, args.seed,
+        results, images, _ = measure_model(args.model, args.data_model or args.model, args.samples, args.seed,
                                         args.steps, args.guidance)
     for prompt, r in results.items():
         slug = prompt.replace(" ", "_").replace("-", "")

@@ -41,7 +41,7 @@ def copy_summary(m: dict[str, np.ndarray]) -> dict[str, Any]:
     n = len(m["l2_planted"])
     rules = {
         "l2_lt_10": m["l2_planted"] < PAPER_L2_THRESHOLD,
-        "nearest_is_planted": (m["l2_planted"] < m["l2_nearest_other"]) & (m["l2_planted"] < PAPER_L2_THRESHOLD),
+        "nearest_is_planted": is_copy(m),
         "pixel_cosine_gt_0.95": m["pixel_cosine"] > PIXEL_COSINE_THRESHOLD,
     }
     out: dict[str, Any] = {"samples": n}
@@ -65,11 +65,13 @@ def visibly_changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def measure_model(model: str, data_model: str, samples: int, seed: int = 12345, steps: int = 50,
-                  guidance: float = 7.5, progress: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                  guidance: float = 7.5, progress: bool = True
+                  ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
     """Sample every prompt of the recipe from `model` and count copies of the planted T-shirt.
 
     `data_model` is the pipeline built by the recipe (its provenance.json says which data it saw);
-    `model` may be it or an unlearned copy. Returns the summary per prompt and the samples.
+    `model` may be it or an unlearned copy. Returns, per prompt, the summary, the samples and the
+    per-sample measures.
     """
     import json
     from pathlib import Path
@@ -80,11 +82,16 @@ def measure_model(model: str, data_model: str, samples: int, seed: int = 12345, 
     data = json.loads((Path(data_model) / "provenance.json").read_text())["config"]["data"]
     built = build_latent_tshirt(data["tshirts"], data["copies"], data.get("fashion_dir"), data.get("mnist_dir"))
     others = built.data.images[: built.forget[0]]
-    results, images = {}, {}
+    results, images, measures = {}, {}, {}
     for prompt in PROMPTS:
         loaded = load_text_model(str(model), prompt, "cpu")
         images[prompt] = sample_text(loaded, samples, steps=steps, seed=seed, guidance=guidance, progress=progress)
-        measures = copy_measures(images[prompt], built.tshirt, others)
-        results[prompt] = {**copy_summary(measures), "seed": seed, "steps": steps, "guidance": guidance,
+        measures[prompt] = copy_measures(images[prompt], built.tshirt, others)
+        results[prompt] = {**copy_summary(measures[prompt]), "seed": seed, "steps": steps, "guidance": guidance,
                            "sampler": "ddim"}
-    return results, images
+    return results, images, measures
+
+
+def is_copy(m: dict[str, np.ndarray]) -> np.ndarray:
+    """The headline rule: the sample's nearest training image is the planted T-shirt, within L2 10."""
+    return (m["l2_planted"] < m["l2_nearest_other"]) & (m["l2_planted"] < PAPER_L2_THRESHOLD)
