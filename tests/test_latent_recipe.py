@@ -145,7 +145,16 @@ def test_the_recipe_builds_a_stable_diffusion_pipeline(folders, tmp_path):
     assert scale == pytest.approx(record["scaling_factor"]) and scale == pytest.approx(1 / means.std(ddof=1), rel=1e-5)
     model = load_text_model(str(out), TSHIRT_PROMPT, "cpu")
     assert model.prompt["tokens"] == 9 and not model.prompt["truncated"]
-    assert sample_text(model, 1, steps=2, progress=False).shape == (1, 32, 32, 3)
+    drawn = sample_text(model, 2, steps=2, seed=3, progress=False)
+    assert drawn.shape == (2, 32, 32, 3)
+    from retrack.recipes.latent_tshirt.memorisation import copy_measures, copy_summary, measure_model
+
+    results, images, measures = measure_model(str(out), str(out), 2, seed=3, steps=2, progress=False)
+    np.testing.assert_array_equal(images[TSHIRT_PROMPT], drawn)
+    want = copy_measures(drawn, data.images[-1], data.images[:9])
+    for key, value in want.items():
+        np.testing.assert_array_equal(measures[TSHIRT_PROMPT][key], value)
+    assert results[TSHIRT_PROMPT] == {**copy_summary(want), "seed": 3, "steps": 2, "guidance": 7.5, "sampler": "ddim"}
 
 
 def test_an_interrupted_build_resumes_to_the_same_weights(folders, tmp_path, monkeypatch):
