@@ -95,7 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                        nll=cfg.nll, device=cfg.device)
         print("1/4 evaluating the shipped model")
         before, samples_before = evaluate_model(cfg.model, tshirt, remain, **measure)
-        print("2/4 unlearning the T-shirt with ReTrack")
+        print("2/4 unlearning the T-shirt with ReTrack as published (the default method of retrack unlearn)")
         unlearn(cfg.model, str(data.data_path), f"@{data.forget_path}", str(tmp / "model"), method="retrack",
                 steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, k=cfg.k, lam=cfg.lam,
                 seed=cfg.seed, device=cfg.device, cache_dir=str(tmp / "cache"))
