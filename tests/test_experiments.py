@@ -332,3 +332,17 @@ def test_reference_metrics_validate_with_the_configs_reference_model(stand_in, t
     reference = save_pipeline(tmp_path / "reference", seed=1)
     res = resolve(parse_config({**raw, "reference_model": str(reference)}))
     assert len(res.fingerprints) == 2
+
+
+def test_options_study_config_resolves_as_shipped():
+    """The study README quotes runs as the shipped config plans them: every row, three seeds,
+    1,000 samples, against the shipped retrained model."""
+    cfg = load_config(ROOT / "configs" / "mnist_tshirt_options.yaml")
+    res = resolve(cfg)
+    labels = [m.label for m in cfg.methods]
+    assert labels[:5] == ["vanilla", "retrack", "retrack surgery", "retrack t-min 10", "retrack surgery t-min 10"]
+    assert {"neggrad", "erasediff", "siss"} <= set(labels) and cfg.sampling["samples"] == 1000
+    assert len(res.runs) == 3 * (len(labels) + 1) and cfg.seeds == (0, 1, 2)
+    combo = next(m for m in cfg.methods if m.label == "retrack surgery t-min 10")
+    assert combo.method == "retrack" and combo.settings["surgery"] is True and combo.settings["forget_t_min"] == 10
+    assert res.reference_model.endswith("mnist_tshirt/retrained")
