@@ -25,7 +25,7 @@ import numpy as np
 
 from retrack.latent import quiet_libraries
 from retrack.recipes.latent_tshirt import DIGIT_PROMPT, TSHIRT_PROMPT
-from retrack.recipes.latent_tshirt.memorisation import is_copy, measure_model, visibly_changed
+from retrack.recipes.latent_tshirt.memorisation import is_copy, measure_model, training_images, visibly_changed
 from retrack.runrecord import environment_record, write_json
 
 METHODS = ("vanilla", "neggrad", "erasediff", "siss", "retrack")
@@ -57,17 +57,29 @@ def measured(model: Path, data_model: Path, folder: Path, samples: int) -> tuple
     return json.loads(record.read_text())["prompts"], images, copies
 
 
-def row(name: str, results: dict, images: dict, base: dict, copies_before: np.ndarray | None) -> dict:
+def row(name: str, results: dict, images: dict, base: dict, copies_before: np.ndarray | None,
+        others: np.ndarray) -> dict:
     t, d = results[TSHIRT_PROMPT], results[DIGIT_PROMPT]
     out = {"method": name, "tshirt_copies_nearest": t["nearest_is_planted"]["fraction"],
            "tshirt_copies_l2": t["l2_lt_10"]["fraction"], "tshirt_copies_cosine": t["pixel_cosine_gt_0.95"]["fraction"],
-           "tshirt_l2_median": t["l2_planted_percentiles"]["50"], "digit_copies_l2": d["l2_lt_10"]["fraction"]}
+           "tshirt_l2_median": t["l2_planted_percentiles"]["50"], "digit_copies_l2": d["l2_lt_10"]["fraction"],
+           "tshirt_realism": realism(images[TSHIRT_PROMPT], others),
+           "digit_realism": realism(images[DIGIT_PROMPT], others)}
     if copies_before is not None:
         keep = ~copies_before
         out["tshirt_noncopies_changed"] = float(visibly_changed(images[TSHIRT_PROMPT][keep],
                                                                 base[TSHIRT_PROMPT][keep]).mean())
         out["digit_changed"] = float(visibly_changed(images[DIGIT_PROMPT], base[DIGIT_PROMPT]).mean())
     return out
+
+
+def realism(samples: np.ndarray, others: np.ndarray) -> float:
+    """Median L2 (28×28, [0, 1]) from a sample to its nearest training image other than the planted
+    T-shirt: small while the prompt still draws images like its training data."""
+    from retrack.metrics.copies import l2_distances
+    from retrack.recipes.latent_tshirt.data import unpad
+
+    return float(np.median(l2_distances(unpad(samples), unpad(others)).min(axis=1)))
 
 
 def curves(out: Path, methods: list[str]) -> None:
@@ -111,7 +123,8 @@ def main() -> None:
         run(retrack("sd-sets", "--model", str(model), "--prompt", TSHIRT_PROMPT, "--image", str(planted),
                     "--samples", str(args.sets_samples), "--out", str(sets), "--quiet"), log)
     base_results, base, before = measured(model, model, out / "pretrained", args.samples)
-    rows = [row("pretrained", base_results, base, base, None)]
+    others = training_images(str(model))[1]
+    rows = [row("pretrained", base_results, base, base, None, others)]
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if not (out / m / "retrack_run.json").is_file():
@@ -120,7 +133,7 @@ def main() -> None:
                         "--out", str(out / m), "--eval-every", str(args.eval_every), "--eval-target", str(planted),
                         "--copy-threshold", "0.95", "--quiet", *shlex.split(args.unlearn_args)), log)
         results, images, _ = measured(out / m, model, out / m / "measured", args.samples)
-        rows.append(row(m, results, images, base, before))
+        rows.append(row(m, results, images, base, before, others))
     write_json(out / "results.json", environment_record(vars(args), rows=rows,
                                                         sets=json.loads((sets / "sets.json").read_text())))
     (out / "table.md").write_text(table(rows))
@@ -131,10 +144,12 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     pct = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     lines = ["| model | T-shirt copies (nearest image) ↓ | (L2 < 10) | (pixel cosine > 0.95) | median L2 to it ↑ | "
-             "digit-prompt copies | T-shirt non-copies changed | digit samples changed |", "|---" * 8 + "|"]
+             "T-shirt realism ↓ | digit realism ↓ | digit-prompt copies | T-shirt non-copies changed | "
+             "digit samples changed ↓ |", "|---" * 10 + "|"]
     for r in rows:
         lines.append(f"| {r['method']} | {pct(r['tshirt_copies_nearest'])} | {pct(r['tshirt_copies_l2'])} | "
-                     f"{pct(r['tshirt_copies_cosine'])} | {r['tshirt_l2_median']:.2f} | {pct(r['digit_copies_l2'])} | "
+                     f"{pct(r['tshirt_copies_cosine'])} | {r['tshirt_l2_median']:.2f} | {r['tshirt_realism']:.2f} | "
+                     f"{r['digit_realism']:.2f} | {pct(r['digit_copies_l2'])} | "
                      f"{pct(r.get('tshirt_noncopies_changed'))} | {pct(r.get('digit_changed'))} |")
     return "\n".join(lines) + "\n"
 

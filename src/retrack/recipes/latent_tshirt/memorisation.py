@@ -73,20 +73,15 @@ def measure_model(model: str, data_model: str, samples: int, seed: int = 12345, 
     `model` may be it or an unlearned copy. Returns, per prompt, the summary, the samples and the
     per-sample measures.
     """
-    import json
-    from pathlib import Path
-
     from retrack.latent import load_text_model, sample_text
-    from retrack.recipes.latent_tshirt.data import PROMPTS, build_latent_tshirt
+    from retrack.recipes.latent_tshirt.data import PROMPTS
 
-    data = json.loads((Path(data_model) / "provenance.json").read_text())["config"]["data"]
-    built = build_latent_tshirt(data["tshirts"], data["copies"], data.get("fashion_dir"), data.get("mnist_dir"))
-    others = built.data.images[: built.forget[0]]
+    planted, others = training_images(data_model)
     results, images, measures = {}, {}, {}
     for prompt in PROMPTS:
         loaded = load_text_model(str(model), prompt, "cpu")
         images[prompt] = sample_text(loaded, samples, steps=steps, seed=seed, guidance=guidance, progress=progress)
-        measures[prompt] = copy_measures(images[prompt], built.tshirt, others)
+        measures[prompt] = copy_measures(images[prompt], planted, others)
         results[prompt] = {**copy_summary(measures[prompt]), "seed": seed, "steps": steps, "guidance": guidance,
                            "sampler": "ddim"}
     return results, images, measures
@@ -95,3 +90,15 @@ def measure_model(model: str, data_model: str, samples: int, seed: int = 12345, 
 def is_copy(m: dict[str, np.ndarray]) -> np.ndarray:
     """The headline rule: the sample's nearest training image is the planted T-shirt, within L2 10."""
     return (m["l2_planted"] < m["l2_nearest_other"]) & (m["l2_planted"] < PAPER_L2_THRESHOLD)
+
+
+def training_images(data_model: str) -> tuple[np.ndarray, np.ndarray]:
+    """The planted T-shirt and every other training image (padded) of the recipe that built `data_model`."""
+    import json
+    from pathlib import Path
+
+    from retrack.recipes.latent_tshirt.data import build_latent_tshirt
+
+    data = json.loads((Path(data_model) / "provenance.json").read_text())["config"]["data"]
+    built = build_latent_tshirt(data["tshirts"], data["copies"], data.get("fashion_dir"), data.get("mnist_dir"))
+    return built.tshirt, built.data.images[: built.forget[0]]
