@@ -9,7 +9,8 @@
    samples to the planted T-shirt, copies), which gives the curves.
 3. Before and after, `--samples` samples of each prompt from the same seeds: copies of the planted
    T-shirt under three rules (memorisation.py), and how many samples changed visibly.
-Writes OUT/table.md, OUT/results.json and OUT/curves.png; the commands it ran go to OUT/commands.txt.
+Writes OUT/table.md, OUT/results.json, OUT/curves.png and OUT/samples.png (per model, in the table's
+order, the first 12 samples of each prompt, same seeds); the commands it ran go to OUT/commands.txt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrack.grid import save_grid
 from retrack.latent import quiet_libraries
 from retrack.recipes.latent_tshirt import DIGIT_PROMPT, TSHIRT_PROMPT
 from retrack.recipes.latent_tshirt.memorisation import is_copy, measure_model, training_images, visibly_changed
@@ -125,6 +127,7 @@ def main() -> None:
     base_results, base, before = measured(model, model, out / "pretrained", args.samples)
     others = training_images(str(model))[1]
     rows = [row("pretrained", base_results, base, base, None, others)]
+    grid = [base[TSHIRT_PROMPT][:12], base[DIGIT_PROMPT][:12]]
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if not (out / m / "retrack_run.json").is_file():
@@ -134,10 +137,12 @@ def main() -> None:
                         "--copy-threshold", "0.95", "--quiet", *shlex.split(args.unlearn_args)), log)
         results, images, _ = measured(out / m, model, out / m / "measured", args.samples)
         rows.append(row(m, results, images, base, before, others))
+        grid += [images[TSHIRT_PROMPT][:12], images[DIGIT_PROMPT][:12]]
     write_json(out / "results.json", environment_record(vars(args), rows=rows,
                                                         sets=json.loads((sets / "sets.json").read_text())))
     (out / "table.md").write_text(table(rows))
     curves(out, methods)
+    save_grid(np.concatenate(grid), out / "samples.png", ncol=12, scale=2)
     print(table(rows))
 
 
