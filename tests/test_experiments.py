@@ -346,3 +346,7 @@ def test_options_study_config_resolves_as_shipped():
     combo = next(m for m in cfg.methods if m.label == "retrack surgery t-min 10")
     assert combo.method == "retrack" and combo.settings["surgery"] is True and combo.settings["forget_t_min"] == 10
     assert res.reference_model.endswith("mnist_tshirt/retrained")
+    boot = load_config(ROOT / "configs" / "mnist_boot_options.yaml")
+    assert resolve(boot).reference_model.endswith("mnist_boot/retrained")
+    assert [(m.label, m.settings) for m in boot.methods] == [(m.label, m.settings) for m in cfg.methods]
+    assert (boot.train, boot.sampling, boot.metrics, boot.seeds) == (cfg.train, cfg.sampling, cfg.metrics, cfg.seeds)
