@@ -84,6 +84,9 @@ def draw_tradeoff(results: Mapping[str, Sequence[Mapping[str, Any]]], columns: S
                 mean = pts.mean(axis=0)
                 ax.scatter([mean[0]], [mean[1]], s=90, color=colour, edgecolor="black",
                            label=f"{label} ({len(pts)})")
+            xs = [v for pts in tradeoff_points(results, x, y).values() for v in pts[:, 0]]
+            if xs and min(xs) > 0 and max(xs) / min(xs) > 100:  # a destroyed model would hide the rest
+                ax.set_xscale("log")
             ax.set_xlabel(titles.get(x, x))
             ax.set_ylabel(titles.get(y, y))
             ax.grid(alpha=0.3)
