@@ -30,12 +30,12 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from peak import peak_rss_mb  # noqa: E402
+from step_timing import time_gradient_step  # noqa: E402
 
 LATENT = (4, 16, 16)
 WIDTH = 256  # text encoder width = the UNet's cross-attention dimension
@@ -76,49 +76,12 @@ def train_data(k: int):
     return TrainData(remain, forget, table)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_step(batch: int, repeats: int, device: str, k: int) -> dict[str, float]:
-    from accelerate import Accelerator
-
     from retrack import objectives
-    from retrack.trainer import batch_gradient, draw_batch
 
     model, objective, data = build_model(device), objectives.build("retrack", lam=0.5), train_data(k)
-    accelerator = Accelerator(cpu=(device == "cpu"))
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2 * batch, *LATENT, device=device)
-    t = torch.randint(0, 1000, (2 * batch,), device=device)
-
-    def gradient() -> None:
-        prepared = objective.prepare(draw_batch(objective, data, batch, gen, device), model.schedule, gen)
-        batch_gradient(model, objective, prepared, 1, params, accelerator)
-
-    def step() -> None:
-        gradient()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-    def plain() -> None:
-        (model(x, t) - x).pow(2).flatten(1).sum(1).mean().backward()
-
-    runs = {"gradient": gradient, "forward+backward": plain, "step": step}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(repeats + 1):  # the first round is warm-up
-        for name, fn in runs.items():
-            opt.zero_grad(set_to_none=True)
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if i:
-                times[name].append(time.perf_counter() - t0)
-    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    opt = torch.optim.AdamW(list(model.parameters()), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2)
+    return time_gradient_step(model, objective, data, batch, LATENT, opt, device, repeats)
 
 
 def memory_child(variant: str, batch: int, steps: int, lora: int, device: str, k: int) -> None:

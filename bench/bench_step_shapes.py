@@ -19,12 +19,12 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from architectures import build  # noqa: E402
+from step_timing import time_gradient_step  # noqa: E402
 
 
 def setup(shape: str, k: int, device: str):
@@ -40,48 +40,10 @@ def setup(shape: str, k: int, device: str):
     return model, objectives.build("retrack"), TrainData(remain, forget, table)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_shape(shape: str, batch: int, repeats: int, device: str, k: int) -> dict[str, float]:
-    from accelerate import Accelerator
-
-    from retrack.trainer import batch_gradient, draw_batch
-
     model, objective, data = setup(shape, k, device)
-    accelerator = Accelerator(cpu=(device == "cpu"))
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-5, betas=(0.95, 0.999), weight_decay=1e-6)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2 * batch, *model.sample_shape, device=device)
-    t = torch.randint(0, 1000, (2 * batch,), device=device)
-
-    def gradient() -> None:
-        prepared = objective.prepare(draw_batch(objective, data, batch, gen, device), model.schedule, gen)
-        batch_gradient(model, objective, prepared, 1, params, accelerator)
-
-    def step() -> None:
-        gradient()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-    def plain() -> None:
-        (model(x, t) - x).pow(2).flatten(1).sum(1).mean().backward()
-
-    runs = {"gradient": gradient, "forward+backward": plain, "step": step}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(repeats + 1):  # the first round is warm-up
-        for name, fn in runs.items():
-            opt.zero_grad(set_to_none=True)
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if i:
-                times[name].append(time.perf_counter() - t0)
-    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    opt = torch.optim.AdamW(list(model.parameters()), lr=5e-5, betas=(0.95, 0.999), weight_decay=1e-6)
+    return time_gradient_step(model, objective, data, batch, model.sample_shape, opt, device, repeats)
 
 
 def main() -> None:
