@@ -368,7 +368,7 @@ CASES: list[Case] = [
     ("pre-data-missing", lambda w: pretrain(w, "missingdata"), "neither a built-in set"),
     ("pre-steps-flag", lambda w: pretrain(w, "good", "--steps", "0"), "argument --steps: must be an integer ≥ 1"),
     ("pre-device", lambda w: pretrain(w, "good", "--device", NO_CUDA_DEVICE), NO_CUDA_MESSAGE),
-    ("pre-out-exists", lambda w: [*pretrain(w), "--out", w / "exists"], "pass --overwrite"),
+    ("pre-out-exists", lambda w: [*pretrain(w), "--out", w / "exists"], "choose another --out, or pass --extend"),
     ("pre-out-proc", lambda w: [*pretrain(w), "--out", "/proc/retrack/p"], "cannot be written"),
     # demo
     ("demo-samples-5", lambda w: demo(w, "--samples", "5"), "--samples must be an integer ≥ 12"),
@@ -451,7 +451,7 @@ def test_evaluate_and_pretrain_succeed(ws, tmp_path, capsys):
     assert json.loads((tmp_path / "m.json").read_text())["copies"]["threshold"] == 1.5
     assert main([str(a) for a in pretrain(ws, "good", "--out", tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert not (tmp_path / "p.training").exists()
+    assert (tmp_path / "p.training" / "state.pt").is_file()  # kept: `--extend` continues from it
 
 
 def test_python_api_takes_index_lists_and_names_unknown_settings(ws, tmp_path):

@@ -6,8 +6,8 @@ The loss is the usual per-pixel MSE; only unlearning uses the paper's summed red
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,77 +110,167 @@ def recipe_data(name: str) -> ImageSet:
     return load_images(name)
 
 
-def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int | None = None) -> Path:
-    """Train (or resume) and write a DDPM pipeline folder holding the EMA weights."""
-    from diffusers import DDPMScheduler, UNet2DModel
-    from diffusers.training_utils import EMAModel
+def training_folder(out: Path) -> Path:
+    """Where the checkpoint lives: beside the output, kept after success so a run can be extended."""
+    out = Path(out)
+    return out.with_name(out.name + ".training")
 
-    check_output(out, overwrite=False)
+
+def _recipe_identity(recipe: PretrainRecipe) -> dict[str, Any]:
+    """What must match for a checkpoint to be continued: everything but the length and the logging."""
+    return {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("steps", "checkpoint_every")}
+
+
+def check_extension(out: Path, total: int) -> None:
+    """`--extend` continues a finished run only from its kept checkpoint, and only forwards."""
+    ckpt = training_folder(out) / "state.pt"
+    require(Path(out).is_dir(), f"--extend: {str(out)!r} is not a finished pretraining output.")
+    require(ckpt.is_file(), f"--extend: {str(ckpt)!r} does not exist, so {str(out)!r} cannot be trained "
+            f"longer (its training state was not kept); train a new output with --steps instead.")
+    done = _saved_step(ckpt)
+    require(total > done, f"--extend: {str(out)!r} already holds {done} steps; pass --steps greater than {done}.")
+
+
+def _saved_step(ckpt: Path) -> int:
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["step"])
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise UserError(f"the checkpoint {str(ckpt)!r} cannot be read ({type(e).__name__}).") from None
+
+
+def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int | None = None,
+             extend: bool = False) -> Path:
+    """Train (or resume, or extend) and write a DDPM pipeline folder holding the EMA weights.
+
+    The learning rate is constant after warm-up, so extending a finished run to more steps gives
+    the same weights as training that many steps at once (tested); the checkpoint is kept beside
+    the output for that reason.
+    """
+    from diffusers import UNet2DModel
+
     total = steps or recipe.steps
+    if extend:
+        check_extension(out, total)
+    else:
+        check_output(out, overwrite=False)
     try:
         UNet2DModel(**recipe.unet)  # the real one is built below, after seeding; this only checks
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for bad arguments
         raise UserError(f"unet: of the recipe is not a valid UNet2DModel: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}.") from None
     data = recipe_data(recipe.data)
-    images = data.as_tensor(device)
-    work = out.with_name(out.name + ".training")
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(recipe.seed)
-    unet = UNet2DModel(**recipe.unet).to(device)
-    scheduler = DDPMScheduler(**recipe.scheduler)
-    ema = EMAModel(unet.parameters(), decay=recipe.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    state = {"step": 0, "loss_ema": None, "log": [], "seconds": 0.0}
-    ckpt = work / "state.pt"
-    if ckpt.is_file():
+    run = _TrainingRun.start(recipe, device, training_folder(out))
+    require(run.state["step"] <= total,
+            f"the checkpoint {str(run.ckpt)!r} already holds {run.state['step']} steps, more than the {total} "
+            f"asked; pass --steps {run.state['step']} or more, or delete {str(run.ckpt.parent)!r} to start over.")
+    run.train(data.as_tensor(device), total)
+    _write_pipeline(run, out, data, device)
+    return out
+
+
+@dataclass
+class _TrainingRun:
+    """The model, its EMA, optimiser and noise generator, saved together so a run resumes exactly."""
+
+    recipe: PretrainRecipe
+    unet: Any
+    ema: Any
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    ckpt: Path
+    state: dict[str, Any]
+
+    @classmethod
+    def start(cls, recipe: PretrainRecipe, device: str, work: Path) -> _TrainingRun:
+        from diffusers import UNet2DModel
+        from diffusers.training_utils import EMAModel
+
+        work.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(recipe.seed)
+        unet = UNet2DModel(**recipe.unet).to(device)
+        ema = EMAModel(unet.parameters(), decay=recipe.ema_decay)
+        opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        state = {"step": 0, "loss_ema": None, "log": [], "seconds": 0.0, "recipe": _recipe_identity(recipe)}
+        run = cls(recipe, unet, ema, opt, torch.Generator().manual_seed(recipe.seed), work / "state.pt", state)
+        if run.ckpt.is_file():
+            run._load(device)
+        return run
+
+    def _load(self, device: str) -> None:
         try:
-            saved = torch.load(ckpt, map_location=device, weights_only=False)
-            unet.load_state_dict(saved["unet"])
-            ema.load_state_dict(saved["ema"])
-            opt.load_state_dict(saved["opt"])
-            gen.set_state(saved["gen"])
-            state = saved["state"]
+            saved = torch.load(self.ckpt, map_location=device, weights_only=False)
+            self.unet.load_state_dict(saved["unet"])
+            self.ema.load_state_dict(saved["ema"])
+            self.opt.load_state_dict(saved["opt"])
+            self.gen.set_state(saved["gen"])
         except Exception as e:  # noqa: BLE001 - torch.load and load_state_dict raise many types
-            raise UserError(f"the checkpoint {str(ckpt)!r} cannot be resumed ({type(e).__name__}); it was "
-                            f"written by another recipe or is damaged: delete {str(work)!r} to start over.") from None
-    abar = scheduler.alphas_cumprod.to(device)
-    bar = tqdm(total=total, initial=state["step"], desc="pretrain", dynamic_ncols=True)
-    t_start = time.time() - state["seconds"]
-    while state["step"] < total:
-        lr = recipe.lr * min(1.0, (state["step"] + 1) / max(1, recipe.warmup_steps))
-        for g in opt.param_groups:
+            raise UserError(f"the checkpoint {str(self.ckpt)!r} cannot be resumed ({type(e).__name__}); it was "
+                            f"written by another recipe or is damaged: delete {str(self.ckpt.parent)!r} to start "
+                            f"over.") from None
+        identity = saved["state"].get("recipe", self.state["recipe"])  # checkpoints before this check lack it
+        require(identity == self.state["recipe"],
+                f"the checkpoint {str(self.ckpt)!r} was written by a recipe with other settings "
+                f"({', '.join(k for k in identity if identity[k] != self.state['recipe'].get(k))}); "
+                f"delete {str(self.ckpt.parent)!r} to start over.")
+        self.state = {**saved["state"], "recipe": identity}
+
+    def train(self, images: torch.Tensor, total: int) -> None:
+        from diffusers import DDPMScheduler
+
+        recipe, state = self.recipe, self.state
+        abar = DDPMScheduler(**recipe.scheduler).alphas_cumprod.to(images.device)
+        bar = tqdm(total=total, initial=state["step"], desc="pretrain", dynamic_ncols=True)
+        t_start = time.time() - state["seconds"]
+        while state["step"] < total:
+            loss = self._step(images, abar)
+            state["step"] += 1
+            le = state["loss_ema"]
+            state["loss_ema"] = loss if le is None else 0.99 * le + 0.01 * loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{state['loss_ema']:.4f}")
+            if state["step"] % recipe.checkpoint_every == 0 or state["step"] == total:
+                state["log"].append({"step": state["step"], "loss_ema": state["loss_ema"]})
+                state["seconds"] = time.time() - t_start
+                self._save()
+        bar.close()
+
+    def _step(self, images: torch.Tensor, abar: torch.Tensor) -> float:
+        recipe, gen, device = self.recipe, self.gen, images.device
+        lr = recipe.lr * min(1.0, (self.state["step"] + 1) / max(1, recipe.warmup_steps))
+        for g in self.opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(images), (recipe.batch_size,), generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.batch_size,), generator=gen)
+        t = torch.randint(0, len(abar), (recipe.batch_size,), generator=gen)
         noise = torch.randn(images[idx].shape, generator=gen).to(device)
         a = abar[t.to(device)].view(-1, 1, 1, 1)
         x_t = a.sqrt() * images[idx] + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(x_t, t.to(device)).sample, noise)
+        loss = torch.nn.functional.mse_loss(self.unet(x_t, t.to(device)).sample, noise)
         if not torch.isfinite(loss):
-            raise UserError(f"pretraining loss became {loss.item()} at step {state['step']}.")
-        opt.zero_grad(set_to_none=True)
+            raise UserError(f"pretraining loss became {loss.item()} at step {self.state['step']}.")
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema.step(unet.parameters())
-        state["step"] += 1
-        le = state["loss_ema"]
-        state["loss_ema"] = loss.item() if le is None else 0.99 * le + 0.01 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{state['loss_ema']:.4f}")
-        if state["step"] % recipe.checkpoint_every == 0 or state["step"] == total:
-            state["log"].append({"step": state["step"], "loss_ema": state["loss_ema"]})
-            state["seconds"] = time.time() - t_start
-            _save_checkpoint(ckpt, unet, ema, opt, gen, state)
-    bar.close()
-    ema.copy_to(unet.parameters())
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.opt.step()
+        self.ema.step(self.unet.parameters())
+        return loss.item()
+
+    def _save(self) -> None:
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save({"unet": self.unet.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                    "gen": self.gen.get_state(), "state": self.state}, tmp)
+        tmp.replace(self.ckpt)
+
+
+def _write_pipeline(run: _TrainingRun, out: Path, data: ImageSet, device: str) -> None:
+    from diffusers import DDPMScheduler
+
+    unet, recipe, state = run.unet, run.recipe, run.state
+    run.ema.copy_to(unet.parameters())
     require(all(torch.isfinite(p).all() for p in unet.parameters()),
             "the trained weights hold NaN or infinite values; lower lr in the recipe (nothing was written).")
     with atomic_directory(out) as tmp:
         unet.save_pretrained(tmp / "unet")
-        scheduler.save_pretrained(tmp / "scheduler")
+        DDPMScheduler(**recipe.scheduler).save_pretrained(tmp / "scheduler")
         write_json(tmp / "model_index.json", {"_class_name": "DDPMPipeline",
                                               "unet": ["diffusers", "UNet2DModel"],
                                               "scheduler": ["diffusers", "DDPMScheduler"]})
@@ -190,16 +280,7 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
                                     loss_log=state["log"], device=device)
         record["weights_sha256"] = file_sha256(tmp / "unet" / "diffusion_pytorch_model.safetensors")
         write_json(tmp / "provenance.json", record)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _save_checkpoint(path: Path, unet, ema, opt, gen, state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "gen": gen.get_state(), "state": state}, tmp)
-    tmp.replace(path)

@@ -12,17 +12,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train a small diffusers model from a YAML recipe",
                        description="Train a small unconditional diffusers UNet from a YAML recipe, or, for a "
                        "recipe with `kind: latent-text`, a small StableDiffusionPipeline (VAE, then UNet on its "
-                       "latents). Resumable: re-running the same command continues from the last checkpoint.")
+                       "latents). Resumable: re-running the same command continues from the last checkpoint. "
+                       "The checkpoint is kept in OUT.training, so `--extend --steps N` later trains a finished "
+                       "model longer.")
     p.add_argument("--config", required=True, help="recipe YAML (see recipes/mnist_tshirt/pretrain.yaml)")
     p.add_argument("--out", required=True, help="output pipeline folder (EMA weights, provenance.json)")
     p.add_argument("--steps", type=Optional(POSITIVE_INT), default=None,
                    help="override the recipe's number of steps (of the UNet stage for a latent-text recipe)")
+    p.add_argument("--extend", action="store_true",
+                   help="train the finished model in --out longer, to --steps, from its kept checkpoint; the "
+                   "learning rate is constant after warm-up, so this equals training --steps at once")
     p.add_argument("--device", default="cpu", type=Device(), help="torch device (default: cpu)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrack.pretrain import PretrainRecipe, check_recipe_data, pretrain
+    from retrack.errors import require
+    from retrack.pretrain import PretrainRecipe, check_extension, check_recipe_data, pretrain
     from retrack.recipes.latent_tshirt.recipe import KIND, recipe_kind
     from retrack.runrecord import check_output
 
@@ -30,21 +36,30 @@ def run(args: argparse.Namespace) -> int:
         return run_latent(args)
     recipe = PretrainRecipe.from_yaml(args.config)
     check_recipe_data(recipe.data)
-    check_output(Path(args.out), overwrite=False)
-    out = pretrain(recipe, Path(args.out), args.device, args.steps)
+    if args.extend:
+        require(args.steps is not None, "--extend needs --steps: the total number of steps to train to.")
+        check_extension(Path(args.out), args.steps)
+    else:
+        require(not Path(args.out).exists(), f"--out {args.out!r} exists; choose another --out, or pass "
+                "--extend --steps N to train that model longer.")
+        check_output(Path(args.out), overwrite=False)
+    out = pretrain(recipe, Path(args.out), args.device, args.steps, extend=args.extend)
     print(f"wrote {out}")
     return 0
 
 
 def run_latent(args: argparse.Namespace) -> int:
+    from retrack.errors import require
     from retrack.latent import quiet_libraries, require_sd_extra
     from retrack.recipes.latent_tshirt.recipe import LatentRecipe
     from retrack.recipes.latent_tshirt.train import build_latent_model
     from retrack.runrecord import check_output
 
+    require(not args.extend, "--extend trains pixel recipes longer; a latent-text recipe is rebuilt with --steps.")
     require_sd_extra()
     with quiet_libraries():
         recipe = LatentRecipe.from_yaml(args.config)
+    require(not Path(args.out).exists(), f"--out {args.out!r} exists; choose another --out.")
     check_output(Path(args.out), overwrite=False)
     with quiet_libraries():
         out = build_latent_model(recipe, Path(args.out), args.device, args.steps)
