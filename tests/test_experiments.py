@@ -26,6 +26,7 @@ from retrack.cli import main
 from retrack.errors import UserError
 from retrack.experiments import load_config, parse_shard, plan, resolve, run_experiment, shard
 from retrack.experiments.config import parse_config
+from retrack.experiments.plan import select
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "configs" / "mnist_tshirt.yaml"
@@ -92,6 +93,12 @@ def test_plan_rows_variants_and_ablations(stand_in):
     assert fp["unlearn"]["steps"] == 7 and fp["unlearn"]["batch_size"] == 128  # defaults filled in
     auto = res.fingerprints["retrack auto/index3/seed0"]["unlearn"]
     assert (auto["lam"], auto["forget_weighting"], auto["k"]) == ("auto", "min-snr", 10)
+    assert {r.label for r in select(runs, ["retrack"])} == {"pretrained", "retrack"}  # the label, alone
+    unlabelled = [r for r in runs if r.label != "retrack"]  # now `retrack` names only a method
+    assert {r.label for r in select(unlabelled, ["retrack"])} == {"pretrained", "retrack strong", "retrack auto",
+                                                                  "retrack K=1", "retrack λ=1.0"}
+    assert {r.label for r in select(runs, ["retrack strong", "vanilla"])} == {"pretrained", "retrack strong",
+                                                                              "vanilla"}
     with pytest.raises(UserError, match="methods: vanilla auto: lam auto"):
         resolve(parse_config({**raw, "ablations": {},
                               "methods": {"vanilla auto": {"method": "vanilla", "lam": "auto"}}}))

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="experiment YAML, e.g. configs/mnist_tshirt.yaml")
     p.add_argument("--methods", default="all",
-                   help="comma-separated row labels or method names, or 'all' (default)")
+                   help="comma-separated row labels or method names, or 'all' (default); a row label picks that "
+                   "row alone, a method that labels no row picks every row of that method")
     p.add_argument("--seeds", default=None, help="override the config's seeds: 0-9 or 0,3,5")
     p.add_argument("--samples", type=int, default=None, help="override samples per run (sampling.samples)")
     p.add_argument("--out", default=None, help="override the output folder")

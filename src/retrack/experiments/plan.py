@@ -43,7 +43,11 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
 
 
 def select(runs: list[RunSpec], wanted: list[str] | None) -> list[RunSpec]:
-    """Keep the rows named by label or by method (the pretrained row always stays)."""
+    """Keep the rows named (the pretrained row always stays).
+
+    A name that is a row's label picks that row alone, so `retrack` means the plain row even when
+    `retrack surgery` also uses the method; a name that labels no row picks every row of that method.
+    """
     if not wanted:
         return runs
     labels = {r.label for r in runs}
@@ -51,7 +55,8 @@ def select(runs: list[RunSpec], wanted: list[str] | None) -> list[RunSpec]:
     bad = [w for w in wanted if w not in labels and w not in methods]
     require(not bad, f"--methods: {bad[0]!r} is neither a row label nor a method of this config; "
                      f"choose from {', '.join(sorted(labels | methods))}." if bad else "")
-    return [r for r in runs if r.method is None or r.label in wanted or r.method in wanted]
+    by_method = {w for w in wanted if w not in labels}
+    return [r for r in runs if r.method is None or r.label in wanted or r.method in by_method]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
