@@ -139,6 +139,41 @@ def test_mnist_config_gives_the_paper_table_layout(stand_in, stubs, tmp_path):
 
     with Image.open(out / "tradeoff.png") as png:  # no reference model: FID on x, two y panels
         assert png.size == (1040, 420)
+    assert not (out / "paired.md").exists()  # only when the config asks for it
+
+
+def test_paired_table_compares_each_run_with_the_base_run_of_the_same_seed():
+    from retrack.experiments.metrics import Column, two
+    from retrack.experiments.paired import paired_table
+
+    def run(seed, fid, count=None):
+        details = {"copies": {"count": count, "num_samples": 100}} if count is not None else {}
+        return {"seed": seed, "target": "", "fid_reference": fid, "details": details}
+
+    results = {"pretrained": [run(0, 1.0, 3)],
+               "retrack": [run(0, 20.0, 0), run(1, 10.0, 0), run(2, 40.0, 1)],
+               "surgery": [run(0, 15.0, 0), run(2, 44.0, 2)],  # seed 1 missing
+               "siss": [run(0, 30.0), run(1, 5.0), run(2, 10.0)]}  # no copies recorded
+    table = paired_table(results, "retrack", Column("fid_reference", "FID to retrained ↓", two)).splitlines()
+    assert table == [
+        "| row (FID to retrained ↓) | seed 0 | seed 1 | seed 2 | better than retrack | copies |",
+        "|---|---|---|---|---|---|",
+        "| retrack | 20.00 | 10.00 | 40.00 |  | 1/300 |",
+        "| surgery | 15.00 (-25%) | – | 44.00 (+10%) | 1 of 2 | 2/200 |",
+        "| siss | 30.00 (+50%) | 5.00 (-50%) | 10.00 (-75%) | 2 of 3 | – |"]
+    higher = paired_table(results, "retrack", Column("fid_reference", "NLL ↑", two)).splitlines()
+    assert higher[3].endswith("| 1 of 2 | 2/200 |") and higher[4].endswith("| 1 of 3 | – |")
+
+
+def test_paired_md_is_written_from_the_config(stand_in, stubs, tmp_path):
+    model, data = stand_in
+    cfg = load_config(MNIST, [*mnist_overrides(model, data, tmp_path / "exp"), "paired={base: retrack}"])
+    run_experiment(cfg)
+    lines = (tmp_path / "exp" / "paired.md").read_text().splitlines()
+    assert lines[0] == "| row (FID ↓) | seed 0 | seed 1 | better than retrack | copies |"  # fid: no reference
+    assert [ln.split(" | ")[0][2:] for ln in lines[2:]] == [
+        "retrack", "neggrad", "erasediff", "vanilla", "siss", "retrack K=1", "retrack K=3", "retrack λ=1.0",
+        "retrack λ=0.001"]
 
 
 def test_tradeoff_axes_and_points():
@@ -221,6 +256,10 @@ BAD = [
     (["--set", "tradeoff={x: sharpness}"], "tradeoff: 'sharpness' is not a column"),
     (["--set", "tradeoff={z: fid}"], "tradeoff: unknown key 'z'"),
     (["--set", "tradeoff={y: [1, 2]}"], "tradeoff.y must be"),
+    (["--set", "paired={base: retrack strong}"], "paired.base 'retrack strong' is not a row label"),
+    (["--set", "paired={base: retrack, column: sharpness}"], "paired.column 'sharpness' is not a column"),
+    (["--set", "paired={base: retrack, colum: fid}"], "paired: unknown key 'colum'"),
+    (["--set", "paired=retrack"], "paired: must be a mapping"),
 ]
 
 

@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 
 from retrack.errors import UserError, require
+from retrack.experiments.paired import parse_paired
 from retrack.experiments.tradeoff import parse_tradeoff
 from retrack.validation import Int, IntList, load_yaml, parse_seeds, read_text
 
 TOP_KEYS = ("name", "out", "model", "data", "targets", "reference_model", "seeds", "train", "methods",
-            "ablations", "metrics", "sampling", "pretrained", "keep_models", "device", "tradeoff")
+            "ablations", "metrics", "sampling", "pretrained", "keep_models", "device", "tradeoff", "paired")
 SAMPLING_DEFAULTS = {"samples": 1000, "steps": 50, "sampler": "ddim", "batch_size": 64}
 TARGET_KEYS = ("indices", "files", "one_at_a_time")
 # Unlearn options the runner sets itself, per run: never from the config.
@@ -77,6 +78,7 @@ class ExperimentConfig:
     keep_models: bool = True
     device: str | None = None
     tradeoff: dict[str, Any] = field(default_factory=dict)  # axes of tradeoff.png; {} = automatic
+    paired: dict[str, str] = field(default_factory=dict)  # base row and column of paired.md; {} = none
     source: str = ""  # the YAML file, for messages
 
     def as_dict(self) -> dict[str, Any]:
@@ -90,7 +92,7 @@ class ExperimentConfig:
                 "ablation_seeds": list(self.ablation_seeds) if self.ablation_seeds is not None else None,
                 "metrics": self.metrics, "sampling": self.sampling, "pretrained": self.pretrained,
                 "keep_models": self.keep_models, "device": self.device, "out": self.out,
-                "tradeoff": self.tradeoff}
+                "tradeoff": self.tradeoff, "paired": self.paired}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def parse_config(raw: dict[str, Any], source: str = "") -> ExperimentConfig:
         pretrained=_flag(raw.get("pretrained", True), "pretrained"),
         keep_models=_flag(raw.get("keep_models", True), "keep_models"),
         device=_text(raw["device"], "device") if raw.get("device") else None,
-        tradeoff=parse_tradeoff(raw.get("tradeoff")), source=source)
+        tradeoff=parse_tradeoff(raw.get("tradeoff")), paired=parse_paired(raw.get("paired")), source=source)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -63,6 +63,7 @@ def resolve(cfg: ExperimentConfig) -> Resolved:
     unlearn = {r.label: _unlearn_settings(r, cfg) for r in runs if r.method is not None}
     metrics = _metric_settings(cfg)
     _check_tradeoff(cfg)
+    _check_paired(cfg, runs)
     common = {"version": FINGERPRINT_VERSION, "model": model_id, "data": images.digest(),
               "metrics": metrics, "sampling": cfg.sampling, "reference_model": reference[1]}
     fingerprints = {r.name: {**common, "forget": forget[r.target][1], "seed": r.seed,
@@ -181,6 +182,15 @@ def _check_tradeoff(cfg: ExperimentConfig) -> None:
     from retrack.experiments.tradeoff import axes_for
 
     axes_for(cfg.tradeoff, [c for name, st in cfg.metrics.items() for c in get_metric(name).columns(st)])
+
+
+def _check_paired(cfg: ExperimentConfig, runs: list[RunSpec]) -> None:
+    """paired.md's base row and column must exist, checked before the first run."""
+    from retrack.experiments.metrics import get_metric
+    from retrack.experiments.paired import check_paired
+
+    labels = list(dict.fromkeys(r.label for r in runs))
+    check_paired(cfg.paired, labels, [c for name, st in cfg.metrics.items() for c in get_metric(name).columns(st)])
 
 
 def _metric_settings(cfg: ExperimentConfig) -> dict[str, Any]:

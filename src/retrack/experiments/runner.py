@@ -18,11 +18,12 @@ from typing import Any
 from retrack.errors import UserError, require
 from retrack.experiments.builtins import write_builtin_data
 from retrack.experiments.metrics import Column, RunContext, get_metric
+from retrack.experiments.paired import PAIRED_FILE, check_paired, paired_table
 from retrack.experiments.plan import RunSpec
 from retrack.experiments.resolve import Resolved, digest_settings
 from retrack.experiments.tables import write_summary
 from retrack.experiments.tradeoff import TRADEOFF_FILE, axes_for, draw_tradeoff
-from retrack.runrecord import environment_record, write_bytes, write_json
+from retrack.runrecord import environment_record, write_bytes, write_json, write_text
 
 FINISHED, FINGERPRINT = "metrics.json", "fingerprint.json"
 
@@ -135,6 +136,7 @@ def merge(res: Resolved, runs: list[RunSpec]) -> str:
     results = {k: v for k, v in results.items() if v}
     md = write_summary(out, results, columns(res))
     _write_tradeoff(res, out, results)
+    _write_paired(res, out, results)
     write_json(out / "runs.json", records)
     write_json(out / "experiment.json", environment_record(
         res.cfg.as_dict(), complete=not st.pending, runs={r.name: res.fingerprint(r) for r in st.finished},
@@ -148,6 +150,15 @@ def _write_tradeoff(res: Resolved, out: Path, results: dict[str, list[dict[str, 
     picked = axes_for(res.cfg.tradeoff, cols)
     if picked is not None:
         write_bytes(out / TRADEOFF_FILE, draw_tradeoff(results, cols, *picked))
+
+
+def _write_paired(res: Resolved, out: Path, results: dict[str, list[dict[str, Any]]]) -> None:
+    """paired.md beside the table, when the config asks for it and its base row has runs."""
+    cols = columns(res)
+    key = check_paired(res.cfg.paired, list(dict.fromkeys(r.label for r in res.runs)), cols)
+    if key is not None and results.get(res.cfg.paired["base"]):
+        write_text(out / PAIRED_FILE, paired_table(results, res.cfg.paired["base"],
+                                                   next(c for c in cols if c.key == key)))
 
 
 def columns(res: Resolved) -> list[Column]:
