@@ -222,3 +222,39 @@ def test_copy_rules_on_hand_made_images():
     s = copy_summary(m)
     assert (s["l2_lt_10"]["count"], s["nearest_is_planted"]["count"], s["pixel_cosine_gt_0.95"]["count"]) == (2, 1, 2)
     assert s["samples"] == 3 and s["nearest_is_planted"]["fraction"] == pytest.approx(1 / 3)
+
+
+def _chain_script():
+    """scripts/latent_chain.py as a module: its table and realism helpers write README's figures."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "latent_chain.py"
+    spec = importlib.util.spec_from_file_location("latent_chain", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_chains_realism_is_the_median_distance_to_the_nearest_other_image():
+    chain = _chain_script()
+    zeros = np.zeros((28, 28), np.uint8)
+    near, far = zeros.copy(), zeros.copy()
+    near[0, :4] = 255  # L2 2 from the blank image
+    far[:, :9] = 255  # L2 √252 from the blank image, √(252 − 4) from `near`
+    others = pad(np.stack([zeros, near]))
+    samples = np.repeat(pad(np.stack([zeros, near, far])), 3, axis=-1)
+    # nearest other image: 0 (itself), 0 (itself), √248 (near) → median 0; drop the exact copies → √248
+    assert chain.realism(samples, others) == 0.0
+    assert chain.realism(samples[2:], others) == pytest.approx(np.sqrt(248))
+
+
+def test_the_chains_table_has_one_line_per_model_in_percent():
+    chain = _chain_script()
+    row = {"method": "retrack", "tshirt_copies_nearest": 0.0, "tshirt_copies_l2": 0.005, "tshirt_copies_cosine": 0.25,
+           "tshirt_l2_median": 9.876, "tshirt_realism": 1.5, "digit_realism": 2.25, "digit_copies_l2": 0.0,
+           "tshirt_noncopies_changed": 0.125, "digit_changed": 0.11}
+    lines = chain.table([{**row, "method": "pretrained", "tshirt_noncopies_changed": None, "digit_changed": None},
+                         row]).splitlines()
+    assert len(lines) == 4 and lines[1] == "|---" * 10 + "|"
+    assert lines[2] == "| pretrained | 0.0% | 0.5% | 25.0% | 9.88 | 1.50 | 2.25 | 0.0% |  |  |"
+    assert lines[3] == "| retrack | 0.0% | 0.5% | 25.0% | 9.88 | 1.50 | 2.25 | 0.0% | 12.5% | 11.0% |"
