@@ -176,6 +176,24 @@ def test_paired_md_is_written_from_the_config(stand_in, stubs, tmp_path):
         "retrack λ=0.001"]
 
 
+
+def test_nearest_md_reads_the_samples_each_run_saved(stand_in, stubs, tmp_path):
+    model, data = stand_in
+    cfg = load_config(MNIST, mnist_overrides(model, data, tmp_path / "exp"))
+    run_experiment(cfg)
+    out = tmp_path / "exp"
+    assert not (out / "nearest.md").exists()  # the stubbed metrics saved no samples
+    images = np.load(data)["images"][..., None]
+    forgotten, other = images[38], images[0]  # targets 38-39: the first forget image is 38
+    np.savez(out / "retrack" / "seed1" / "samples.npz", images=np.stack([other, forgotten]))
+    np.savez(out / "vanilla" / "seed0" / "samples.npz", images=other[None])
+    run_experiment(cfg, only_merge=True)
+    far = float(np.sqrt((((other.astype(float) - forgotten) / 255) ** 2).sum()))
+    assert (out / "nearest.md").read_text().splitlines()[2:] == [f"| vanilla | {far:.2f} | – |",
+                                                                "| retrack | – | 0.00 |"]
+    assert (out / "nearest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tradeoff_axes_and_points():
     from retrack.experiments.metrics import Column
     from retrack.experiments.tradeoff import axes_for, tradeoff_points

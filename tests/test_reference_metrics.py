@@ -154,6 +154,11 @@ def test_sample_cache_reuses_the_reference_samples_and_only_for_the_same_setting
                     progress=False, reference_model=str(tiny_model), sample_cache=str(cache))
     first = evaluate(other, tiny_data, "3", ["fid_reference"], **settings)
     assert len(calls) == 2 and len(list(cache.glob("samples-*.npy"))) == 1  # model and reference
+    from retrack.evaluate import companion_cache_path  # readers (the experiment's nearest.md) find it
+
+    path = companion_cache_path(cache, tiny_model, {"seed": 0, "num_samples": 12, "steps": 2, "sampler": "ddim"},
+                                12, "cpu")
+    assert list(cache.glob("samples-*.npy")) == [path]
     again = evaluate(other, tiny_data, "3", ["fid_reference"], **settings)
     assert len(calls) == 3 and again["fid_reference"]["value"] == first["fid_reference"]["value"]
     evaluate(other, tiny_data, "3", ["fid_reference"], **{**settings, "seed": 1})

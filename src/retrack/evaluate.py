@@ -282,13 +282,8 @@ class _Run:
         source = getattr(loaded, "source", None)
         if self.cfg.sample_cache is None or source is None or not Path(source).is_dir():
             return None
-        source = Path(source)
-        from retrack.runrecord import tree_sha256
-
-        key = {"model": tree_sha256(source), **self.sample_settings(), "batch_size": self.cfg.batch_size,
-               "device": str(self.cfg.device)}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-        return Path(self.cfg.sample_cache) / f"samples-{digest}.npy"
+        return companion_cache_path(self.cfg.sample_cache, source, self.sample_settings(), self.cfg.batch_size,
+                                    str(self.cfg.device))
 
     def copies(self):
         """Copies of the forget images among the samples (computed once, also for FID/IS)."""
@@ -611,3 +606,15 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+
+def companion_cache_path(cache: str | Path, source: str | Path, sample_settings: dict[str, Any], batch_size: int,
+                         device: str) -> Path:
+    """Where `sample_cache` keeps a local model's samples: keyed by its weights and every setting
+    that changes them, so a reader (the experiment's nearest-sample figure) finds them again."""
+    from retrack.runrecord import tree_sha256
+
+    key = {"model": tree_sha256(Path(source)), **sample_settings, "batch_size": batch_size, "device": device}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return Path(cache) / f"samples-{digest}.npy"
+

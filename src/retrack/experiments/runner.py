@@ -137,6 +137,7 @@ def merge(res: Resolved, runs: list[RunSpec]) -> str:
     md = write_summary(out, results, columns(res))
     _write_tradeoff(res, out, results)
     _write_paired(res, out, results)
+    _write_nearest(res, out, st.finished)
     write_json(out / "runs.json", records)
     write_json(out / "experiment.json", environment_record(
         res.cfg.as_dict(), complete=not st.pending, runs={r.name: res.fingerprint(r) for r in st.finished},
@@ -159,6 +160,43 @@ def _write_paired(res: Resolved, out: Path, results: dict[str, list[dict[str, An
     if key is not None and results.get(res.cfg.paired["base"]):
         write_text(out / PAIRED_FILE, paired_table(results, res.cfg.paired["base"],
                                                    next(c for c in cols if c.key == key)))
+
+
+def _write_nearest(res: Resolved, out: Path, finished: list[RunSpec]) -> None:
+    """nearest.md and nearest.png from the samples the finished runs saved (first target only),
+    with the reference model's samples from the sample cache where they are there."""
+    from retrack.experiments.nearest import NEAREST_MD, NEAREST_PNG, REFERENCE_ROW, load_samples, nearest_outputs
+
+    target = res.runs[0].target
+    samples: dict[str, dict[int, Any]] = {}
+    for run in (r for r in finished if r.target == target):
+        images = load_samples(out / run.name / "samples.npz")
+        if images is not None:
+            samples.setdefault(run.label, {})[run.seed] = images
+    if not samples:
+        return
+    mine = next(r for r in finished if r.target == target)
+    forgotten = res.data.images[res.fingerprints[mine.name]["forget"][0]]
+    if res.reference_model is not None:
+        for seed in sorted({r.seed for r in finished}):
+            images = load_samples(_reference_cache(res, out, seed))
+            if images is not None:
+                samples.setdefault(REFERENCE_ROW, {})[seed] = images
+    md, png = nearest_outputs(samples, forgotten)
+    write_text(out / NEAREST_MD, md)
+    write_bytes(out / NEAREST_PNG, png)
+
+
+def _reference_cache(res: Resolved, out: Path, seed: int) -> Path:
+    """Where evaluate() kept the reference model's samples for this seed (see companion_samples)."""
+    import torch
+
+    from retrack.evaluate import companion_cache_path
+
+    s = res.cfg.sampling
+    device = res.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = {"seed": seed, "num_samples": s["samples"], "steps": s["steps"], "sampler": s["sampler"]}
+    return companion_cache_path(out / "cache" / "samples", res.reference_model, settings, s["batch_size"], device)
 
 
 def columns(res: Resolved) -> list[Column]:

@@ -1,0 +1,55 @@
+"""nearest.md / nearest.png: each row's samples nearest to the forgotten image, on hand-made images."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from retrack.experiments.nearest import SHOWN, distances_to, nearest_markdown, nearest_outputs
+
+
+def image(lit: int) -> np.ndarray:
+    """A 4×4 grey image with its first `lit` pixels at 255: L2 to the blank one is √lit."""
+    x = np.zeros(16, np.uint8)
+    x[:lit] = 255
+    return x.reshape(4, 4, 1)
+
+
+def test_distances_are_pixel_l2_in_unit_range():
+    samples = np.stack([image(0), image(4), image(9)])
+    np.testing.assert_allclose(distances_to(samples, image(0)), [0.0, 2.0, 3.0])
+    np.testing.assert_allclose(distances_to(samples, image(9)), [3.0, np.sqrt(5), 0.0])
+
+
+def test_the_table_gives_each_rows_nearest_sample_per_seed():
+    target = image(16)
+    samples = {"pretrained": {0: np.stack([image(15), image(0)]), 1: np.stack([image(7)])},
+               "retrack": {1: np.stack([image(0), image(12)])},  # seed 0 missing
+               "reference model": {0: np.stack([image(0)]), 1: np.stack([image(0), image(1)])}}
+    md, png = nearest_outputs(samples, target)
+    assert md.splitlines() == [
+        "| row (L2 of the nearest sample to the forgotten image) | seed 0 | seed 1 |",
+        "|---|---|---|",
+        "| pretrained | 1.00 | 3.00 |",
+        "| retrack | – | 2.00 |",
+        "| reference model | 4.00 | 3.87 |"]
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:  # three rows of (forgotten + up to SHOWN samples)
+        width, height = im.size
+    assert (width, height) == (int(100 * (0.9 * (1 + 2) + 1.6)), int(100 * (1.0 * 3 + 0.2)))
+    assert SHOWN == 9
+
+
+def test_an_empty_row_is_drawn_as_a_dash():
+    assert nearest_markdown({"a": {0: 1.234}, "b": {2: 5.0}}).splitlines()[2:] == ["| a | 1.23 | – |",
+                                                                                   "| b | – | 5.00 |"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_figure_takes_grey_and_colour_images(channels):
+    target = np.repeat(image(8), channels, axis=-1)
+    md, png = nearest_outputs({"m": {0: np.repeat(np.stack([image(8)] * 12), channels, axis=-1)}}, target)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "| m | 0.00 |" in md
