@@ -192,6 +192,12 @@ def test_nearest_md_reads_the_samples_each_run_saved(stand_in, stubs, tmp_path):
     assert (out / "nearest.md").read_text().splitlines()[2:] == [f"| vanilla | {far:.2f} | – |",
                                                                 "| retrack | – | 0.00 |"]
     assert (out / "nearest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "changed.md").exists()  # no pretrained samples to compare with
+    np.savez(out / "pretrained" / "seed1" / "samples.npz", images=np.stack([other, images[1]]))
+    run_experiment(cfg, only_merge=True)
+    # the config's copy threshold (L2 10) is wide for 8×8 images: the pretrained samples count as
+    # copies of image 38, which are meant to change, so nothing else is left to have changed
+    assert (out / "changed.md").read_text().splitlines()[2:] == ["| retrack | 0.0% | 0.0% |"]
 
 
 def test_tradeoff_axes_and_points():

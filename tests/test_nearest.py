@@ -53,3 +53,21 @@ def test_the_figure_takes_grey_and_colour_images(channels):
     target = np.repeat(image(8), channels, axis=-1)
     md, png = nearest_outputs({"m": {0: np.repeat(np.stack([image(8)] * 12), channels, axis=-1)}}, target)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and "| m | 0.00 |" in md
+
+
+def test_changed_counts_visible_changes_among_the_samples_that_did_not_copy():
+    from retrack.experiments.changed import changed_fractions, changed_markdown
+
+    target = image(16)
+    before = np.stack([image(16), image(0), image(4), image(8)])  # the first one copies the target
+    samples = {"pretrained": {0: before, 1: before},
+               "a": {0: np.stack([image(0), image(0), image(4), image(9)]),  # copy replaced; one of 3 moved
+                     1: before.copy()},
+               "b": {2: before}}  # no pretrained run for seed 2: left out
+    # on 4×4 images "visible" is L2 > 0.1·√16 = 0.4: image(8) → image(9) is L2 1
+    found = changed_fractions(samples, "pretrained", target, copy_threshold=1.5)
+    assert found == {"a": {0: pytest.approx(1 / 3), 1: 0.0}}
+    assert changed_markdown(found, "pretrained").splitlines() == [
+        "| row (samples visibly changed from the pretrained model's, same seeds) | seed 0 | seed 1 | mean |",
+        "|---|---|---|---|",
+        "| a | 33.3% | 0.0% | 16.7% |"]

@@ -8,6 +8,8 @@ from typing import Any
 from retrack.errors import require
 from retrack.experiments.config import ExperimentConfig, MethodSpec
 
+PRETRAINED = "pretrained"  # the label of the rows that measure the model before unlearning
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -36,7 +38,7 @@ def plan(cfg: ExperimentConfig) -> list[RunSpec]:
         for target in cfg.targets.names:
             for seed in seeds:
                 if m is None:
-                    runs.append(RunSpec("pretrained", None, seed, target))
+                    runs.append(RunSpec(PRETRAINED, None, seed, target))
                 else:
                     runs.append(RunSpec(m.label, m.method, seed, target, {**cfg.train, **m.settings}))
     return runs

@@ -19,7 +19,7 @@ from retrack.errors import UserError, require
 from retrack.experiments.builtins import write_builtin_data
 from retrack.experiments.metrics import Column, RunContext, get_metric
 from retrack.experiments.paired import PAIRED_FILE, check_paired, paired_table
-from retrack.experiments.plan import RunSpec
+from retrack.experiments.plan import PRETRAINED, RunSpec
 from retrack.experiments.resolve import Resolved, digest_settings
 from retrack.experiments.tables import write_summary
 from retrack.experiments.tradeoff import TRADEOFF_FILE, axes_for, draw_tradeoff
@@ -164,7 +164,9 @@ def _write_paired(res: Resolved, out: Path, results: dict[str, list[dict[str, An
 
 def _write_nearest(res: Resolved, out: Path, finished: list[RunSpec]) -> None:
     """nearest.md and nearest.png from the samples the finished runs saved (first target only),
-    with the reference model's samples from the sample cache where they are there."""
+    with the reference model's samples from the sample cache where they are there; changed.md
+    from the same samples against the pretrained row's."""
+    from retrack.experiments.changed import CHANGED_MD, changed_fractions, changed_markdown
     from retrack.experiments.nearest import NEAREST_MD, NEAREST_PNG, REFERENCE_ROW, load_samples, nearest_outputs
 
     target = res.runs[0].target
@@ -185,6 +187,20 @@ def _write_nearest(res: Resolved, out: Path, finished: list[RunSpec]) -> None:
     md, png = nearest_outputs(samples, forgotten)
     write_text(out / NEAREST_MD, md)
     write_bytes(out / NEAREST_PNG, png)
+    samples.pop(REFERENCE_ROW, None)
+    changed = changed_fractions(samples, PRETRAINED, forgotten, _copy_threshold(res))
+    if changed:
+        write_text(out / CHANGED_MD, changed_markdown(changed, PRETRAINED))
+
+
+def _copy_threshold(res: Resolved) -> float:
+    """The experiment's L2 copy threshold (copies: settings), else the paper's 10 at 28×28."""
+    from retrack.metrics.reference import scaled_l2_threshold
+
+    copies = res.cfg.metrics.get("copies") or {}
+    if copies.get("copy_rule", "l2") == "l2" and copies.get("copy_threshold") is not None:
+        return float(copies["copy_threshold"])
+    return scaled_l2_threshold(res.data.images.shape[1:])
 
 
 def _reference_cache(res: Resolved, out: Path, seed: int) -> Path:
