@@ -420,3 +420,10 @@ def test_options_study_config_resolves_as_shipped():
     assert resolve(boot).reference_model.endswith("mnist_boot/retrained")
     assert [(m.label, m.settings) for m in boot.methods] == [(m.label, m.settings) for m in cfg.methods]
     assert (boot.train, boot.sampling, boot.metrics, boot.seeds) == (cfg.train, cfg.sampling, cfg.metrics, cfg.seeds)
+
+
+def test_tradeoff_rows_never_share_colour_and_marker():
+    from retrack.experiments.tradeoff import row_style
+
+    styles = [row_style(i) for i in range(40)]
+    assert len(set(styles)) == 40 and row_style(0)[1] == "o" and row_style(10) == (row_style(0)[0], "s")

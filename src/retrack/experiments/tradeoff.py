@@ -65,6 +65,17 @@ def tradeoff_points(results: Mapping[str, Sequence[Mapping[str, Any]]], x: str, 
     return points
 
 
+MARKERS = ("o", "s", "^", "D")
+
+
+def row_style(i: int) -> tuple[tuple[float, ...], str]:
+    """Colour and marker of the i-th row: ten colours, then the same colours with another marker,
+    so no two of up to 40 rows look alike."""
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](i % 10), MARKERS[(i // 10) % len(MARKERS)]
+
+
 def draw_tradeoff(results: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[Column],
                   x: str, ys: Sequence[str]) -> bytes:
     """PNG bytes: one panel per y column against x; small dots are runs, large ones row means."""
@@ -75,14 +86,13 @@ def draw_tradeoff(results: Mapping[str, Sequence[Mapping[str, Any]]], columns: S
 
     titles = {c.key: c.title for c in columns}
     fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.2), dpi=100, squeeze=False)
-    colours = plt.get_cmap("tab10")
     try:
         for ax, y in zip(axes.flat, ys, strict=True):
             for i, (label, pts) in enumerate(tradeoff_points(results, x, y).items()):
-                colour = colours(i % 10)
-                ax.scatter(pts[:, 0], pts[:, 1], s=14, color=colour, alpha=0.6)
+                colour, marker = row_style(i)
+                ax.scatter(pts[:, 0], pts[:, 1], s=14, color=colour, marker=marker, alpha=0.6)
                 mean = pts.mean(axis=0)
-                ax.scatter([mean[0]], [mean[1]], s=90, color=colour, edgecolor="black",
+                ax.scatter([mean[0]], [mean[1]], s=90, color=colour, marker=marker, edgecolor="black",
                            label=f"{label} ({len(pts)})")
             xs = [v for pts in tradeoff_points(results, x, y).values() for v in pts[:, 0]]
             if xs and min(xs) > 0 and max(xs) / min(xs) > 100:  # a destroyed model would hide the rest
