@@ -62,6 +62,25 @@ def test_evaluate_writes_one_object_keyed_by_metric(tiny_model, tiny_data, tmp_p
     assert record["config"]["seed"] == 0 and record["config"]["descriptor"] == "pixel_cosine"
 
 
+def test_fid_and_is_are_undefined_not_errors_when_every_sample_is_a_copy(tiny_model, tiny_data, tmp_path, capsys):
+    """A destroyed model whose samples all fall within the copy threshold leaves nothing to score:
+    the metrics say so and the evaluation (and an experiment over many methods) goes on."""
+    feats, clf = script(MeanStd(), tmp_path / "f.pt"), script(Brightness(), tmp_path / "c.pt")
+    out = tmp_path / "metrics.json"
+    code = main([str(a) for a in ["evaluate", "--model", tiny_model, "--data", tiny_data, "--forget", "3",
+                                  "--metrics", "copies,fid,is", "--fid-features", feats, "--classifier", clf,
+                                  "--is-splits", "2", "--copy-threshold", "100", "--out", out, *FAST]])
+    printed = capsys.readouterr().out
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert res["copies"]["fraction"] == 1.0
+    assert res["fid"]["value"] is None and res["is"]["mean"] is None
+    assert res["fid"]["undefined"] == ("only 0 of 12 samples are left once the 12 that count as copies of the "
+                                       "forget images are set aside; FID needs 2.")
+    assert res["is"]["undefined"].endswith("IS needs 2.") and res["is"]["num_generated"] == 0
+    assert "fid: undefined: only 0 of 12" in printed and "is: undefined" in printed
+
+
 def test_nll_of_the_forget_image_through_the_cli(tiny_model, tiny_data, tmp_path, capsys):
     out = tmp_path / "nll.json"
     code, err = cli(["evaluate", "--model", tiny_model, "--data", tiny_data, "--forget", "5",

@@ -427,3 +427,12 @@ def test_tradeoff_rows_never_share_colour_and_marker():
 
     styles = [row_style(i) for i in range(40)]
     assert len(set(styles)) == 40 and row_style(0)[1] == "o" and row_style(10) == (row_style(0)[0], "s")
+
+
+def test_a_metric_undefined_in_some_runs_says_over_how_many_runs_its_mean_is():
+    from retrack.experiments.metrics import Column, two
+    from retrack.experiments.tables import summarise, to_markdown
+
+    cols = [Column("fid", "FID ↓", two), Column("is", "IS ↑", two)]
+    rows = summarise({"neggrad": [{"fid": 2000.0, "is": 1.0}, {"is": 1.5}, {"is": 2.0}]}, cols)
+    assert to_markdown(rows, cols).splitlines()[2] == "| neggrad | 2000.00 ± 0.00 (1 of 3) | 1.50 ± 0.50 | 3 |"

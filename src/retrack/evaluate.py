@@ -346,24 +346,37 @@ def _fid(run: _Run) -> dict[str, Any]:
     from retrack.metrics.quality import FrechetReference
 
     c, kept = run.cfg, run.kept()
+    found = {"real": "remain", "num_real": len(run.remain), "num_generated": len(kept),
+             "excluded_copies": int(run.copies().is_copy.sum()), "features": c.fid_features or "inception",
+             "settings": run.sample_settings()}
+    if len(kept) < 2:
+        return {"value": None, "undefined": _too_few(run, "FID", 2), **found}
     if run.tools.fid_reference is None:  # the remain set's features, once for every evaluation
         run.tools.fid_reference = FrechetReference(run.remain, run.tools.fid_features, c.inception,
                                                    c.batch_size, c.device, run.progress)
-    value = run.tools.fid_reference(kept, run.progress)
-    return {"value": value, "real": "remain", "num_real": len(run.remain),
-            "num_generated": len(kept), "excluded_copies": int(run.copies().is_copy.sum()),
-            "features": c.fid_features or "inception", "settings": run.sample_settings()}
+    return {"value": run.tools.fid_reference(kept, run.progress), **found}
 
 
 def _is(run: _Run) -> dict[str, Any]:
     from retrack.metrics.quality import inception_score
 
     c, kept = run.cfg, run.kept()
+    found = {"splits": c.is_splits, "num_generated": len(kept), "excluded_copies": int(run.copies().is_copy.sum()),
+             "classifier": c.classifier or "inception", "settings": run.sample_settings()}
+    if len(kept) < c.is_splits:
+        return {"mean": None, "std": None, "undefined": _too_few(run, "IS", c.is_splits), **found}
     mean, std = inception_score(kept, run.tools.classifier, c.inception, c.is_splits,
                                 c.batch_size, c.device, c.seed, run.progress)
-    return {"mean": mean, "std": std, "splits": c.is_splits, "num_generated": len(kept),
-            "excluded_copies": int(run.copies().is_copy.sum()),
-            "classifier": c.classifier or "inception", "settings": run.sample_settings()}
+    return {"mean": mean, "std": std, **found}
+
+
+def _too_few(run: _Run, metric: str, needed: int) -> str:
+    """Why a quality metric has no value: a destroyed model whose samples all look like the forget
+    images leaves nothing to score once the copies are set aside. Undefined, not an error, so an
+    experiment over many methods records it and goes on."""
+    copies = int(run.copies().is_copy.sum())
+    return (f"only {run.cfg.num_samples - copies} of {run.cfg.num_samples} samples are left once the {copies} "
+            f"that count as copies of the forget images are set aside; {metric} needs {needed}.")
 
 
 def _clipiqa(run: _Run) -> dict[str, Any]:

@@ -71,7 +71,9 @@ def reached(stop_at: tuple[str, float], values: dict[str, float]) -> bool:
 
 
 def headline(name: str, result: dict[str, Any]) -> float:
-    return float(result[HEADLINE[name]])
+    """The metric's one number; NaN where it is undefined (FID when every sample is a copy)."""
+    value = result[HEADLINE[name]]
+    return float("nan") if value is None else float(value)
 
 
 def check_evaluation(cfg: Any) -> None:

@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _headline(res: dict) -> str:
     for key in ("mean", "value", "fraction"):
+        if key in res and res[key] is None:
+            return f"undefined: {res.get('undefined', 'no value')}"
         if key in res:
             extra = f" ({res['descriptor']})" if "descriptor" in res else ""
             return f"{res[key]:.6g}{extra}"

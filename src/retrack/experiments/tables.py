@@ -24,6 +24,7 @@ def summarise(results: dict[str, list[dict[str, Any]]], columns: list[Column]) -
             if values:
                 row[col.key] = float(np.mean(values))
                 row[f"{col.key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                row[f"{col.key}_n"] = len(values)  # fewer than runs where the metric was undefined
         rows.append(row)
     return rows
 
@@ -32,10 +33,18 @@ def to_markdown(rows: list[dict[str, Any]], columns: list[Column]) -> str:
     lines = ["| Method | " + " | ".join(c.title for c in columns) + " | runs |",
              "|---" * (len(columns) + 2) + "|"]
     for row in rows:
-        cells = [f"{c.fmt(row[c.key])} ± {c.fmt(row[c.key + '_std'])}" if c.key in row else "—"
-                 for c in columns]
+        cells = [_cell(row, c) for c in columns]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['runs']} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict[str, Any], c: Column) -> str:
+    """mean ± std, saying over how many runs when the metric was undefined in some of them."""
+    if c.key not in row:
+        return "—"
+    n = row.get(f"{c.key}_n", row["runs"])
+    return f"{c.fmt(row[c.key])} ± {c.fmt(row[c.key + '_std'])}" + (f" ({n} of {row['runs']})" if n < row["runs"]
+                                                                    else "")
 
 
 def to_csv(rows: list[dict[str, Any]], columns: list[Column]) -> str:

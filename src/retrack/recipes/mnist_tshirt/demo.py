@@ -128,7 +128,8 @@ def format_table(metrics: dict) -> str:
     lines = ["| metric | before | after |", "|---|---|---|"]
     for label, key, fmt in rows:
         if key in metrics["before"]:
-            lines.append(f"| {label} | {fmt(metrics['before'][key])} | {fmt(metrics['after'][key])} |")
+            cells = [fmt(v) if v is not None else "undefined" for v in (metrics["before"][key], metrics["after"][key])]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
