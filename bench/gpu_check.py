@@ -25,15 +25,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from architectures import DDPM_CIFAR10_32  # noqa: E402
+from step_timing import median_seconds, sync  # noqa: E402
 
 SMALL = {**DDPM_CIFAR10_32, "block_out_channels": (32, 64, 64, 64), "layers_per_block": 1, "norm_num_groups": 8}
 METHODS = {"retrack": ("retrack", {"lam": 0.02}, 1), "siss": ("siss", {}, 1),
            "retrack, grad-accum 4": ("retrack", {"lam": 0.02}, 4)}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def peak_mb(device: str) -> float:
@@ -102,17 +98,8 @@ def time_method(net, train_data, method: str, options: dict, accum: int, batch: 
         (net(x, t) - x).pow(2).flatten(1).sum(1).mean().backward()
         net.zero_grad(set_to_none=True)
 
-    times: dict[str, list[float]] = {"step": [], "plain": []}
     reset_peak(device)
-    for i in range(repeats + 1):  # the first round is warm-up
-        for name, fn in (("step", step), ("plain", plain)):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if i:
-                times[name].append(time.perf_counter() - t0)
-    med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    med = median_seconds({"step": step, "plain": plain}, repeats, device)
     reset_peak(device)
     step()
     sync(device)

@@ -4,6 +4,7 @@ model on its 2B rows, and the whole step (gradient, clip, AdamW), interleaved, m
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -39,10 +40,18 @@ def time_gradient_step(model, objective, data, batch: int, sample_shape: tuple[i
         (model(x, t) - x).pow(2).flatten(1).sum(1).mean().backward()
 
     runs = {"gradient": gradient, "forward+backward": plain, "step": step}
+    return median_seconds(runs, repeats, device, before=lambda: opt.zero_grad(set_to_none=True))
+
+
+def median_seconds(runs: dict[str, Callable[[], None]], repeats: int, device: str,
+                   before: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds of each function, run interleaved (so drift in the machine's load hits all
+    alike) `repeats` times after one warm-up round; `before` runs untimed ahead of each call."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(repeats + 1):
         for name, fn in runs.items():
-            opt.zero_grad(set_to_none=True)
+            if before is not None:
+                before()
             sync(device)
             t0 = time.perf_counter()
             fn()
