@@ -152,6 +152,8 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
     if extend:
         check_extension(out, total)
     else:
+        require(not Path(out).exists(), f"--out {str(out)!r} exists; choose another --out, or pass --extend "
+                "--steps N to train that model longer.")
         check_output(out, overwrite=False)
     try:
         UNet2DModel(**recipe.unet)  # the real one is built below, after seeding; this only checks

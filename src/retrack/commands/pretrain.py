@@ -28,21 +28,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from retrack.errors import require
-    from retrack.pretrain import PretrainRecipe, check_extension, check_recipe_data, pretrain
+    from retrack.pretrain import PretrainRecipe, check_recipe_data, pretrain
     from retrack.recipes.latent_tshirt.recipe import KIND, recipe_kind
-    from retrack.runrecord import check_output
 
     if recipe_kind(args.config) == KIND:
         return run_latent(args)
     recipe = PretrainRecipe.from_yaml(args.config)
     check_recipe_data(recipe.data)
-    if args.extend:
-        require(args.steps is not None, "--extend needs --steps: the total number of steps to train to.")
-        check_extension(Path(args.out), args.steps)
-    else:
-        require(not Path(args.out).exists(), f"--out {args.out!r} exists; choose another --out, or pass "
-                "--extend --steps N to train that model longer.")
-        check_output(Path(args.out), overwrite=False)
+    require(not args.extend or args.steps is not None, "--extend needs --steps: the total number of steps to "
+            "train to.")
     out = pretrain(recipe, Path(args.out), args.device, args.steps, extend=args.extend)
     print(f"wrote {out}")
     return 0

@@ -24,14 +24,14 @@ def changed_fractions(samples: Mapping[str, Mapping[int, np.ndarray]], baseline:
     from retrack.metrics.reference import changed_samples
 
     before = samples.get(baseline, {})
+    copies = {seed: distances_to(x, target) < copy_threshold for seed, x in before.items()}
     found: dict[str, dict[int, float]] = {}
     for label, per_seed in samples.items():
         if label == baseline:
             continue
         for seed, after in per_seed.items():
             if seed in before and before[seed].shape == after.shape:
-                copy = distances_to(before[seed], target) < copy_threshold
-                found.setdefault(label, {})[seed] = changed_samples(after, before[seed], copy)["value"]
+                found.setdefault(label, {})[seed] = changed_samples(after, before[seed], copies[seed])["value"]
     return found
 
 
