@@ -3,7 +3,7 @@
 Runs of two rows with the same seed and target share the unlearning data order, the timesteps,
 the noise and the sampling seeds; only the method differs. Their difference is therefore paired,
 and far less noisy than the difference of two means: on the shipped model one seed doubles the
-cost of every ReTrack row, which inflates each row's std without saying which row is better.
+cost of every ReTrack row with the paper's weighting, which inflates each row's std without saying which row is better.
 `paired: {base: retrack, column: fid_reference}` writes paired.md: each row's value per seed (and
 target), its change from the base row's value on the same run, on how many of them it is better,
 and its copies in total.
