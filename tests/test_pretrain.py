@@ -49,7 +49,7 @@ def test_extending_a_finished_run_equals_training_the_total_at_once(tmp_path, fo
     assert weights(tmp_path / "m") == weights(four_steps) != two
     record = json.loads((tmp_path / "m" / "provenance.json").read_text())
     direct = json.loads((four_steps / "provenance.json").read_text())
-    assert record["steps"] == 4 and record["weights_sha256"] == direct["weights_sha256"]
+    assert record["steps"] == record["config"]["steps"] == 4 and record["weights_sha256"] == direct["weights_sha256"]
     assert [e["step"] for e in record["loss_log"]] == [1, 2, 3, 4]
     assert record["loss_log"] == direct["loss_log"]
 

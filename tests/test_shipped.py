@@ -7,7 +7,7 @@ import json
 import torch
 
 from retrack.models import load_model
-from retrack.pretrain import file_sha256
+from retrack.pretrain import PretrainRecipe, file_sha256
 from retrack.recipes.mnist_tshirt.demo import SHIPPED_MODEL
 
 
@@ -17,6 +17,7 @@ def test_shipped_model_matches_its_provenance():
     assert file_sha256(weights) == record["weights_sha256"]
     assert weights.stat().st_size < 10 * 2**20
     assert record["steps"] == record["config"]["steps"] and record["data_size"] == 5051
+    assert record["steps"] == PretrainRecipe.from_yaml(SHIPPED_MODEL.parent / "pretrain.yaml").steps
 
 
 def test_shipped_model_loads_and_memorised_the_tshirt_at_about_one_percent():
@@ -31,7 +32,7 @@ def test_shipped_model_loads_and_memorised_the_tshirt_at_about_one_percent():
 
 
 def test_retrained_model_matches_its_provenance_and_never_saw_the_tshirt():
-    from retrack.pretrain import PretrainRecipe, recipe_data
+    from retrack.pretrain import recipe_data
 
     retrained = SHIPPED_MODEL.parent / "retrained"
     record = json.loads((retrained / "provenance.json").read_text())
@@ -49,7 +50,7 @@ def test_retrained_model_matches_its_provenance_and_never_saw_the_tshirt():
 def test_second_model_and_its_retrained_twin_match_their_recipes():
     """The ankle-boot model (another planted image, another seed) and the same recipe without the
     boot: hashes, data and settings as recorded, the boot memorised measurably, the twin never."""
-    from retrack.pretrain import PretrainRecipe, recipe_data
+    from retrack.pretrain import recipe_data
     from retrack.recipes import RECIPES
 
     folder = RECIPES / "mnist_boot"

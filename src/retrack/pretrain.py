@@ -149,6 +149,7 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
     from diffusers import UNet2DModel
 
     total = steps or recipe.steps
+    recipe = dataclasses.replace(recipe, steps=total)  # the record's config is the one that ran
     if extend:
         check_extension(out, total)
     else:
