@@ -142,8 +142,7 @@ def resolved(cfg: EvaluateConfig) -> EvaluateConfig:
         from retrack.metrics.copies import DESCRIPTOR_COPY_THRESHOLDS, SSCD_COPY_THRESHOLD
 
         threshold = DESCRIPTOR_COPY_THRESHOLDS.get(descriptor, SSCD_COPY_THRESHOLD)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return replace(cfg, descriptor=descriptor, copy_threshold=threshold, device=device)
+    return replace(cfg, descriptor=descriptor, copy_threshold=threshold, device=default_device(cfg.device))
 
 
 def _check_text(cfg: EvaluateConfig) -> None:
@@ -618,7 +617,10 @@ class _CallableModule(types.ModuleType):
         return evaluate(*args, **kwargs)
 
 
-sys.modules[__name__].__class__ = _CallableModule
+def default_device(device: str | None) -> str:
+    """The device evaluation runs on when none is given; part of the sample cache's key, so the
+    experiment's readers of that cache resolve it here too."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def companion_cache_path(cache: str | Path, source: str | Path, sample_settings: dict[str, Any], batch_size: int,
@@ -631,3 +633,5 @@ def companion_cache_path(cache: str | Path, source: str | Path, sample_settings:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return Path(cache) / f"samples-{digest}.npy"
 
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -137,7 +137,7 @@ def merge(res: Resolved, runs: list[RunSpec]) -> str:
     md = write_summary(out, results, columns(res))
     _write_tradeoff(res, out, results)
     _write_paired(res, out, results)
-    _write_nearest(res, out, st.finished)
+    _write_sample_views(res, out, st.finished)
     write_json(out / "runs.json", records)
     write_json(out / "experiment.json", environment_record(
         res.cfg.as_dict(), complete=not st.pending, runs={r.name: res.fingerprint(r) for r in st.finished},
@@ -162,7 +162,7 @@ def _write_paired(res: Resolved, out: Path, results: dict[str, list[dict[str, An
                                                    next(c for c in cols if c.key == key)))
 
 
-def _write_nearest(res: Resolved, out: Path, finished: list[RunSpec]) -> None:
+def _write_sample_views(res: Resolved, out: Path, finished: list[RunSpec]) -> None:
     """nearest.md and nearest.png from the samples the finished runs saved (first target only),
     with the reference model's samples from the sample cache where they are there; changed.md
     from the same samples against the pretrained row's."""
@@ -205,12 +205,10 @@ def _copy_threshold(res: Resolved) -> float:
 
 def _reference_cache(res: Resolved, out: Path, seed: int) -> Path:
     """Where evaluate() kept the reference model's samples for this seed (see companion_samples)."""
-    import torch
-
-    from retrack.evaluate import companion_cache_path
+    from retrack.evaluate import companion_cache_path, default_device
 
     s = res.cfg.sampling
-    device = res.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(res.cfg.device)
     settings = {"seed": seed, "num_samples": s["samples"], "steps": s["steps"], "sampler": s["sampler"]}
     return companion_cache_path(out / "cache" / "samples", res.reference_model, settings, s["batch_size"], device)
 
