@@ -140,7 +140,7 @@ def machine(device: str) -> str:
 
 def conventions(args: argparse.Namespace) -> None:
     """The shipped model under both schedules, beside the score-SDE-style scipy reference."""
-    from retrack.models import load_model
+    from retrack.backends.pixel import load_model
     from retrack.recipes.mnist_tshirt import load_tshirt
     from retrack.recipes.mnist_tshirt.demo import SHIPPED_MODEL
 

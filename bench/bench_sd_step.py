@@ -8,7 +8,7 @@ initialised): 4×16×16 latents (128×128 images under an 8× VAE), blocks of 64
 cross-attention in the first two, two layers per block, attention heads of 8 channels, conditioned
 on 77 tokens of width 256 from a one-layer CLIP text encoder, also built from a config. It is the
 UNet of SD v1.x at about a fifth of its width and a quarter of its latent side, small enough for a
-CPU. The prompt's embedding is bound in as `retrack unlearn --prompt` binds it (latent.PromptDenoiser),
+CPU. The prompt's embedding is bound in as `retrack unlearn --prompt` binds it (backends.stable_diffusion.PromptDenoiser),
 with the scheduler of SD v1.x (scaled-linear β, 1000 steps). The VAE plays no part in a step (the
 latents are encoded once before training), so none is built.
 
@@ -19,7 +19,7 @@ Timings, interleaved, medians after one warm-up round (the paper's K = 10, λ = 
 - step: the gradient plus clipping and the AdamW update (the whole optimiser step).
 Memory: each variant in a fresh process (bench/peak.py: its own VmHWM), running `--steps` steps
 of trainer.train: the model only (no training), full fine-tuning of the UNet, and a LoRA adapter
-of rank `--lora` on the attention projections (latent.add_lora, as `--lora` does).
+of rank `--lora` on the attention projections (backends.stable_diffusion.add_lora, as `--lora` does).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def build_model(device: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from retrack.latent import PromptDenoiser
+    from retrack.backends.stable_diffusion import PromptDenoiser
     from retrack.models import Schedule
 
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def time_step(batch: int, repeats: int, device: str, k: int) -> dict[str, float]
 
 def memory_child(variant: str, batch: int, steps: int, lora: int, device: str, k: int) -> None:
     from retrack import objectives
-    from retrack.latent import add_lora
+    from retrack.backends.stable_diffusion import add_lora
     from retrack.trainer import TrainSettings, train
 
     model = build_model(device)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrack.backends.stable_diffusion import quiet_libraries
 from retrack.grid import save_grid
-from retrack.latent import quiet_libraries
 from retrack.recipes.latent_tshirt import DIGIT_PROMPT, TSHIRT_PROMPT
 from retrack.recipes.latent_tshirt.memorisation import is_copy, measure_model, training_images, visibly_changed
 from retrack.runrecord import environment_record, write_json

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrack.backends.stable_diffusion import quiet_libraries
 from retrack.grid import save_grid
-from retrack.latent import quiet_libraries
 from retrack.recipes.latent_tshirt.memorisation import measure_model
 from retrack.runrecord import environment_record, write_json
 

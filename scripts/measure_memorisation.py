@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from retrack.backends.pixel import load_model
 from retrack.grid import save_grid
 from retrack.metrics.copies import l2_copies, l2_distances
-from retrack.models import load_model
 from retrack.recipes.mnist_tshirt.builder import PLANTED, load_fashion
 from retrack.runrecord import environment_record, write_json
 from retrack.sampling import sample

@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import torch
 
-from retrack.models import load_model
+from retrack.backends.pixel import load_model
 from retrack.neighbours import nearest_neighbours
 from retrack.objectives.base import noisy, sse
 from retrack.objectives.retrack import weighted_target

@@ -149,7 +149,7 @@ def test_console_script_exit_code_and_help():
 def test_v_prediction_model_is_converted_to_epsilon(tmp_path):
     from diffusers import DDPMScheduler
 
-    from retrack.models import load_model
+    from retrack.backends.pixel import load_model
 
     path = save_pipeline(tmp_path / "m")
     DDPMScheduler(prediction_type="v_prediction").save_pretrained(path / "scheduler")

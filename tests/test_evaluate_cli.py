@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from retrack.backends.pixel import load_model
 from retrack.cli import main
 from retrack.data import ImageSet
 from retrack.errors import UserError
 from retrack.evaluate import evaluate, parse_metrics
-from retrack.models import load_model
 
 FAST = ["--steps", "2", "--num-samples", "12", "--batch-size", "8", "--quiet", "--device", "cpu"]
 

@@ -28,7 +28,7 @@ def sd(tmp_path_factory) -> Path:
 
 
 def _load(sd: Path, prompt: str = PROMPT, **kw):
-    from retrack.latent import load_text_model
+    from retrack.backends.stable_diffusion import load_text_model
 
     return load_text_model(str(sd / "sd"), prompt, "cpu", **kw)
 
@@ -42,7 +42,7 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[st
 
 
 def test_loads_without_safety_checker_and_binds_the_prompt(sd):
-    from retrack.latent import PromptDenoiser
+    from retrack.backends.stable_diffusion import PromptDenoiser
     from retrack.models import model_kind
 
     assert model_kind(sd / "sd") == "text"
@@ -67,7 +67,7 @@ def test_the_prompt_reaches_the_unet(sd):
 
 
 def test_latents_are_the_vae_posterior_mean_and_are_cached(sd, tmp_path, monkeypatch):
-    import retrack.latent as latent
+    import retrack.backends.stable_diffusion as latent
     from retrack.data import load_images
 
     m, images = _load(sd), load_images(sd / "rgb.npz")
@@ -84,8 +84,8 @@ def test_latents_are_the_vae_posterior_mean_and_are_cached(sd, tmp_path, monkeyp
 def test_other_sizes_are_resized_as_the_pipeline_would_and_recorded(sd):
     from PIL import Image
 
+    from retrack.backends.stable_diffusion import encode_images, preprocessing
     from retrack.data import load_images
-    from retrack.latent import encode_images, preprocessing
 
     m, images = _load(sd), load_images(sd / "grey12.npz")
     assert preprocessing(m.pipeline, images) == {"from": [12, 12], "to": [8, 8], "resized": True,
@@ -124,8 +124,8 @@ def test_each_method_trains_only_the_unet(sd, tmp_path, method):
 
 
 def test_neighbours_are_searched_among_the_latents(sd, tmp_path):
+    from retrack.backends.stable_diffusion import encode_images
     from retrack.data import load_images
-    from retrack.latent import encode_images
 
     out = tmp_path / "o"
     assert _unlearn(sd, out, "retrack") == 0
@@ -157,7 +157,7 @@ def _one_step(model, method: str = "retrack"):
 def test_the_saved_pipeline_loads_and_gives_the_trained_eps(sd, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from retrack.latent import save_text_model
+    from retrack.backends.stable_diffusion import save_text_model
 
     m = _load(sd)
     _one_step(m)
@@ -173,7 +173,7 @@ def test_the_saved_pipeline_loads_and_gives_the_trained_eps(sd, tmp_path):
 def test_lora_trains_only_the_adapter_and_loads_with_load_lora_weights(sd, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from retrack.latent import LORA_FILE, save_text_model
+    from retrack.backends.stable_diffusion import LORA_FILE, save_text_model
 
     m = _load(sd, lora_rank=2, lora_alpha=4.0)
     assert m.lora["rank"] == 2 and m.lora["alpha"] == 4.0
@@ -226,7 +226,7 @@ def test_a_long_prompt_is_truncated_with_a_warning_and_recorded(sd, tmp_path, ca
 def test_a_missing_extra_names_the_pip_command(monkeypatch):
     import importlib.util
 
-    import retrack.latent as latent
+    import retrack.backends.stable_diffusion as latent
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
@@ -255,8 +255,8 @@ def test_the_stable_diffusion_recipe_is_the_papers_column_and_flags_override_it(
 def test_sample_prompt_is_the_pipelines_own_guided_sampling_per_seed_and_index(sd, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from retrack.backends.stable_diffusion import sample_text
     from retrack.cli import main
-    from retrack.latent import sample_text
 
     out = tmp_path / "s.npz"
     assert main(["sample", "--model", str(sd / "sd"), "--prompt", PROMPT, "--num", "3", "--steps", "2",
@@ -276,7 +276,7 @@ def test_sample_prompt_is_the_pipelines_own_guided_sampling_per_seed_and_index(s
 
 
 def test_a_lora_output_samples_with_its_adapter(sd, tmp_path):
-    from retrack.latent import load_text_model, sample_text
+    from retrack.backends.stable_diffusion import load_text_model, sample_text
 
     out = tmp_path / "o"
     assert _unlearn(sd, out, "vanilla", "--lora", "2", "--lr", "0.1") == 0
@@ -291,9 +291,9 @@ def test_a_lora_output_samples_with_its_adapter(sd, tmp_path):
 
 
 def test_evaluate_prompt_counts_copies_among_the_pipelines_samples(sd, tmp_path):
+    from retrack.backends.stable_diffusion import pixel_images, sample_text
     from retrack.cli import main
     from retrack.data import load_images
-    from retrack.latent import pixel_images, sample_text
 
     m = _load(sd)
     samples = sample_text(m, 4, steps=2, seed=1, progress=False).astype(np.float64) / 255

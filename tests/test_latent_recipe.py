@@ -121,8 +121,8 @@ def _weights(folder: Path) -> dict[str, bytes]:
 def test_the_recipe_builds_a_stable_diffusion_pipeline(folders, tmp_path):
     from diffusers import StableDiffusionPipeline
 
+    from retrack.backends.stable_diffusion import encode_images, load_text_model, sample_text
     from retrack.cli import main
-    from retrack.latent import encode_images, load_text_model, sample_text
 
     out = tmp_path / "model"
     assert main(["pretrain", "--config", str(_tiny_recipe(tmp_path, folders)), "--out", str(out)]) == 0

@@ -98,7 +98,7 @@ def test_nll_reference_is_the_forget_nll_under_the_reference(tiny_model, tiny_da
     other = perturbed(tiny_model, tmp_path / "other", 0.1)
     res = evaluate(tiny_model, tiny_data, "3,7", ["nll", "nll_reference"], reference_model=str(other),
                    device="cpu", progress=False)
-    from retrack.models import load_model
+    from retrack.backends.pixel import load_model
 
     expect = weight_sum(load_model(str(other), "cpu").denoiser, np.zeros(2))
     assert res["nll_reference"]["per_image"] == expect.tolist() != res["nll"]["per_image"]

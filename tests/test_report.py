@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_run_report_holds_every_figure_and_table(run_dir, tmp_path):
-    from retrack.models import load_model
+    from retrack.backends.pixel import load_model
     from retrack.neighbours import nearest_neighbours
     from retrack.sampling import sample
 

@@ -89,7 +89,7 @@ def test_step_0_is_retrack_evaluate_prompt_of_the_input_model_on_the_same_seeds(
         assert first["details"][name] == {k: v for k, v in want[name].items() if k != "settings"}
     # By hand (the descriptor works in float32): the pixel cosine in [-1, 1] of each sample with the
     # nearer of the two forget images.
-    from retrack.latent import load_text_model, sample_text
+    from retrack.backends.stable_diffusion import load_text_model, sample_text
 
     samples = sample_text(load_text_model(str(sd / "sd"), PROMPT, "cpu"), 3, steps=2, seed=4, progress=False)
     targets = np.load(sd / "rgb.npz")["images"][:2]  # 8×8 RGB: the pipeline's size, nothing resized

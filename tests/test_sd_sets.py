@@ -26,7 +26,7 @@ ENV_KEYS = {"config", "versions", "threads", "created", "command"}
 
 
 def _samples(sd: Path, prompt: str = PROMPT) -> np.ndarray:
-    from retrack.latent import load_text_model, sample_text
+    from retrack.backends.stable_diffusion import load_text_model, sample_text
 
     return sample_text(load_text_model(str(sd), prompt, "cpu"), N, steps=STEPS, seed=0, progress=False)
 
@@ -262,7 +262,7 @@ def test_a_prompts_file_writes_one_folder_per_prompt_and_an_index(ws, tmp_path):
 
 
 def test_an_interrupted_run_leaves_nothing(ws, tmp_path, monkeypatch):
-    import retrack.latent as latent
+    import retrack.backends.stable_diffusion as latent
 
     real, calls = latent.sample_text, []
 

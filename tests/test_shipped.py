@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from retrack.models import load_model
+from retrack.backends.pixel import load_model
 from retrack.pretrain import PretrainRecipe, file_sha256
 from retrack.recipes.mnist_tshirt.demo import SHIPPED_MODEL
 

@@ -31,7 +31,7 @@ def no_idx(*args, **kwargs):
 
 builder.find_idx = no_idx
 builder.DEBIAN_FASHION_MNIST = Path("/nonexistent/fashion-mnist")
-from retrack.models import load_model
+from retrack.backends.pixel import load_model
 from retrack.recipes.mnist_tshirt.classifier import load_digit_classifier
 from retrack.recipes.mnist_tshirt.demo import SHIPPED_MODEL, write_data
 

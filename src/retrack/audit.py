@@ -145,7 +145,7 @@ def audit(model: str, data: str, progress: bool = True, **settings: Any) -> dict
     Returns:
         The report (also written to out/audit.json with the contact sheet and forget file).
     """
-    from retrack.models import load_model
+    from retrack.backends.pixel import load_model
     from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
     from retrack.sampling import sample
 

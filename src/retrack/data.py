@@ -84,6 +84,14 @@ def image_digest(image: np.ndarray) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def distinct(images: np.ndarray) -> np.ndarray:
+    """Each distinct image once, in order of first appearance."""
+    seen: dict[str, int] = {}
+    for i, im in enumerate(images):
+        seen.setdefault(image_digest(im), i)
+    return images[sorted(seen.values())]
+
+
 def load_images(path: str | Path) -> ImageSet:
     """Load a folder of images, an .npz with `images`, a torchvision-style dataset folder, or a
     store written by `retrack prepare-data` (memory-mapped, not read into RAM)."""

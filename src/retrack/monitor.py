@@ -20,21 +20,13 @@ from typing import Any
 
 import torch
 
+from retrack.curves import curves
 from retrack.errors import require
+from retrack.metrics import registry
 from retrack.validation import Check, Float, InvalidValue
 
-# The metrics of retrack.evaluate that need no second model (a retrained or the pretrained one).
-DURING_TRAINING = ("similarity", "copies", "fid", "is", "nll", "reconstruction", "clipiqa")
 EVAL_KIND = "eval"
 CURVES_FILE = "eval_curves.png"
-# Forgetting metrics a run may stop at, and which way "reached" points.
-STOP_METRICS = {"similarity": "below", "copies": "below", "reconstruction": "below", "nll": "above"}
-# The one number of each metric a curve plots (copies: the fraction of samples, the paper's frequency).
-HEADLINE = {"similarity": "mean", "copies": "fraction", "fid": "value", "is": "mean", "nll": "mean",
-            "reconstruction": "mean", "clipiqa": "mean"}
-LABELS = {"similarity": "similarity of samples to the target", "copies": "copies (fraction of samples)",
-          "fid": "FID", "is": "Inception score", "nll": "NLL of forget images (bits/dim)",
-          "reconstruction": "reconstruction similarity", "clipiqa": "CLIP-IQA"}
 # Settings that act only with --eval-every (the metrics' instruments and sampling).
 EVAL_FIELDS = ("eval_metrics", "eval_samples", "eval_steps", "eval_seed", "eval_guidance", "eval_target",
                "stop_at", "copy_rule", "copy_threshold", "descriptor", "sscd", "fid_features", "inception",
@@ -45,7 +37,7 @@ class StopAt(Check):
     """'copies=0': a forgetting metric and the value at which the run has forgotten enough."""
 
     def describe(self) -> str:
-        return "METRIC=VALUE with METRIC one of " + ", ".join(STOP_METRICS)
+        return "METRIC=VALUE with METRIC one of " + ", ".join(registry.stop_metrics())
 
     def __call__(self, value: Any, name: str | None = None) -> tuple[str, float]:
         flag = name or "--stop-at"
@@ -56,9 +48,9 @@ class StopAt(Check):
         else:
             raise InvalidValue(f"{flag} must be {self.describe()} (e.g. copies=0), got {value!r}.")
         metric = str(metric).strip().lower()
-        if metric not in STOP_METRICS:
+        if metric not in registry.stop_metrics():
             raise InvalidValue(f"{flag}: {metric!r} is not a forgetting metric; stop at one of "
-                               f"{', '.join(STOP_METRICS)} (e.g. copies=0).")
+                               f"{', '.join(registry.stop_metrics())} (e.g. copies=0).")
         return metric, Float()(target, f"the value of {flag} {metric}")
 
 
@@ -67,13 +59,7 @@ def reached(stop_at: tuple[str, float], values: dict[str, float]) -> bool:
     images' NLL rises."""
     metric, target = stop_at
     value = values[metric]
-    return value <= target if STOP_METRICS[metric] == "below" else value >= target
-
-
-def headline(name: str, result: dict[str, Any]) -> float:
-    """The metric's one number; NaN where it is undefined (FID when every sample is a copy)."""
-    value = result[HEADLINE[name]]
-    return float("nan") if value is None else float(value)
+    return value <= target if registry.get(metric).stop == "below" else value >= target
 
 
 def check_evaluation(cfg: Any) -> None:
@@ -116,7 +102,7 @@ class Monitor:
         start = time.perf_counter()
         with _evaluating(self.module):
             results = self.measure()
-        values = {name: headline(name, r) for name, r in results.items()}
+        values = {name: registry.get(name).value(r) for name, r in results.items()}
         details = {name: {k: v for k, v in r.items() if k != "settings"} for name, r in results.items()}
         self.entries.append({"step": done, "kind": EVAL_KIND, "eval": values,
                              "details": {**details, "seconds": round(time.perf_counter() - start, 3)}})
@@ -149,10 +135,8 @@ def merge_log(train_log: list[dict[str, Any]], evals: list[dict[str, Any]]) -> l
 
 def draw_curves(evals: list[dict[str, Any]], stopped_at: int | None = None):
     """Metric-vs-step panels like the paper's Figure 4, in one row, as a PIL image."""
-    from retrack.curves import curves
-
     names = list(evals[0]["eval"]) if evals else []
     steps = [e["step"] for e in evals]
-    series = {LABELS.get(n, n): (steps, [e["eval"][n] for e in evals]) for n in names}
+    series = {registry.get(n).label: (steps, [e["eval"][n] for e in evals]) for n in names}
     return curves(series, ylabel=None, ncols=max(1, len(names)), xlabel="optimiser steps", stopped_at=stopped_at,
                   size=(3.6, 2.8), dpi=100)

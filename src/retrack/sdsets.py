@@ -258,9 +258,9 @@ class Plan:
 def resolve_sets(cfg: SetsConfig) -> Plan:
     """Everything that can be checked before the pipeline loads: the model's kind, the prompts and
     their images, the descriptor's weights, the threshold and a writable, new output."""
-    from retrack.latent import require_sd_extra
+    from retrack.backends import family_of
+    from retrack.backends.stable_diffusion import require_sd_extra
     from retrack.metrics.similarity import make_descriptor
-    from retrack.models import model_kind
     from retrack.runrecord import check_output
 
     if cfg.prompts is not None:
@@ -269,9 +269,10 @@ def resolve_sets(cfg: SetsConfig) -> Plan:
     else:
         require(cfg.prompt is not None and cfg.image is not None,
                 "sd-sets needs --prompt and --image (the training image), or --prompts FILE with columns prompt,image.")
-    kind = model_kind(cfg.model)
-    require(kind != "pixel", f"sd-sets samples a text-to-image StableDiffusionPipeline under a prompt, but --model "
-                             f"{cfg.model!r} is an unconditional pixel model (retrack audit finds what it copies).")
+    family = family_of(cfg.model)
+    require(family is None or family.conditioned,
+            f"sd-sets samples a text-to-image StableDiffusionPipeline under a prompt, but --model "
+            f"{cfg.model!r} is an unconditional pixel model (retrack audit finds what it copies).")
     require_sd_extra()
     if cfg.prompts is not None:
         prompts = Path(cfg.prompts)
@@ -311,7 +312,7 @@ def sd_sets(model: str, out: str, progress: bool = True, **settings: Any) -> lis
 def run_sets(plan: Plan, progress: bool = True) -> list[dict[str, Any]]:
     """Load the pipeline once, and write each prompt's sets into the (temporary) output folder;
     the folder appears under its name only once every prompt is done."""
-    from retrack.latent import load_text_model, with_prompt
+    from retrack.backends.stable_diffusion import load_text_model, with_prompt
     from retrack.runrecord import atomic_directory, environment_record, write_json
 
     cfg, out = plan.cfg, Path(plan.cfg.out)
@@ -336,8 +337,8 @@ def run_sets(plan: Plan, progress: bool = True) -> list[dict[str, Any]]:
 def build_sets(model, job: Job, plan: Plan, folder: Path, final: Path, progress: bool) -> dict[str, Any]:
     """Sample one prompt, split its samples, and write everything but sets.json into `folder`
     (which will be renamed to `final`); returns the sets.json record."""
+    from retrack.backends.stable_diffusion import pixel_images, preprocessing, sample_text
     from retrack.data import ImageSet
-    from retrack.latent import pixel_images, preprocessing, sample_text
     from retrack.sampling import sample_seeds
 
     cfg = plan.cfg

@@ -302,6 +302,13 @@ def parse_seeds(text: Any, name: str = "--seeds") -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def default_device(device: str | None = None) -> str:
+    """`device`, or where a run goes when none is named: cuda if this machine has it, else cpu."""
+    import torch  # here, not at the top: `retrack --help` parses flags without loading torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass(frozen=True)
 class Device(Check):
     """'cpu', 'cuda', 'cuda:N' or 'mps', and only if this machine has it; None = cuda if any."""
@@ -314,7 +321,7 @@ class Device(Check):
 
         flag = name or "--device"
         if value is None:
-            return "cuda" if torch.cuda.is_available() else "cpu"
+            return default_device()
         text = str(value).strip()
         m = re.fullmatch(r"(cpu|cuda|mps)(?::([0-9]+))?", text, re.ASCII)
         if not m or (m.group(1) != "cuda" and m.group(2) is not None and m.group(2) != "0"):

@@ -97,12 +97,13 @@ def _instrument_flags(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from retrack.evaluate import EvaluateConfig, check_inputs, resolved, run_evaluate
+    from retrack.evaluate import EvaluateConfig, check_inputs, family_for, resolved, run_evaluate
     from retrack.runrecord import check_output, environment_record, write_json
     from retrack.validation import config_from_args
 
-    cfg = resolved(config_from_args(EvaluateConfig, args))
-    forget = check_inputs(args.model, args.data, args.forget, cfg.prompt)
+    cfg = config_from_args(EvaluateConfig, args)
+    cfg = resolved(cfg, family_for(args.model, cfg.prompt))
+    forget = check_inputs(args.data, args.forget)
     out = Path(args.out)
     record = out.with_name(out.stem + ".run.json")
     inputs = [Path(p) for p in (args.model, args.data) if Path(p).exists()]
@@ -112,16 +113,16 @@ def run(args: argparse.Namespace) -> int:
     write_json(out, results)
     write_json(record, environment_record(cfg, model=args.model, data=args.data, forget=args.forget))
     for name, res in results.items():
-        print(f"{name:>15}: {_headline(res)}")
+        print(f"{name:>15}: {_headline(name, res)}")
     print(f"wrote {out}")
     return 0
 
 
-def _headline(res: dict) -> str:
-    for key in ("mean", "value", "fraction"):
-        if key in res and res[key] is None:
-            return f"undefined: {res.get('undefined', 'no value')}"
-        if key in res:
-            extra = f" ({res['descriptor']})" if "descriptor" in res else ""
-            return f"{res[key]:.6g}{extra}"
-    return ""
+def _headline(name: str, res: dict) -> str:
+    from retrack.metrics import registry
+
+    value = res[registry.get(name).headline]
+    if value is None:
+        return f"undefined: {res.get('undefined', 'no value')}"
+    extra = f" ({res['descriptor']})" if "descriptor" in res else ""
+    return f"{value:.6g}{extra}"

@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_latent(args: argparse.Namespace) -> int:
+    from retrack.backends.stable_diffusion import quiet_libraries, require_sd_extra
     from retrack.errors import require
-    from retrack.latent import quiet_libraries, require_sd_extra
     from retrack.recipes.latent_tshirt.recipe import LatentRecipe
     from retrack.recipes.latent_tshirt.train import build_latent_model
     from retrack.runrecord import check_output

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrack.api import SampleConfig, resolve_sample, run_sample
+    from retrack.generate import SampleConfig, resolve_sample, run_sample
     from retrack.validation import config_from_args
 
     cfg = resolve_sample(config_from_args(SampleConfig, args))

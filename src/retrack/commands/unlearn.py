@@ -132,12 +132,13 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrack.api import UnlearnConfig, resolve_unlearn, run_unlearn
+    from retrack.unlearn_config import UnlearnConfig, resolve_unlearn
+    from retrack.unlearning import run_unlearn
     from retrack.validation import config_from_args
 
     betas = {"betas": (args.beta1, args.beta2)}
     if args.recipe is not None:
-        from retrack.api import unlearn_recipe
+        from retrack.unlearn_config import unlearn_recipe
 
         # A flag left out is argparse's default object itself; anything typed is a new value.
         given = {k for k, default in args.flag_defaults.items() if getattr(args, k) is not default}

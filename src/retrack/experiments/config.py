@@ -29,7 +29,7 @@ BUILTIN = "builtin:"
 
 
 def unlearn_options() -> tuple[str, ...]:
-    from retrack.api import UnlearnConfig
+    from retrack.unlearn_config import UnlearnConfig
 
     return tuple(f for f in UnlearnConfig.__dataclass_fields__ if f not in PER_RUN)
 

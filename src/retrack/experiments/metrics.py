@@ -97,9 +97,9 @@ class RunContext:
 
 
 def evaluate_metric_names() -> tuple[str, ...]:
-    from retrack.evaluate import METRICS
+    from retrack.metrics import registry
 
-    return tuple(METRICS)
+    return registry.metric_names()
 
 
 def evaluate_settings(ctx: RunContext) -> dict[str, Any]:
@@ -136,34 +136,30 @@ def merged_evaluate_settings(metrics: dict[str, dict[str, Any]]) -> dict[str, An
 # The evaluate() metrics
 # ---------------------------------------------------------------------------------------------
 
-# name → (column key, title, key of the value in evaluate's result, formatter)
-_KNOWN = {"copies": ("frequency", "Frequency ↓", "fraction", pct), "nll": ("nll", "NLL ↑", "mean", two),
-          "reconstruction": ("reconstruction", None, "mean", two), "fid": ("fid", "FID ↓", "value", two),
-          "is": ("is", "IS ↑", "mean", two), "clipiqa": ("clipiqa", "CLIP-IQA ↑", "mean", two),
-          "fid_reference": ("fid_reference", "FID to retrained ↓", "value", two),
-          "nll_reference": ("nll_reference", "NLL retrained", "mean", two),
-          "changed": ("changed", "Changed ↓", "value", pct)}
-
-
 def _evaluate_columns(name: str) -> Callable[[dict[str, Any]], tuple[Column, ...]]:
-    key, title, _, fmt = _KNOWN.get(name, (name, name, None, two))
+    from retrack.metrics import registry
+
+    spec = registry.get(name)
+    key, fmt = spec.column or name, pct if spec.percent else two
 
     def columns(settings: dict[str, Any]) -> tuple[Column, ...]:
-        if name == "reconstruction":  # named after its descriptor, so a pixel cosine is never "SSCD"
+        if spec.title is None:  # named after its descriptor, so a pixel cosine is never "SSCD"
             d = settings.get("descriptor") or ("sscd" if settings.get("sscd") else "pixel_cosine")
             return (Column(key, f"{'SSCD' if d == 'sscd' else d} ↓", fmt),)
-        return (Column(key, title, fmt),)
+        return (Column(key, spec.title, fmt),)
 
     return columns
 
 
 def _evaluate_compute(name: str):
-    key, _, field_, _ = _KNOWN.get(name, (name, name, None, two))
+    from retrack.metrics import registry
+
+    spec = registry.get(name)
 
     def compute(ctx: RunContext, settings: dict[str, Any]) -> tuple[dict[str, float], Any]:
         result = ctx.evaluation()[name]
-        value = result.get(field_) if field_ else result.get("value", result.get("mean"))
-        return ({key: float(value)} if value is not None else {}), result
+        value = result.get(spec.headline)
+        return ({spec.column or name: float(value)} if value is not None else {}), result
 
     return compute
 

@@ -158,7 +158,7 @@ def _forget_sets(cfg: ExperimentConfig, images: ImageSet,
 
 def _unlearn_settings(run: RunSpec, cfg: ExperimentConfig) -> dict[str, Any]:
     """The run's unlearn options with every default filled in, checked by the API's own rules."""
-    from retrack import api
+    from retrack import unlearn_config as api
 
     try:
         full = api.resolve_method(api.UnlearnConfig(model="-", data="-", forget="0", out="-", method=run.method,

@@ -205,7 +205,8 @@ def _copy_threshold(res: Resolved) -> float:
 
 def _reference_cache(res: Resolved, out: Path, seed: int) -> Path:
     """Where evaluate() kept the reference model's samples for this seed (see companion_samples)."""
-    from retrack.evaluate import companion_cache_path, default_device
+    from retrack.evaluate import companion_cache_path
+    from retrack.validation import default_device
 
     s = res.cfg.sampling
     device = default_device(res.cfg.device)

@@ -27,7 +27,7 @@ def local_model(spec: Any, base: Path | None = None) -> Path | None:
 
 def draw_samples(model: Path, num: int, steps: int, seed: int, device: str) -> np.ndarray:
     """`num` DDIM samples with per-sample seeds: the same seed gives the same noise to any model."""
-    from retrack.models import load_model
+    from retrack.backends.pixel import load_model
     from retrack.sampling import sample
 
     loaded = load_model(model, device)
@@ -39,8 +39,8 @@ def draw_reconstructions(model: Path, images: np.ndarray, seed: int, device: str
     """Each image noised to T/4 and denoised with ancestral DDPM (the paper's memorisation probe)."""
     import torch
 
+    from retrack.backends.pixel import load_model
     from retrack.data import to_model_range, to_uint8
-    from retrack.models import load_model
     from retrack.sampling import reconstruct
 
     loaded = load_model(model, device)

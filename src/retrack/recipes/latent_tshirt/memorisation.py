@@ -73,7 +73,7 @@ def measure_model(model: str, data_model: str, samples: int, seed: int = 12345, 
     `model` may be it or an unlearned copy. Returns, per prompt, the summary, the samples and the
     per-sample measures.
     """
-    from retrack.latent import load_text_model, sample_text
+    from retrack.backends.stable_diffusion import load_text_model, sample_text
     from retrack.recipes.latent_tshirt.data import PROMPTS
 
     planted, others = training_images(data_model)

@@ -350,3 +350,9 @@ def save_classifier(model: DigitClassifier, weights: Path) -> str:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters, recorded so a reader can see the model stays small."""
     return sum(p.numel() for p in model.parameters())
+
+
+def instrument(kind: str, device: str) -> torch.nn.Module:
+    """The shipped classifier as evaluation's `mnist` instrument: FID features or IS logits."""
+    clf = load_digit_classifier(device)
+    return DigitFeatures(clf) if kind == "features" else DigitLogits(clf)

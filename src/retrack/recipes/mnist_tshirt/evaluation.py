@@ -52,7 +52,7 @@ def evaluate_model(model: str, tshirt: np.ndarray, remain: np.ndarray, samples: 
                    sampler: str = "ddim", seed: int = 0, nll: bool = True,
                    device: str = "cpu") -> tuple[dict[str, float], np.ndarray]:
     """Sample a model with a fixed seed and measure it: (metrics, uint8 samples)."""
-    from retrack.models import load_model
+    from retrack.backends.pixel import load_model
     from retrack.sampling import sample
 
     loaded = load_model(model, device)

@@ -6,6 +6,8 @@ UNet, so objectives, trainer and kNN see an ordinary Denoiser whose "images" are
 images are resized as the pipeline's image processor would, encoded once by the VAE (posterior
 mean × scaling factor) and cached by content. Only the UNet, or a LoRA adapter on its attention
 projections, is ever trained: the VAE and the text encoder are frozen and never reach an optimiser.
+
+transformers (and peft for LoRA) are the optional [sd] extra, so they are imported where used.
 """
 
 from __future__ import annotations
@@ -16,22 +18,41 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+from tqdm.auto import tqdm
 
-from retrack.data import ImageSet
-from retrack.errors import UserError, require
-from retrack.models import SUPPORTED, TEXT_PIPELINES, Denoiser, Schedule
-from retrack.neighbours import save_cached_array
+from retrack.backends.base import (
+    DEFAULT_LOAD,
+    Backend,
+    LoadOptions,
+    MetricImages,
+    TrainingSpace,
+    pipeline_class,
+    require_hub_reachable,
+)
+from retrack.backends.registry import supported
+from retrack.data import ImageSet, distinct, read_image_file, to_uint8
+from retrack.errors import UserError, first_line, require
+from retrack.models import Denoiser, Schedule
+from retrack.neighbours import default_cache_dir, save_cached_array
+from retrack.sampling import make_scheduler, sample_generators
+from retrack.validation import load_json
 
 SD_EXTRA = "pip install 'retrack-unlearning[sd]'"
+TEXT_PIPELINES = ("StableDiffusionPipeline",)
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# What a text-to-image model's samples support (likelihood and reconstruction are pixel-model probes).
+SAMPLE_METRICS = ("similarity", "copies", "fid", "is", "clipiqa")
 
 
 def require_sd_extra(lora: bool = False) -> None:
@@ -54,8 +75,15 @@ class PromptDenoiser(Denoiser):
 
 
 @dataclass
-class TextModel:
+class StableDiffusionModel(Backend):
     """The loaded pipeline, the Denoiser over latents, and what became of the prompt."""
+
+    name = "stable-diffusion"
+    description = "StableDiffusionPipeline folders (SD 1.x/2.x, text-to-image, with --prompt)"
+    conditioned = True
+    pipelines = TEXT_PIPELINES
+    metrics = SAMPLE_METRICS
+    resizes_images = True
 
     pipeline: Any
     denoiser: PromptDenoiser
@@ -64,9 +92,91 @@ class TextModel:
     lora: dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        return is_lora_folder(path) or ((path / "unet").is_dir() and pipeline_class(path) in TEXT_PIPELINES)
+
+    @classmethod
+    def check_conditioning(cls, model: str, prompt: str | None, flag: str) -> None:
+        require(prompt is not None, f"{flag} {model!r} is a text-to-image StableDiffusionPipeline; pass --prompt "
+                                    "with the prompt it is used under.")
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any], command: str) -> None:
+        if command == "unlearn":
+            require(not is_lora_folder(settings["model"]),
+                    f"--model {settings['model']!r} is a LoRA adapter; unlearn its base pipeline, or fuse the "
+                    "adapter into it first (pipe.fuse_lora(), then pipe.save_pretrained).")
+        if settings.get("eval_every") is not None:
+            counts = {"copies", "fid", "is"} & set(settings["eval_metrics"])
+            require(not counts or settings["copy_rule"] != "l2" or settings["copy_threshold"] is not None,
+                    "--copy-rule l2 with --prompt needs --copy-threshold (an L2 distance over [0, 1] pixels at the "
+                    "pipeline's image size).")
+        require_sd_extra(settings.get("lora") is not None)
+
+    @classmethod
+    def check_metrics(cls, names: tuple[str, ...], flag: str, choices: tuple[str, ...]) -> None:
+        other = [m for m in names if m not in cls.metrics]
+        require(not other, f"{flag} {other[0] if other else ''} needs a pixel model; with --prompt choose from "
+                           f"{', '.join(m for m in cls.metrics if m in choices)}.")
+
+    @classmethod
+    def eval_defaults(cls, eval_clip: str | None) -> dict[str, Any]:
+        """The paper's SD protocol: 16 samples for the prompt, their mean similarity to the training
+        image (and CLIP-IQA when a local CLIP is given)."""
+        metrics = ("similarity", "copies", "clipiqa") if eval_clip is not None else ("similarity", "copies")
+        return {"eval_metrics": metrics, "eval_samples": 16, "copy_rule": "descriptor"}
+
+    @classmethod
+    def load(cls, model: str, device: str, options: LoadOptions = DEFAULT_LOAD) -> StableDiffusionModel:
+        return load_text_model(model, options.prompt, device, options.lora, options.lora_alpha, options.flag,
+                               options.seed)
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return dict(self.pipeline.scheduler.config)
+
+    def training_space(self, images: ImageSet, cache_dir: Path | None, progress: bool) -> TrainingSpace:
+        root = cache_dir or default_cache_dir().parent
+        latents, key = cached_latents(self.pipeline, images, root / "latents", progress)
+        self.notes.update(latent_key=key, preprocessing=preprocessing(self.pipeline, images))
+        return TrainingSpace(np.ascontiguousarray(latents), torch.from_numpy)
+
+    def metric_images(self, images: ImageSet, forget: np.ndarray, remain: np.ndarray | None,
+                      target_files: list[Path]) -> MetricImages:
+        """The training images as the pipeline sees them (resized, RGB): the target files when
+        given, else the distinct forget images."""
+        pipe = self.pipeline
+        if target_files:
+            targets = np.concatenate([pixel_images(pipe, read_image_file(f)[None]) for f in target_files])
+            name = ",".join(str(f) for f in target_files)
+        else:
+            targets, name = distinct(pixel_images(pipe, images.images[forget])), "forget"
+        kept = targets[:0] if remain is None else pixel_images(pipe, images.images[remain])
+        return MetricImages(targets, kept, name)
+
+    def sample(self, num: int, steps: int, sampler: str, seed: int, batch_size: int, guidance: float,
+               progress: bool) -> np.ndarray:
+        return sample_text(self, num, steps, sampler, seed, batch_size, guidance, progress)
+
+    def sample_settings(self, guidance: float) -> dict[str, Any]:
+        return {"prompt": self.prompt["text"], "guidance": guidance}
+
+    def save(self, out: Path) -> None:
+        save_text_model(self, out)
+
+    def record(self) -> dict[str, Any]:
+        base = Path(self.source)
+        return {"text_to_image": {
+            "base_model": str(base.resolve()) if base.exists() else self.source,
+            "pipeline": type(self.pipeline).__name__, "prompt": self.prompt,
+            "images": self.notes["preprocessing"], "latent_cache_key": self.notes["latent_key"],
+            "latent_shape": list(self.denoiser.sample_shape), "trained": "lora" if self.lora else "unet",
+            "lora": self.lora, "output": LORA_FILE if self.lora else "pipeline folder"}}
+
 
 def load_text_model(model: str, prompt: str, device: str, lora_rank: int | None = None,
-                    lora_alpha: float | None = None, flag: str = "--model", seed: int = 0) -> TextModel:
+                    lora_alpha: float | None = None, flag: str = "--model", seed: int = 0) -> StableDiffusionModel:
     """Load a StableDiffusionPipeline (folder or hub id) and bind `prompt` into its UNet; a new LoRA
     adapter's random initial weights come from `seed` (the run's), not from the global RNG."""
     require_sd_extra(lora_rank is not None)
@@ -74,7 +184,7 @@ def load_text_model(model: str, prompt: str, device: str, lora_rank: int | None 
         return _bind(_load_pipeline(model, flag), model, prompt, device, lora_rank, lora_alpha, seed)
 
 
-def with_prompt(model: TextModel, prompt: str) -> TextModel:
+def with_prompt(model: StableDiffusionModel, prompt: str) -> StableDiffusionModel:
     """The same loaded pipeline under another prompt, without loading it again."""
     require(model.lora is None, "with_prompt binds a prompt into a model without a trainable LoRA adapter.")
     with quiet_libraries():
@@ -82,7 +192,7 @@ def with_prompt(model: TextModel, prompt: str) -> TextModel:
 
 
 def _bind(pipe, model: str, prompt: str, device: str, lora_rank: int | None, lora_alpha: float | None,
-          seed: int = 0) -> TextModel:
+          seed: int = 0) -> StableDiffusionModel:
     require(hasattr(pipe.scheduler, "alphas_cumprod"),
             f"the scheduler {type(pipe.scheduler).__name__} of {model!r} has no alphas_cumprod (ᾱ_t).")
     pipe.set_progress_bar_config(disable=True)
@@ -95,7 +205,7 @@ def _bind(pipe, model: str, prompt: str, device: str, lora_rank: int | None, lor
     schedule = Schedule(pipe.scheduler.alphas_cumprod.to(torch.float64))
     denoiser = PromptDenoiser(pipe.unet, schedule, pipe.scheduler.config.prediction_type, context.float())
     lora = add_lora(pipe.unet, lora_rank, lora_alpha, seed) if lora_rank is not None else None
-    return TextModel(pipe, denoiser, info, str(model), lora)
+    return StableDiffusionModel(pipe, denoiser, info, str(model), lora)
 
 
 def _load_pipeline(model: str, flag: str):
@@ -105,23 +215,22 @@ def _load_pipeline(model: str, flag: str):
         try:
             pipe.load_lora_weights(model, weight_name=LORA_FILE)
         except Exception as e:  # noqa: BLE001 - peft and safetensors raise many types
-            raise UserError(f"could not load the LoRA adapter of {flag} {model!r}: {_first_line(e)}") from None
+            raise UserError(f"could not load the LoRA adapter of {flag} {model!r}: {first_line(e)}") from None
         return pipe
+    # diffusers' pipeline classes import transformers (the optional [sd] extra), which logs notices.
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     local = Path(model).exists()
     if not local:
-        from retrack.models import _require_hub_reachable
-
-        _require_hub_reachable(model)
+        require_hub_reachable(model)
     try:
         cls = DiffusionPipeline.load_config(model).get("_class_name")
         if cls in TEXT_PIPELINES:
             return StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     except Exception as e:  # noqa: BLE001 - diffusers, transformers and the hub raise many types
         where = "" if local else " (a local folder path works offline)"
-        raise UserError(f"could not load a StableDiffusionPipeline from {model!r}{where}: {_first_line(e)}") from None
-    raise UserError(f"{flag} {model!r} is a {cls}; supported are {SUPPORTED}.")
+        raise UserError(f"could not load a StableDiffusionPipeline from {model!r}{where}: {first_line(e)}") from None
+    raise UserError(f"{flag} {model!r} is a {cls}; supported are {supported()}.")
 
 
 def is_lora_folder(model: str | Path) -> bool:
@@ -130,8 +239,6 @@ def is_lora_folder(model: str | Path) -> bool:
 
 
 def lora_base(model: str | Path) -> str:
-    from retrack.validation import load_json
-
     record = Path(model) / "retrack_run.json"
     require(record.is_file(), f"the LoRA folder {str(model)!r} has no retrack_run.json naming its base model; "
                               "load it with StableDiffusionPipeline.load_lora_weights on its base pipeline.")
@@ -146,8 +253,9 @@ def quiet_libraries() -> Iterator[None]:
     """diffusers and transformers log progress bars and notices (torchvision missing, the prompt
     truncated) on stderr; a command's stderr is kept for its own one-line errors and warnings."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
+    from transformers.utils import logging as tlog  # the optional [sd] extra
+
+    dlog = diffusers_logging
 
     levels = dlog.get_verbosity(), tlog.get_verbosity()
     bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
@@ -181,7 +289,7 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None, seed: int = 
     """Freeze the UNet and add a peft LoRA adapter on its attention projections (diffusers' layout).
     peft draws the adapter's A matrices from torch's global RNG: seeded here, in a fork of it, so
     the same run seed gives the same adapter in any process, and nothing else's draws change."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # the optional [sd] extra
 
     require(rank >= 1, f"--lora must be an integer ≥ 1, got {rank}.")
     unet.requires_grad_(False)
@@ -220,8 +328,6 @@ def preprocessing(pipe, images: ImageSet) -> dict[str, Any]:
 def encode_images(pipe, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """uint8 (N, H, W, C) images → float32 latents (N, c, h, w): posterior mean × scaling factor,
     after the pipeline's own resize and [-1, 1] normalisation."""
-    from PIL import Image
-
     h, w = resolution(pipe)
     vae = pipe.vae
     scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
@@ -262,10 +368,6 @@ def cached_latents(pipe, images: ImageSet, cache_dir: Path, progress: bool = Tru
 def pixel_images(pipe, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """The training images as the pipeline sees them: resized, RGB, uint8 (N, h, w, 3), so that
     samples and training images can be compared pixel by pixel."""
-    from PIL import Image
-
-    from retrack.data import to_uint8
-
     h, w = resolution(pipe)
     out = []
     for i in range(0, len(images), batch_size):
@@ -276,7 +378,7 @@ def pixel_images(pipe, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample_text(model: TextModel, num: int, steps: int = 50, sampler: str = "ddim", seed: int = 0,
+def sample_text(model: StableDiffusionModel, num: int, steps: int = 50, sampler: str = "ddim", seed: int = 0,
                 batch_size: int = 16, guidance: float = 7.5, progress: bool = True) -> np.ndarray:
     """`num` images for the bound prompt through the pipeline itself (classifier-free guidance
     with the empty prompt), uint8 (N, H, W, 3); sample i depends only on the seed and i.
@@ -285,10 +387,6 @@ def sample_text(model: TextModel, num: int, steps: int = 50, sampler: str = "ddi
     call of the tokenizer sets, and save_pretrained writes), are put back afterwards: a model sampled
     while it trains (evaluation during fine-tuning) must be saved exactly as one that was not.
     """
-    from tqdm.auto import tqdm
-
-    from retrack.sampling import make_scheduler, sample_generators
-
     pipe = model.pipeline
     own = pipe.scheduler
     config = own.config
@@ -329,7 +427,7 @@ def _tokenizer_state(tokenizer) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_text_model(model: TextModel, out: Path) -> None:
+def save_text_model(model: StableDiffusionModel, out: Path) -> None:
     """A LoRA run writes only the adapter, where `pipeline.load_lora_weights(out)` finds it; a full
     run writes the whole pipeline, loadable by `StableDiffusionPipeline.from_pretrained(out)`."""
     with quiet_libraries():
@@ -339,9 +437,8 @@ def save_text_model(model: TextModel, out: Path) -> None:
             _save_lora(model, out)
 
 
-def _save_lora(model: TextModel, out: Path) -> None:
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+def _save_lora(model: StableDiffusionModel, out: Path) -> None:
+    from diffusers import StableDiffusionPipeline  # imports transformers, the optional [sd] extra
     from peft.utils import get_peft_model_state_dict
 
     unet = model.pipeline.unet
@@ -351,7 +448,3 @@ def _save_lora(model: TextModel, out: Path) -> None:
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, weight_name=LORA_FILE,
                                               safe_serialization=True,
                                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

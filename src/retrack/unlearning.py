@@ -1,0 +1,132 @@
+"""One unlearning run, in one direction: resolved config → model (its backend) → data in the
+model's space → neighbours → objective → trainer → output folder written atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from accelerate import PartialState
+
+from retrack.backends import Backend, LoadOptions, detect, load
+from retrack.data import ImageSet, Split, load_images, parse_forget, split
+from retrack.errors import require
+from retrack.evaluate import EvaluateConfig, Instruments, copy_threshold_for, load_instruments, measure, metric_images
+from retrack.monitor import CURVES_FILE, Monitor, draw_curves, merge_log
+from retrack.neighbours import cached_nearest_neighbours
+from retrack.objectives.base import Objective
+from retrack.runrecord import atomic_directory, environment_record, write_json
+from retrack.store import Rows
+from retrack.trainer import TrainData, neighbour_table, train
+from retrack.unlearn_config import (
+    UnlearnConfig,
+    build_objective,
+    eval_config,
+    process_count,
+    resolve_unlearn,
+    train_settings,
+    unlearn_recipe,
+)
+
+RUN_RECORD = "retrack_run.json"
+STEP_LOG = "retrack_log.json"
+
+
+def unlearn(model: str, data: str, forget: str | list[int], out: str, progress: bool = True,
+            **settings) -> Path:
+    """Fine-tune `model` so that it behaves as if the `forget` images of `data` were never seen.
+
+    Args:
+        model: diffusers pipeline folder, bare UNet2DModel folder, or hub id. Never modified.
+        data: image folder, .npz with `images`, or torchvision-style MNIST/CIFAR-10 folder.
+        forget: "17,42", "@indices.txt", paths of image files matched to `data` by content, or a
+            list of indices.
+        out: output folder, written atomically in the same layout as `model`.
+        **settings: any field of UnlearnConfig (method, steps, batch_size, lr, seed, k, lam, ...);
+            recipe="stable-diffusion" (or a YAML file) supplies the settings not given here.
+    Returns:
+        The output folder.
+    """
+    UnlearnConfig.check_keys(settings, "unlearn setting")
+    if settings.get("recipe") is not None:
+        settings = {**unlearn_recipe(settings["recipe"], settings.get("method", "retrack")), **settings}
+    cfg = resolve_unlearn(UnlearnConfig(model=model, data=data, forget=forget, out=out, **settings))
+    return run_unlearn(cfg, progress)
+
+
+def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
+    """The expensive part, on a resolved config."""
+    images = load_images(cfg.data)
+    parts = split(images, parse_forget(cfg.forget, images))
+    evaluation = _evaluation_setup(cfg)  # the instruments load before the model: a bad file costs seconds
+    model = load(cfg.model, cfg.device, LoadOptions(cfg.prompt, cfg.lora, cfg.lora_alpha, cfg.seed))
+    space = model.training_space(images, Path(cfg.cache_dir) if cfg.cache_dir else None, progress)
+    monitor = None if evaluation is None else _monitor(cfg, *evaluation, model, images, parts)
+    denoiser = model.denoiser
+    if cfg.gradient_checkpointing:
+        denoiser.unet.enable_gradient_checkpointing()
+    steps = denoiser.schedule.num_steps
+    require(cfg.forget_t_min < steps, f"--forget-t-min must be below the model's {steps} timesteps, "
+                                      f"got {cfg.forget_t_min}.")
+    objective = build_objective(cfg)
+    forget_rows = space.rows[parts.forget]
+    table = None
+    if objective.needs_neighbours and cfg.k != "all":
+        require(int(cfg.k) <= len(parts.remain), f"--k {cfg.k} must be between 1 and the remain set's "
+                                                 f"size {len(parts.remain)} (K = {cfg.k} is too large).")
+        table = cached_nearest_neighbours(Rows(space.rows, parts.remain), forget_rows, int(cfg.k),
+                                          Path(cfg.cache_dir) if cfg.cache_dir else None, progress, cfg.device)
+    train_data = TrainData(space.to_tensor(space.rows[parts.remain]), space.to_tensor(forget_rows),
+                           neighbour_table(table))
+    log = train(denoiser, objective, train_data, train_settings(cfg), cfg.device, progress, between_steps=monitor)
+    if PartialState().is_main_process:
+        _write_output(Path(cfg.out), model, cfg, objective, images, parts, table, log, monitor)
+    return Path(cfg.out)
+
+
+def _evaluation_setup(cfg: UnlearnConfig) -> tuple[EvaluateConfig, Instruments] | None:
+    """The evaluation's config and its instruments (used on the main process only)."""
+    ecfg = eval_config(cfg, detect(cfg.model, cfg.prompt))
+    return None if ecfg is None else (ecfg, load_instruments(ecfg))
+
+
+def _monitor(cfg: UnlearnConfig, ecfg: EvaluateConfig, tools: Instruments, model: Backend, images: ImageSet,
+             parts: Split) -> Monitor:
+    """Evaluation of the model being trained (with its LoRA adapter if any), sampled as `retrack
+    evaluate` samples it and compared with the forget images (or --eval-target files) at the size
+    the model draws."""
+    T = model.num_timesteps
+    require(cfg.eval_steps <= T, f"--eval-steps must be in 1..{T} for this model, got {cfg.eval_steps}.")
+    found = metric_images(model, images, parts, ecfg)
+    ecfg = copy_threshold_for(ecfg, found.pixels)
+    return Monitor(int(cfg.eval_every), cfg.steps,
+                   lambda: measure(ecfg, model, found.targets, found.remain, tools, False, found.name),
+                   model.denoiser, cfg.stop_at)
+
+
+def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Objective, images: ImageSet,
+                  parts: Split, table, log: list[dict], monitor: Monitor | None) -> None:
+    extra = model.record()
+    if monitor is not None:
+        extra = {**extra, "evaluation": {
+            "every": monitor.every, "steps": [e["step"] for e in monitor.entries], "stop_at": cfg.stop_at,
+            "stopped_at": monitor.stopped_at, "steps_done": len(log), "curves": CURVES_FILE}}
+    record = environment_record(
+        cfg,
+        objective=asdict(objective),
+        seed=cfg.seed,
+        processes=process_count(),
+        data={"source": images.source, "digest": images.digest(), "size": len(images),
+              "forget_indices": parts.forget, "forget_size": len(parts.forget),
+              "remain_size": len(parts.remain)},
+        neighbours=table,
+        final_terms=log[-1] if log else {},
+        **extra,
+    )
+    with atomic_directory(out) as tmp:
+        model.save(tmp)
+        write_json(tmp / RUN_RECORD, record)
+        write_json(tmp / STEP_LOG, merge_log(log, monitor.entries) if monitor else log)
+        if monitor is not None:
+            draw_curves(monitor.entries, monitor.stopped_at).save(tmp / CURVES_FILE, format="PNG")
