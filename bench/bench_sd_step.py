@@ -8,7 +8,8 @@ initialised): 4×16×16 latents (128×128 images under an 8× VAE), blocks of 64
 cross-attention in the first two, two layers per block, attention heads of 8 channels, conditioned
 on 77 tokens of width 256 from a one-layer CLIP text encoder, also built from a config. It is the
 UNet of SD v1.x at about a fifth of its width and a quarter of its latent side, small enough for a
-CPU. The prompt's embedding is bound in as `retrack unlearn --prompt` binds it (backends.stable_diffusion.PromptDenoiser),
+CPU. The prompt's embedding is bound in as `retrack unlearn --prompt` binds it (PromptDenoiser
+of backends/stable_diffusion.py),
 with the scheduler of SD v1.x (scaled-linear β, 1000 steps). The VAE plays no part in a step (the
 latents are encoded once before training), so none is built.
 

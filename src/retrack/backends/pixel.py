@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from retrack import sampling
 from retrack.backends.base import (
     DEFAULT_LOAD,
     Backend,
@@ -34,7 +35,6 @@ from retrack.backends.registry import family_of
 from retrack.data import ImageSet, distinct
 from retrack.errors import UserError, first_line, require
 from retrack.models import Denoiser, Schedule
-from retrack.sampling import sample
 
 Layout = Literal["pipeline", "bare"]
 PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline")
@@ -100,7 +100,7 @@ class PixelModel(Backend):
 
     def sample(self, num: int, steps: int, sampler: str, seed: int, batch_size: int, guidance: float,
                progress: bool) -> np.ndarray:
-        return sample(self.denoiser, self.scheduler_config, num, steps, sampler, seed, batch_size, progress)
+        return sampling.sample(self.denoiser, self.scheduler_config, num, steps, sampler, seed, batch_size, progress)
 
     def save(self, out: Path) -> None:
         save_model(self, out)

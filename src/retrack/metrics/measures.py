@@ -10,26 +10,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from retrack.metrics.likelihood import BPD_OFFSET, nll_bits_per_dim
-from retrack.metrics.quality import FrechetReference, clip_iqa, frechet_distance, inception_score
-from retrack.metrics.reference import changed_samples
-from retrack.metrics.similarity import reconstruction_similarity
+# Module-qualified calls, so a metric's implementation can be swapped (or patched in tests) where it lives.
+from retrack.metrics import likelihood, quality, reference
+from retrack.metrics import similarity as descriptors
 
 
 def nll(run: Any, loaded: Any = None) -> dict[str, Any]:
     c = run.cfg
-    bpd = nll_bits_per_dim((loaded or run.loaded).denoiser, run.targets, dequantize=c.dequantize,
+    bpd = likelihood.nll_bits_per_dim((loaded or run.loaded).denoiser, run.targets, dequantize=c.dequantize,
                            probes=c.probes, seed=c.seed, batch_size=c.batch_size,
                            schedule=c.nll_schedule, progress=run.progress)
     return {"unit": "bits/dim", "mean": float(bpd.mean()), "per_image": bpd.tolist(),
             "settings": {"seed": c.seed, "probes": c.probes, "dequantize": c.dequantize,
-                         "offset": BPD_OFFSET, "rtol": 1e-5, "atol": 1e-5, "t_start": 1e-5,
+                         "offset": likelihood.BPD_OFFSET, "rtol": 1e-5, "atol": 1e-5, "t_start": 1e-5,
                          "divergence": "hutchinson", "schedule": c.nll_schedule}}
 
 
 def reconstruction(run: Any) -> dict[str, Any]:
     c = run.cfg
-    res = reconstruction_similarity(run.loaded.denoiser, run.loaded.scheduler_config, run.targets,
+    res = descriptors.reconstruction_similarity(run.loaded.denoiser, run.loaded.scheduler_config, run.targets,
                                     run.tools.descriptor, c.t_start, c.seed,
                                     c.batch_size, run.progress)
     out = res.summary()
@@ -60,7 +59,7 @@ def fid(run: Any) -> dict[str, Any]:
     if len(kept) < 2:
         return {"value": None, "undefined": _too_few(run, "FID", 2), **found}
     if run.tools.fid_reference is None:  # the remain set's features, once for every evaluation
-        run.tools.fid_reference = FrechetReference(run.remain, run.tools.fid_features, c.inception,
+        run.tools.fid_reference = quality.FrechetReference(run.remain, run.tools.fid_features, c.inception,
                                                    c.batch_size, c.device, run.progress)
     return {"value": run.tools.fid_reference(kept, run.progress), **found}
 
@@ -71,7 +70,7 @@ def inception(run: Any) -> dict[str, Any]:
              "classifier": c.classifier or "inception", "settings": run.sample_settings()}
     if len(kept) < c.is_splits:
         return {"mean": None, "std": None, "undefined": _too_few(run, "IS", c.is_splits), **found}
-    mean, std = inception_score(kept, run.tools.classifier, c.inception, c.is_splits,
+    mean, std = quality.inception_score(kept, run.tools.classifier, c.inception, c.is_splits,
                                 c.batch_size, c.device, c.seed, run.progress)
     return {"mean": mean, "std": std, **found}
 
@@ -87,7 +86,7 @@ def _too_few(run: Any, metric: str, needed: int) -> str:
 
 def clipiqa(run: Any) -> dict[str, Any]:
     c = run.cfg
-    value = clip_iqa(run.samples(), c.clip, batch_size=c.batch_size, device=c.device,
+    value = quality.clip_iqa(run.samples(), c.clip, batch_size=c.batch_size, device=c.device,
                      progress=run.progress)
     return {"mean": value, "prompt": "quality", "num_generated": c.num_samples,
             "settings": run.sample_settings()}
@@ -97,7 +96,7 @@ def fid_reference(run: Any) -> dict[str, Any]:
     """FID between this model's samples and the retrained model's, every sample kept: a T-shirt
     the retrained model never draws counts against the model under test."""
     c = run.cfg
-    value = frechet_distance(run.companion_samples(run.reference), run.samples(), run.tools.fid_features,
+    value = quality.frechet_distance(run.companion_samples(run.reference), run.samples(), run.tools.fid_features,
                              c.inception, c.batch_size, c.device, run.progress)
     return {"value": value, "real": "reference model's samples", "reference_model": c.reference_model,
             "num_generated": c.num_samples, "features": c.fid_features or "inception",
@@ -112,5 +111,5 @@ def nll_reference(run: Any) -> dict[str, Any]:
 def changed(run: Any) -> dict[str, Any]:
     c = run.cfg
     before = run.companion_samples(run.pretrained)
-    out = changed_samples(run.samples(), before, run.find_copies(before).is_copy, c.visible_rms)
+    out = reference.changed_samples(run.samples(), before, run.find_copies(before).is_copy, c.visible_rms)
     return {**out, "pretrained_model": c.pretrained_model, "settings": run.sample_settings()}
