@@ -7,6 +7,7 @@ whole chain on a tiny model through the command, and one splits runs over two pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,12 +22,12 @@ import pytest
 import yaml
 
 from conftest import save_pipeline, tree_digest
-from retrack import evaluate as evaluate_module
 from retrack.cli import main
 from retrack.errors import UserError
 from retrack.experiments import load_config, parse_shard, plan, resolve, run_experiment, shard
 from retrack.experiments.config import parse_config
 from retrack.experiments.plan import select
+from retrack.metrics import registry as metric_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "configs" / "mnist_tshirt.yaml"
@@ -55,10 +56,10 @@ def stubs(monkeypatch):
         return lambda run: {key: f(run.cfg.seed), "settings": {"seed": run.cfg.seed}}
 
     monkeypatch.setattr("retrack.api.unlearn", fake_unlearn)
-    monkeypatch.setitem(evaluate_module.RUNNERS, "copies", value("fraction", lambda s: 0.01 * (s + 1)))
-    monkeypatch.setitem(evaluate_module.RUNNERS, "nll", value("mean", lambda s: s + 1.0))
-    monkeypatch.setitem(evaluate_module.RUNNERS, "fid", value("value", lambda s: 10.0 * s))
-    monkeypatch.setitem(evaluate_module.RUNNERS, "is", value("mean", lambda s: 2.0))
+    for name, key, f in (("copies", "fraction", lambda s: 0.01 * (s + 1)), ("nll", "mean", lambda s: s + 1.0),
+                         ("fid", "value", lambda s: 10.0 * s), ("is", "mean", lambda s: 2.0)):
+        spec = dataclasses.replace(metric_registry.get(name), measure=value(key, f))
+        monkeypatch.setitem(metric_registry._METRICS, name, spec)
     return calls
 
 

@@ -42,10 +42,10 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[st
 
 
 def test_loads_without_safety_checker_and_binds_the_prompt(sd):
+    from retrack.backends import StableDiffusionModel, family_of
     from retrack.backends.stable_diffusion import PromptDenoiser
-    from retrack.models import model_kind
 
-    assert model_kind(sd / "sd") == "text"
+    assert family_of(sd / "sd") is StableDiffusionModel
     m = _load(sd)
     assert isinstance(m.denoiser, PromptDenoiser) and m.pipeline.safety_checker is None
     assert m.denoiser.sample_shape == (4, 4, 4)
