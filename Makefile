@@ -29,8 +29,12 @@ setup: $(BIN)/retrack
 lint: setup
 	$(BIN)/ruff check src tests bench scripts
 
-test: setup lint
+test: setup lint docs
 	$(BIN)/python -m pytest
+
+.PHONY: docs
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
 
 demo: setup
 	$(BIN)/retrack demo
