@@ -143,10 +143,10 @@ def _evaluate_columns(name: str) -> Callable[[dict[str, Any]], tuple[Column, ...
     key, fmt = spec.column or name, pct if spec.percent else two
 
     def columns(settings: dict[str, Any]) -> tuple[Column, ...]:
-        if spec.title is None:  # named after its descriptor, so a pixel cosine is never "SSCD"
+        if spec.descriptor_title:  # named after its descriptor, so a pixel cosine is never "SSCD"
             d = settings.get("descriptor") or ("sscd" if settings.get("sscd") else "pixel_cosine")
             return (Column(key, f"{'SSCD' if d == 'sscd' else d} ↓", fmt),)
-        return (Column(key, spec.title, fmt),)
+        return (Column(key, spec.title or name, fmt),)
 
     return columns
 

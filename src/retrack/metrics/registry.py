@@ -32,7 +32,8 @@ class MetricSpec:
     samples: it reads the samples drawn once per evaluation.
     companion: a second model it compares with ("reference": the retrained model, "pretrained":
         the model before unlearning); such metrics are not measured during fine-tuning.
-    column, title, percent: its experiment table column (title None: named from its settings).
+    column, title, percent: its experiment table column (key, heading; both default to the name);
+        descriptor_title: the heading names the descriptor its settings choose (SSCD, pixel_cosine).
     """
 
     name: str
@@ -46,6 +47,7 @@ class MetricSpec:
     column: str | None = None
     title: str | None = None
     percent: bool = False
+    descriptor_title: bool = False
     remain: bool = False  # it reads the remain set (FID's real images)
 
     def value(self, result: dict[str, Any]) -> float:
@@ -84,7 +86,7 @@ for _spec in (
     MetricSpec("nll", measures.nll, "mean", "NLL of forget images (bits/dim)", "higher", "above", samples=False,
                title="NLL ↑"),
     MetricSpec("reconstruction", measures.reconstruction, "mean", "reconstruction similarity", "lower", "below",
-               samples=False),
+               samples=False, descriptor_title=True),
     MetricSpec("similarity", measures.similarity, "mean", "similarity of samples to the target", "lower", "below",
                title="similarity"),
     MetricSpec("copies", measures.copies, "fraction", "copies (fraction of samples)", "lower", "below",
