@@ -28,6 +28,7 @@ setup: $(BIN)/retrack
 
 lint: setup
 	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/lint-imports
 
 test: setup lint docs
 	$(BIN)/python -m pytest
