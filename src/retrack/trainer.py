@@ -5,6 +5,8 @@ Several GPUs go through Hugging Face Accelerate (`accelerate launch`): every pro
 own share of the batch from a generator seeded by (seed, process index), and gradients are
 averaged across processes before they are combined and clipped. A batch too large for memory is
 split into micro-batches (`grad_accum`) whose gradients add up to exactly the full batch's.
+The rows of a batch go through the model in one forward or in one forward per part (forget rows,
+remain rows), whichever `retrack.layout` found faster; both give the same gradient.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from retrack import layout as layouts
 from retrack.errors import UserError, require
 from retrack.models import Denoiser
 from retrack.objectives.base import (
@@ -44,6 +48,7 @@ class TrainSettings:
     seed: int = 0
     grad_accum: int = 1  # micro-batches per step; they sum to batch_size
     mixed_precision: str = "no"  # accelerate's: "no", "bf16" or "fp16" (GPU only)
+    layout: str = "auto"  # "auto", "joint" (one forward over all rows) or "split" (one per part)
 
 
 @dataclass
@@ -115,14 +120,15 @@ class GradientAccumulator:
         self.g_first: list[torch.Tensor] | None = None
 
     def add(self, terms: dict[str, torch.Tensor], scale: float = 1.0) -> None:
-        """Add the gradient of `scale` × one forward's terms (weighted sums and TwoGradientRule)."""
+        """Add the gradient of `scale` × terms that share one graph: a weighted sum in one backward,
+        a two-gradient rule (or a SplitRule under the joint layout) in two."""
         rule = self.rule
         if isinstance(rule, WeightedSum):
             self.accelerator.backward(scale * sum(w * terms[name] for name, w in rule.weights.items()))
             return
-        require(isinstance(rule, TwoGradientRule), f"{rule!r} takes each term from its own rows.")
-        self._add_first(scale * terms[rule.main], retain_graph=True)
-        self.accelerator.backward(scale * terms[rule.corr])
+        first, second = (rule.main, rule.corr) if isinstance(rule, TwoGradientRule) else (rule.first, rule.second)
+        self._add_first(scale * terms[first], retain_graph=True)
+        self.accelerator.backward(scale * terms[second])
 
     def add_split(self, model, objective, prepared: Prepared, step: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
         """SplitRule: add each term's gradient from a forward over its own rows only."""
@@ -177,15 +183,18 @@ def _grad(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def batch_gradient(model, objective: Objective, prepared: Prepared, grad_accum: int,
-                   params: list[torch.nn.Parameter], accelerator, step: int = 0) -> dict[str, float]:
+                   params: list[torch.nn.Parameter], accelerator, step: int = 0,
+                   split: bool | None = None) -> dict[str, float]:
     """Leave the combined gradient of one batch in p.grad, one micro-batch at a time.
 
     DDP averages gradients across processes on a backward outside `no_sync`: for a weighted sum
     that is the last micro-batch's (the sum so far travels once); the two-gradient rules keep
-    every backward local and average their two gradients themselves. Returns the batch's terms
-    and, for a SplitRule, what it chose.
+    every backward local and average their two gradients themselves. `split` feeds each part of
+    the rows through its own forward (None: only for a SplitRule, which needs its terms apart).
+    Returns the batch's terms and, for a SplitRule, what it chose.
     """
     rule = objective.rule
+    split = isinstance(rule, SplitRule) if split is None else split
     acc = GradientAccumulator(rule, params, accelerator)
     local = not isinstance(rule, WeightedSum)
     micro = split_prepared(prepared, grad_accum)
@@ -193,10 +202,10 @@ def batch_gradient(model, objective: Objective, prepared: Prepared, grad_accum: 
     for j, mb in enumerate(micro):
         last = j == len(micro) - 1
         with accelerator.no_sync(model) if local or not last else contextlib.nullcontext():
-            if isinstance(rule, SplitRule):
+            if isinstance(rule, SplitRule) and split:
                 terms = acc.add_split(model, objective, mb, step, 1.0 / grad_accum)
             else:
-                terms = objective.terms(model(mb.x, mb.t), mb)
+                terms = objective.terms(layouts.forward(model, mb, split), mb)
                 _check_finite(terms, step)
                 acc.add(terms, 1.0 / grad_accum)
         for name, v in terms.items():
@@ -213,8 +222,11 @@ def train(
     progress: bool = True,
     on_gradient: Callable[[int, list[torch.nn.Parameter]], None] | None = None,
     between_steps: Callable[[int], bool] | None = None,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Fine-tune `denoiser` in place with `objective`; returns the per-step log.
+
+    Where a layout was forced or `auto` chose one by timing, the first entry also holds it under
+    "layout" (`Layout.record()`: the layout, why, and the timings it was chosen by).
 
     `on_gradient(step, params)`, if given, sees every step's combined gradient in p.grad (averaged
     across processes, before clipping) and the weights it will update.
@@ -232,7 +244,7 @@ def train(
                             weight_decay=settings.weight_decay)
     model, opt = accelerator.prepare(denoiser, opt)
     params = [p for p in model.parameters() if p.requires_grad]
-    log: list[dict[str, float]] = []
+    log: list[dict[str, Any]] = []
     model.train()
     bar = tqdm(range(settings.steps), desc=f"unlearn ({objective.name})", dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
@@ -244,7 +256,11 @@ def train(
         # The whole batch is drawn and noised at once, so accumulation changes no draw.
         batch = draw_batch(objective, data, n, gen, accelerator.device)
         prepared = objective.prepare(batch, denoiser.schedule, gen)
-        terms = batch_gradient(model, objective, prepared, settings.grad_accum, params, accelerator, step)
+        if step == 0:  # timed on the first batch's own rows, if at all; the generator is not touched
+            layout = layouts.choose(settings.layout, model, objective, split_prepared(prepared, settings.grad_accum)[0],
+                                    params, accelerator, settings.steps * settings.grad_accum)
+        terms = batch_gradient(model, objective, prepared, settings.grad_accum, params, accelerator, step,
+                               layout.split)
         if on_gradient is not None:
             on_gradient(step, params)
         grad_norm = float(accelerator.clip_grad_norm_(params, settings.clip))
@@ -253,8 +269,9 @@ def train(
         _step(opt, settings.lr, step)
         opt.zero_grad(set_to_none=True)
         entry = {"step": step, **terms, "grad_norm": grad_norm}
-        log.append(entry)
         bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
+        noted = layout.record() if step == 0 else None
+        log.append(entry if noted is None else {**entry, "layout": noted})
         done = step + 1
         stop = _between_steps(between_steps, done, model, accelerator)
     model.eval()
