@@ -1,4 +1,4 @@
-"""Each method's loss on hand-built tensors against the formulas of REFERENCE.md."""
+"""Each method's loss on hand-built tensors against the formulas of docs/methods.md."""
 
 from __future__ import annotations
 

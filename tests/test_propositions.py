@@ -1,4 +1,4 @@
-"""The paper's two propositions, checked exactly on small point sets (see REFERENCE.md)."""
+"""The paper's two propositions, checked exactly on small point sets (see docs/methods.md)."""
 
 from __future__ import annotations
 

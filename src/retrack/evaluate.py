@@ -1,7 +1,7 @@
 """evaluate(): the paper's metrics of one model against one forget set, as one JSON-able dict.
 
-Protocol (REFERENCE.md, "Evaluation protocols"): NLL and the reconstruction probe are measured on
-the forget images (each distinct image once: the MNIST T-shirt set holds 606 copies of one
+Protocol (docs/metrics.md, "The evaluation protocols, as formulas"): NLL and the reconstruction
+probe are measured on the forget images (each distinct image once: the MNIST T-shirt set holds 606 copies of one
 image); samples are drawn once and shared by similarity, copies, FID, IS and CLIP-IQA; copies are
 counted against the forget images (or, for a text-to-image model, the training image files given
 as `target`) and removed before FID/IS; FID's real set is the remain set. `similarity` is the
