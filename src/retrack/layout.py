@@ -10,8 +10,10 @@ batch. `auto` times both once per process for a device, architecture, dtype and 
 keeps the faster; it never changes a result beyond float rounding, and the run that follows is bit
 for bit the run forced to the layout it picked.
 
-Nothing is cached on disk: the timing depends on what else the machine is running, which changes
-from one run to the next, and measuring costs a few passes at the first step.
+Measuring costs four forward+backward passes at the first step (ABBA: joint, split, split, joint;
+the first two are as cold as a run's first step would be anyway), so a run measures only where it
+has `MIN_PASSES` passes to win them back and a batch of `MIN_ROWS` rows. Nothing is cached on disk:
+the timing depends on what else the machine is running, which changes from one run to the next.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from retrack.objectives.base import Objective, Prepared, SplitRule
 LAYOUTS = ("auto", "joint", "split")
 MIN_ROWS = 32  # rows per forward below which per-forward overheads dominate and timing is noise
 MIN_PASSES = 20  # steps × micro-batches below which measuring cannot pay for itself
-WARMUP, ROUNDS = 1, 1  # forward+backward passes per layout: untimed, then timed (the faster counts)
+ORDER = (False, True, True, False)  # the timed passes: joint, split, split, joint (ABBA)
 MARGIN = 0.03  # split must beat joint by this fraction; within it, joint (one forward) is kept
 
 
@@ -129,18 +131,17 @@ def cache_key(model, prepared: Prepared, accelerator) -> tuple:
 def measure(model, prepared: Prepared, params: list[torch.nn.Parameter], accelerator) -> tuple[float, float]:
     """Seconds of one forward+backward of this batch in each layout: (joint, split).
 
-    The batch's own inputs serve both layouts, so the run's generator is not touched; gradients go
-    to torch.autograd.grad, never to p.grad, under no_sync (no collective), and the global RNG
-    (dropout) is forked: weights, optimiser, gradients and every draw after this are as without it.
-    Layouts alternate in ABBA order so that a drift in the machine's load hits both alike.
+    Passes run in ABBA order (`ORDER`), so that a drift in the machine's load hits both alike, and
+    each layout counts its fastest: the first pass of each doubles as its warm-up, since a cold
+    pass (first allocations, kernel selection) is only ever slower. The batch's own inputs serve
+    both layouts, so the run's generator is not touched; gradients go to torch.autograd.grad, never
+    to p.grad, under no_sync (no collective), and the global RNG (dropout) is forked: weights,
+    optimiser, gradients and every draw after this are as without it.
     """
     times: dict[bool, list[float]] = {False: [], True: []}
     with _fork_rng(prepared.x.device), accelerator.no_sync(model):
-        for i in range(WARMUP + ROUNDS):
-            for split in ((False, True) if i % 2 == 0 else (True, False)):
-                seconds = _time_pass(model, prepared, params, split)
-                if i >= WARMUP:
-                    times[split].append(seconds)
+        for split in ORDER:
+            times[split].append(_time_pass(model, prepared, params, split))
     return min(times[False]), min(times[True])
 
 
