@@ -10,9 +10,9 @@ batch. `auto` times both once per process for a device, architecture, dtype and 
 keeps the faster; it never changes a result beyond float rounding, and the run that follows is bit
 for bit the run forced to the layout it picked.
 
-Measuring costs four forward+backward passes at the first step (ABBA: joint, split, split, joint;
-the first two are as cold as a run's first step would be anyway), so a run measures only where it
-has `MIN_PASSES` passes to win them back and a batch of `MIN_ROWS` rows. Nothing is cached on disk:
+Measuring costs three forward+backward passes at the first step (joint, split, joint; the first
+is as cold as the run's own first step would have been), so a run measures only where it has
+`MIN_PASSES` passes to win them back, and a batch of `MIN_ROWS` rows. Nothing is cached on disk:
 the timing depends on what else the machine is running, which changes from one run to the next.
 """
 
@@ -29,9 +29,9 @@ from retrack.errors import UserError, require
 from retrack.objectives.base import Objective, Prepared, SplitRule
 
 LAYOUTS = ("auto", "joint", "split")
-MIN_ROWS = 32  # rows per forward below which per-forward overheads dominate and timing is noise
+MIN_ROWS = 32  # rows per micro-batch below which per-forward overheads dominate and timing is noise
 MIN_PASSES = 20  # steps × micro-batches below which measuring cannot pay for itself
-ORDER = (False, True, True, False)  # the timed passes: joint, split, split, joint (ABBA)
+ORDER = (False, True, False)  # the timed passes: joint (cold), split, joint
 MARGIN = 0.03  # split must beat joint by this fraction; within it, joint (one forward) is kept
 
 
@@ -67,11 +67,10 @@ def parts(prepared: Prepared) -> int:
 
 def forward(model, prepared: Prepared, split: bool) -> torch.Tensor:
     """ε of every row, in row order: from one forward, or from one forward per part."""
-    if not split:
+    b, k = prepared.rows, parts(prepared)
+    if not split or k == 1:
         return model(prepared.x, prepared.t)
-    b = prepared.rows
-    return torch.cat([model(prepared.x[s * b:(s + 1) * b], prepared.t[s * b:(s + 1) * b])
-                      for s in range(parts(prepared))])
+    return torch.cat([model(prepared.x[s * b:(s + 1) * b], prepared.t[s * b:(s + 1) * b]) for s in range(k)])
 
 
 def has_batch_norm(model: torch.nn.Module) -> bool:
@@ -131,12 +130,13 @@ def cache_key(model, prepared: Prepared, accelerator) -> tuple:
 def measure(model, prepared: Prepared, params: list[torch.nn.Parameter], accelerator) -> tuple[float, float]:
     """Seconds of one forward+backward of this batch in each layout: (joint, split).
 
-    Passes run in ABBA order (`ORDER`), so that a drift in the machine's load hits both alike, and
-    each layout counts its fastest: the first pass of each doubles as its warm-up, since a cold
-    pass (first allocations, kernel selection) is only ever slower. The batch's own inputs serve
-    both layouts, so the run's generator is not touched; gradients go to torch.autograd.grad, never
-    to p.grad, under no_sync (no collective), and the global RNG (dropout) is forked: weights,
-    optimiser, gradients and every draw after this are as without it.
+    Passes run in `ORDER` (joint, split, joint) and each layout counts its fastest: the first pass
+    doubles as the warm-up, since a cold pass (first allocations, kernel selection) is only ever
+    slower, and the split pass sits between the two joint ones, so that a drift in the machine's
+    load hits both layouts alike. The batch's own inputs serve both layouts, so the run's generator
+    is not touched; gradients go to torch.autograd.grad, never to p.grad, under no_sync (no
+    collective), and the global RNG (dropout) is forked: weights, optimiser, gradients and every
+    draw after this are as without it.
     """
     times: dict[bool, list[float]] = {False: [], True: []}
     with _fork_rng(prepared.x.device), accelerator.no_sync(model):
