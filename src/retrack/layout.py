@@ -4,11 +4,13 @@ Every objective stacks its rows in parts (the segments of `Prepared`: ReTrack's 
 its remain rows, EraseDiff's remain rows then its forget rows). The UNets here treat each row on
 its own (convolutions, GroupNorm and attention act within a sample), so one forward per part
 ("split") gives the ε, the loss terms and the gradient of one forward over all rows ("joint") up
-to float summation order. Which is faster depends on the device and the shapes: on a 2-core CPU two
-forwards of B rows ran about 20% faster than one of 2B, while a GPU usually prefers the larger
-batch. `auto` times both once per process for a device, architecture, dtype and row shapes, and
-keeps the faster; it never changes a result beyond float rounding, and the run that follows is bit
-for bit the run forced to the layout it picked.
+to float summation order. Where each loss term reads its own part (ReTrack: `per_term`), a part's
+backward follows its forward, so only one part's activations are alive at a time; otherwise the
+parts' outputs are concatenated for one backward. Which layout is faster depends on the device and
+the shapes: on a 2-core CPU a forward+backward per B rows ran about 20% faster than one on 2B,
+while a GPU usually prefers the larger batch. `auto` times both once per process for a device,
+architecture, dtype and row shapes, and keeps the faster; it never changes a result beyond float
+rounding, and the run that follows is bit for bit the run forced to the layout it picked.
 
 Measuring costs three forward+backward passes at the first step (joint, split, joint; the first
 is as cold as the run's own first step would have been), so a run measures only where it has
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from retrack.errors import UserError, require
-from retrack.objectives.base import Objective, Prepared, SplitRule
+from retrack.objectives.base import Objective, Prepared, SplitRule, WeightedSum
 
 LAYOUTS = ("auto", "joint", "split")
 MIN_ROWS = 32  # rows per micro-batch below which per-forward overheads dominate and timing is noise
@@ -73,6 +75,16 @@ def forward(model, prepared: Prepared, split: bool) -> torch.Tensor:
     return torch.cat([model(prepared.x[s * b:(s + 1) * b], prepared.t[s * b:(s + 1) * b]) for s in range(k)])
 
 
+def per_term(objective: Objective, prepared: Prepared) -> bool:
+    """Whether each loss term can come from its own part's forward, with its backward right after:
+    a SplitRule, or a two-term weighted sum, of an objective with `term` whose batch says where the
+    first term's rows end (`Prepared.split`; the weights name the terms in row order). Otherwise
+    the split layout concatenates the parts' outputs and runs one backward."""
+    rule = objective.rule
+    two = isinstance(rule, SplitRule) or isinstance(rule, WeightedSum) and len(rule.weights) == 2
+    return two and prepared.split is not None and callable(getattr(objective, "term", None))
+
+
 def has_batch_norm(model: torch.nn.Module) -> bool:
     """BatchNorm (in training) normalises over the rows of each forward, so splitting the forward
     would change every output; GroupNorm, LayerNorm and the rest are per sample."""
@@ -106,7 +118,7 @@ def choose(setting: str, model, objective: Objective, prepared: Prepared, params
     if local is None and passes < MIN_PASSES:
         local = Layout(False, "short run")
     elif local is None:
-        joint_s, split_s = measure(model, prepared, params, accelerator)
+        joint_s, split_s = measure(model, prepared, params, accelerator, per_term(objective, prepared))
         local = _MEASURED[key] = Layout(split_s < (1.0 - MARGIN) * joint_s, "measured", joint_s, split_s)
     else:
         local = Layout(local.split, "cache", local.joint_s, local.split_s)
@@ -127,8 +139,10 @@ def cache_key(model, prepared: Prepared, accelerator) -> tuple:
     return where, arch, str(accelerator.mixed_precision), shapes
 
 
-def measure(model, prepared: Prepared, params: list[torch.nn.Parameter], accelerator) -> tuple[float, float]:
-    """Seconds of one forward+backward of this batch in each layout: (joint, split).
+def measure(model, prepared: Prepared, params: list[torch.nn.Parameter], accelerator,
+            per_part: bool = False) -> tuple[float, float]:
+    """Seconds of one forward+backward of this batch in each layout: (joint, split), the split one
+    with a backward per part if `per_part` (as `per_term` objectives run it), else one backward.
 
     Passes run in `ORDER` (joint, split, joint) and each layout counts its fastest: the first pass
     doubles as the warm-up, since a cold pass (first allocations, kernel selection) is only ever
@@ -141,16 +155,20 @@ def measure(model, prepared: Prepared, params: list[torch.nn.Parameter], acceler
     times: dict[bool, list[float]] = {False: [], True: []}
     with _fork_rng(prepared.x.device), accelerator.no_sync(model):
         for split in ORDER:
-            times[split].append(_time_pass(model, prepared, params, split))
+            times[split].append(_time_pass(model, prepared, params, split, per_part))
     return min(times[False]), min(times[True])
 
 
-def _time_pass(model, prepared: Prepared, params: list[torch.nn.Parameter], split: bool) -> float:
-    dev = prepared.x.device
+def _time_pass(model, prepared: Prepared, params: list[torch.nn.Parameter], split: bool, per_part: bool) -> float:
+    dev, b = prepared.x.device, prepared.rows
     _sync(dev)
     t0 = time.perf_counter()
-    loss = forward(model, prepared, split).float().square().mean()
-    torch.autograd.grad(loss, params, allow_unused=True)
+    if split and per_part:
+        for s in range(parts(prepared)):
+            loss = model(prepared.x[s * b:(s + 1) * b], prepared.t[s * b:(s + 1) * b]).float().square().mean()
+            torch.autograd.grad(loss, params, allow_unused=True)
+    else:
+        torch.autograd.grad(forward(model, prepared, split).float().square().mean(), params, allow_unused=True)
     _sync(dev)
     return time.perf_counter() - t0
 
