@@ -105,6 +105,12 @@ def test_split_and_joint_layouts_give_the_same_terms_and_gradient(method, k, acc
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale)
 
 
+def test_each_term_gets_its_own_backward_where_it_reads_its_own_part():
+    model = tiny_denoiser()
+    per_term = {m: layouts.per_term(build(m), prepared_batch(build(m), model, 4)) for m in METHODS}
+    assert [m for m, yes in per_term.items() if yes] == [m for m in METHODS if m.startswith("retrack")]
+
+
 def test_split_forward_gives_every_row_its_joint_output():
     objective, model = build("retrack"), tiny_denoiser()
     prepared = prepared_batch(objective, model, 8)
