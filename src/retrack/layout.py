@@ -113,7 +113,7 @@ def choose(setting: str, model, objective: Objective, prepared: Prepared, params
              Layout(False, "small batch") if prepared.x.shape[0] < MIN_ROWS else None)
     if fixed is not None:
         return fixed
-    key = cache_key(model, prepared, accelerator)
+    key = cache_key(model, objective, prepared, accelerator)
     local = _MEASURED.get(key)
     if local is None and passes < MIN_PASSES:
         local = Layout(False, "short run")
@@ -125,17 +125,18 @@ def choose(setting: str, model, objective: Objective, prepared: Prepared, params
     return _from_main(local, accelerator)
 
 
-def cache_key(model, prepared: Prepared, accelerator) -> tuple:
+def cache_key(model, objective: Objective, prepared: Prepared, accelerator) -> tuple:
     """Device (CUDA device name, or the CPU with torch's thread count), architecture (class and every
     parameter's name, shape, dtype and trainability, i.e. also which ones a LoRA adapter trains),
-    mixed precision and the shapes of the parts."""
+    mixed precision, the shapes of the parts and whether each part gets its own backward."""
     dev = prepared.x.device
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
     net = accelerator.unwrap_model(model)
     layout = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in net.named_parameters()]
     arch = hashlib.sha256(repr((type(net).__qualname__, layout)).encode()).hexdigest()
     b = prepared.rows
-    shapes = (parts(prepared), tuple(prepared.x[:b].shape), str(prepared.x.dtype), str(prepared.t.dtype))
+    shapes = (parts(prepared), tuple(prepared.x[:b].shape), str(prepared.x.dtype), str(prepared.t.dtype),
+              per_term(objective, prepared))
     return where, arch, str(accelerator.mixed_precision), shapes
 
 
