@@ -1,10 +1,12 @@
-"""Cost of one ReTrack step against one forward+backward of the same UNet on the 2B images it touches,
+"""Cost of one paper ReTrack step in each layout (joint: one forward over the 2B rows; split: one
+forward over the B forget rows and one over the B remain rows; auto: the layout the trainer picks
+by timing both) against the authors' step, one forward+backward of the same UNet on the 2B images;
 the cost of each ReTrack option (--lam auto, --surgery, min-SNR forget weighting, forget t-min)
-against a paper ReTrack step, and peak memory of a ReTrack step for K = 1 and K = 1000 (each in a
-fresh process, which reads its own VmHWM; also the peak of a process that only builds the same
+against a paper ReTrack step (auto), and peak memory of a ReTrack step for K = 1 and K = 1000 (each
+in a fresh process, which reads its own VmHWM; also the peak of a process that only builds the same
 model and data, so the step's own share shows).
 
-    python bench/bench_step.py [--batch-size 128] [--repeats 10] [--device cpu]
+    python bench/bench_step.py [--batch-size 128] [--repeats 10] [--device cpu] [--threads N]
 
 Uses the shipped MNIST T-shirt UNet architecture (randomly initialised) on synthetic 28×28 data.
 """
@@ -57,18 +59,14 @@ def setup(batch: int, k: int, device: str):
     return model, objectives.build("retrack", lam=0.005), TrainData(remain, forget, table)
 
 
-def retrack_step(model, objective, data, opt, batch, gen, device, accelerator=None):
-    from retrack.objectives.base import SplitRule
-    from retrack.trainer import draw_batch, split_step
+def retrack_step(model, objective, data, opt, batch, gen, device, accelerator, split: bool | None = None):
+    """The trainer's step: draw, prepare, its gradient in the given layout (None: the method's own),
+    clip, AdamW."""
+    from retrack.trainer import batch_gradient, draw_batch
 
     b = draw_batch(objective, data, batch, gen, device)
     prep = objective.prepare(b, model.schedule, gen)
-    if isinstance(objective.rule, SplitRule):
-        split_step(objective.rule, model, objective, prep, list(model.parameters()), accelerator)
-    else:
-        terms = objective.terms(model(prep.x, prep.t), prep)
-        loss = sum(w * terms[n] for n, w in objective.rule.weights.items())
-        loss.backward()
+    batch_gradient(model, objective, prep, 1, list(model.parameters()), accelerator, split=split)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -84,10 +82,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def choose_layout(model, objective, data, batch: int, device: str, accelerator, steps: int = 50):
+    """What `train(..., layout="auto")` picks for a `steps`-step run at this batch, timed as the
+    trainer times it (on a first batch from its own generator), and the seconds that took."""
+    from retrack import layout as layouts
+    from retrack.trainer import draw_batch
+
+    gen = torch.Generator().manual_seed(1)
+    prep = objective.prepare(draw_batch(objective, data, batch, gen, device), model.schedule, gen)
+    model.train()
+    sync(device)
+    t0 = time.perf_counter()
+    chosen = layouts.choose("auto", model, objective, prep, list(model.parameters()), accelerator, steps)
+    sync(device)
+    return chosen, time.perf_counter() - t0
+
+
 def time_steps(batch: int, repeats: int, device: str, variants: bool = True) -> dict:
     from accelerate import Accelerator
 
     from retrack import objectives
+    from retrack.objectives.base import SplitRule
 
     model, objective, data = setup(batch, 10, device)
     accelerator = Accelerator(cpu=(device == "cpu"))
@@ -95,10 +110,14 @@ def time_steps(batch: int, repeats: int, device: str, variants: bool = True) -> 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2 * batch, 1, 28, 28, device=device)
     t = torch.randint(0, 1000, (2 * batch,), device=device)
-    steps = {"retrack": lambda: retrack_step(model, objective, data, opt, batch, gen, device)}
+    auto, measuring_s = choose_layout(model, objective, data, batch, device, accelerator)
+    steps = {f"retrack {name}": lambda s=split: retrack_step(model, objective, data, opt, batch, gen, device,
+                                                             accelerator, s)
+             for name, split in (("joint", False), ("split", True), ("auto", auto.split))}
     for label, options in (VARIANTS.items() if variants else ()):
         variant = objectives.build("retrack", **{"lam": 0.005, **options})
-        steps[label] = lambda v=variant: retrack_step(model, v, data, opt, batch, gen, device, accelerator)
+        split = None if isinstance(variant.rule, SplitRule) else auto.split  # as train()'s auto: same shapes
+        steps[label] = lambda v=variant, s=split: retrack_step(model, v, data, opt, batch, gen, device, accelerator, s)
     steps["plain"] = lambda: plain_step(model, x, t)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(repeats + 2):  # interleaved, side by side; the first two are warm-up
@@ -110,19 +129,24 @@ def time_steps(batch: int, repeats: int, device: str, variants: bool = True) -> 
             if i >= 2:
                 times[name].append(time.perf_counter() - t0)
     med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
-    r, p = med.pop("retrack"), med.pop("plain")
-    return {"retrack_step_s": r, "forward_backward_2B_s": p, "ratio": r / p, "variants_s": med}
+    layouts = {name: med.pop(f"retrack {name}") for name in ("joint", "split", "auto")}
+    return {"layouts_s": layouts, "forward_backward_2B_s": med.pop("plain"), "variants_s": med, "auto": auto,
+            "measuring_s": measuring_s}
 
 
-def peak_memory_child(batch: int, k: int, device: str) -> None:
-    """K > 0: two ReTrack steps; K = 0: only the model and data of K = 1 (the baseline)."""
+def peak_memory_child(batch: int, k: int, device: str, split: bool) -> None:
+    """K > 0: two ReTrack steps in the given layout; K = 0: only the model and data of K = 1 (the
+    baseline)."""
+    from accelerate import Accelerator
+
     model, objective, data = setup(batch, max(k, 1), device)
+    accelerator = Accelerator(cpu=(device == "cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
     gen = torch.Generator().manual_seed(0)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2 if k > 0 else 0):
-        retrack_step(model, objective, data, opt, batch, gen, device)
+        retrack_step(model, objective, data, opt, batch, gen, device, accelerator, split)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mb()
     print(json.dumps({"k": k, "peak_mb": peak}))
 
@@ -132,28 +156,51 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--no-variants", action="store_true", help="time the paper's ReTrack step only")
     ap.add_argument("--child-k", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-split", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child_k is not None:
-        return peak_memory_child(args.batch_size, args.child_k, args.device)
+        return peak_memory_child(args.batch_size, args.child_k, args.device, bool(args.child_split))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}, batch {args.batch_size}")
     timing = time_steps(args.batch_size, args.repeats, args.device, not args.no_variants)
-    print(f"ReTrack step (K=10, B={args.batch_size}): {timing['retrack_step_s']:.3f} s (median)")
-    print(f"forward+backward on 2B={2 * args.batch_size} images: {timing['forward_backward_2B_s']:.3f} s")
-    print(f"ratio: {timing['ratio']:.3f} (target ≤ 1.10)")
+    print_timing(timing, args.batch_size)
+    print_peaks(args, timing["auto"].split)
+
+
+def print_timing(timing: dict, batch: int) -> None:
+    steps, plain, auto = timing["layouts_s"], timing["forward_backward_2B_s"], timing["auto"]
+    what = {"joint": "joint layout (one forward on the 2B rows)",
+            "split": "split layout (one forward on the B forget rows, one on the B remain rows)",
+            "auto": f"auto layout (picked {'split' if auto.split else 'joint'}: one forward+backward took "
+                    f"{auto.joint_s:.3f} s joint, {auto.split_s:.3f} s split; timing both took "
+                    f"{timing['measuring_s']:.1f} s once, {timing['measuring_s'] / (50 * steps['auto']):.1%} "
+                    "of a 50-step run)"}
+    for name, seconds in steps.items():
+        print(f"ReTrack step (K=10, B={batch}), {what[name]}: {seconds:.3f} s (median)")
+    print(f"forward+backward on 2B={2 * batch} images (the authors' step): {plain:.3f} s")
+    print(f"ratio: joint {steps['joint'] / plain:.3f}, split {steps['split'] / plain:.3f}, auto "
+          f"{steps['auto'] / plain:.3f} (target ≤ 1.10; goal for auto < 1)")
     for label, seconds in timing["variants_s"].items():
-        print(f"ReTrack {label}: {seconds:.3f} s, {seconds / timing['retrack_step_s']:.3f}× a paper "
-              "ReTrack step (target ≤ 1.10)")
+        print(f"ReTrack {label}: {seconds:.3f} s, {seconds / steps['auto']:.3f}× a paper "
+              "ReTrack step (auto) (target ≤ 1.10)")
+
+
+def print_peaks(args: argparse.Namespace, split: bool) -> None:
     peaks = {}
     what = "GPU memory allocated" if args.device.startswith("cuda") else "RSS (VmHWM of a fresh process)"
+    threads = ["--threads", str(args.threads)] if args.threads else []
     for k in (0, 1, 1000):
-        out = subprocess.run([sys.executable, __file__, "--child-k", str(k), "--batch-size",
-                              str(args.batch_size), "--device", args.device],
+        out = subprocess.run([sys.executable, __file__, "--child-k", str(k), "--batch-size", str(args.batch_size),
+                              "--device", args.device, "--child-split", str(int(split)), *threads],
                              capture_output=True, text=True, check=True).stdout
         peaks[k] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
-        label = "model and data only (no step)" if k == 0 else f"a ReTrack step, K={k}"
+        layout = "split" if split else "joint"
+        label = "model and data only (no step)" if k == 0 else f"a ReTrack step ({layout}), K={k}"
         print(f"peak {what}, {label}: {peaks[k]:.0f} MB")
     print(f"K=1000 / K=1: {peaks[1000] / peaks[1]:.3f} (target ≤ 1.05); above the baseline: "
           f"K=1 {peaks[1] - peaks[0]:.0f} MB, K=1000 {peaks[1000] - peaks[0]:.0f} MB")

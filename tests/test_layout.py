@@ -105,6 +105,12 @@ def test_split_and_joint_layouts_give_the_same_terms_and_gradient(method, k, acc
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale)
 
 
+def test_each_term_gets_its_own_backward_where_it_reads_its_own_part():
+    model = tiny_denoiser()
+    per_term = {m: layouts.per_term(build(m), prepared_batch(build(m), model, 4)) for m in METHODS}
+    assert [m for m, yes in per_term.items() if yes] == [m for m in METHODS if m.startswith("retrack")]
+
+
 def test_split_forward_gives_every_row_its_joint_output():
     objective, model = build("retrack"), tiny_denoiser()
     prepared = prepared_batch(objective, model, 8)
@@ -194,13 +200,18 @@ def test_no_measurement_where_nothing_can_be_gained_or_splitting_would_change_re
         choose("retrack", setting="fast")
 
 
-def test_the_cache_key_tells_apart_shapes_architectures_and_trainable_weights(accelerator):
-    objective, model, other = build("retrack"), tiny_denoiser(), tiny_denoiser(seed=1)
-    key = layouts.cache_key(model, prepared_batch(objective, model, 8), accelerator)
-    assert layouts.cache_key(other, prepared_batch(objective, model, 8), accelerator) == key  # weights do not count
-    assert layouts.cache_key(model, prepared_batch(objective, model, 6), accelerator) != key
+def test_the_cache_key_tells_apart_shapes_architectures_trainable_weights_and_split_paths(accelerator):
+    model, other = tiny_denoiser(), tiny_denoiser(seed=1)
+
+    def key(net, n=8, method="retrack"):
+        return layouts.cache_key(net, build(method), prepared_batch(build(method), model, n), accelerator)
+
+    assert key(other) == key(model)  # the weights' values do not count, nor the method beyond its path
+    assert key(model, method="retrack-min-snr") == key(model)
+    assert key(model, n=6) != key(model)
+    assert key(model, method="erasediff") != key(model)  # same shapes, one backward for both parts
     other.unet.conv_in.requires_grad_(False)
-    assert layouts.cache_key(other, prepared_batch(objective, model, 8), accelerator) != key
+    assert key(other) != key(model)
 
 
 # Two processes (gloo, CPU): rank 1's own timing prefers the other layout, and still both use rank 0's.
@@ -243,9 +254,8 @@ def test_every_process_uses_the_main_process_layout_and_ddp_gives_the_same_weigh
     for method in ("retrack", "erasediff"):
         runs = {(s, r): torch.load(tmp_path / f"{method}-{s}-{r}.pt") for s in ("auto", "joint", "split")
                 for r in range(PROCESSES)}
-        why = "measured" if method == "retrack" else "cache"  # EraseDiff's rows have the same shapes
         for r in range(PROCESSES):
-            assert runs["auto", r]["layout"] == {"layout": PICK, "why": why, "joint_s": 2.0, "split_s": 1.0}
+            assert runs["auto", r]["layout"] == {"layout": PICK, "why": "measured", "joint_s": 2.0, "split_s": 1.0}
             assert all(torch.equal(a, b) for a, b in zip(runs["auto", r]["weights"], runs[PICK, r]["weights"],
                                                          strict=True))
             assert all(torch.equal(a, b) for a, b in zip(runs["split", r]["weights"], runs["split", 0]["weights"],

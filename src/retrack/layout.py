@@ -4,14 +4,18 @@ Every objective stacks its rows in parts (the segments of `Prepared`: ReTrack's 
 its remain rows, EraseDiff's remain rows then its forget rows). The UNets here treat each row on
 its own (convolutions, GroupNorm and attention act within a sample), so one forward per part
 ("split") gives the ε, the loss terms and the gradient of one forward over all rows ("joint") up
-to float summation order. Which is faster depends on the device and the shapes: on a 2-core CPU two
-forwards of B rows ran about 20% faster than one of 2B, while a GPU usually prefers the larger
-batch. `auto` times both once per process for a device, architecture, dtype and row shapes, and
-keeps the faster; it never changes a result beyond float rounding, and the run that follows is bit
-for bit the run forced to the layout it picked.
+to float summation order. Where each loss term reads its own part (ReTrack: `per_term`), a part's
+backward follows its forward, so only one part's activations are alive at a time; otherwise the
+parts' outputs are concatenated for one backward. Which layout is faster depends on the device and
+the shapes: on a 2-core CPU a forward+backward per B rows ran about 20% faster than one on 2B,
+while a GPU usually prefers the larger batch. `auto` times both once per process for a device,
+architecture, dtype and row shapes, and keeps the faster; it never changes a result beyond float
+rounding, and the run that follows is bit for bit the run forced to the layout it picked.
 
-Nothing is cached on disk: the timing depends on what else the machine is running, which changes
-from one run to the next, and measuring costs a few passes at the first step.
+Measuring costs three forward+backward passes at the first step (joint, split, joint; the first
+is as cold as the run's own first step would have been), so a run measures only where it has
+`MIN_PASSES` passes to win them back, and a batch of `MIN_ROWS` rows. Nothing is cached on disk:
+the timing depends on what else the machine is running, which changes from one run to the next.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from typing import Any
 import torch
 
 from retrack.errors import UserError, require
-from retrack.objectives.base import Objective, Prepared, SplitRule
+from retrack.objectives.base import Objective, Prepared, SplitRule, WeightedSum
 
 LAYOUTS = ("auto", "joint", "split")
-MIN_ROWS = 32  # rows per forward below which per-forward overheads dominate and timing is noise
+MIN_ROWS = 32  # rows per micro-batch below which per-forward overheads dominate and timing is noise
 MIN_PASSES = 20  # steps × micro-batches below which measuring cannot pay for itself
-WARMUP, ROUNDS = 1, 1  # forward+backward passes per layout: untimed, then timed (the faster counts)
+ORDER = (False, True, False)  # the timed passes: joint (cold), split, joint
 MARGIN = 0.03  # split must beat joint by this fraction; within it, joint (one forward) is kept
 
 
@@ -65,11 +69,20 @@ def parts(prepared: Prepared) -> int:
 
 def forward(model, prepared: Prepared, split: bool) -> torch.Tensor:
     """ε of every row, in row order: from one forward, or from one forward per part."""
-    if not split:
+    b, k = prepared.rows, parts(prepared)
+    if not split or k == 1:
         return model(prepared.x, prepared.t)
-    b = prepared.rows
-    return torch.cat([model(prepared.x[s * b:(s + 1) * b], prepared.t[s * b:(s + 1) * b])
-                      for s in range(parts(prepared))])
+    return torch.cat([model(prepared.x[s * b:(s + 1) * b], prepared.t[s * b:(s + 1) * b]) for s in range(k)])
+
+
+def per_term(objective: Objective, prepared: Prepared) -> bool:
+    """Whether each loss term can come from its own part's forward, with its backward right after:
+    a SplitRule, or a two-term weighted sum, of an objective with `term` whose batch says where the
+    first term's rows end (`Prepared.split`; the weights name the terms in row order). Otherwise
+    the split layout concatenates the parts' outputs and runs one backward."""
+    rule = objective.rule
+    two = isinstance(rule, SplitRule) or isinstance(rule, WeightedSum) and len(rule.weights) == 2
+    return two and prepared.split is not None and callable(getattr(objective, "term", None))
 
 
 def has_batch_norm(model: torch.nn.Module) -> bool:
@@ -100,56 +113,63 @@ def choose(setting: str, model, objective: Objective, prepared: Prepared, params
              Layout(False, "small batch") if prepared.x.shape[0] < MIN_ROWS else None)
     if fixed is not None:
         return fixed
-    key = cache_key(model, prepared, accelerator)
+    key = cache_key(model, objective, prepared, accelerator)
     local = _MEASURED.get(key)
     if local is None and passes < MIN_PASSES:
         local = Layout(False, "short run")
     elif local is None:
-        joint_s, split_s = measure(model, prepared, params, accelerator)
+        joint_s, split_s = measure(model, prepared, params, accelerator, per_term(objective, prepared))
         local = _MEASURED[key] = Layout(split_s < (1.0 - MARGIN) * joint_s, "measured", joint_s, split_s)
     else:
         local = Layout(local.split, "cache", local.joint_s, local.split_s)
     return _from_main(local, accelerator)
 
 
-def cache_key(model, prepared: Prepared, accelerator) -> tuple:
+def cache_key(model, objective: Objective, prepared: Prepared, accelerator) -> tuple:
     """Device (CUDA device name, or the CPU with torch's thread count), architecture (class and every
     parameter's name, shape, dtype and trainability, i.e. also which ones a LoRA adapter trains),
-    mixed precision and the shapes of the parts."""
+    mixed precision, the shapes of the parts and whether each part gets its own backward."""
     dev = prepared.x.device
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
     net = accelerator.unwrap_model(model)
     layout = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in net.named_parameters()]
     arch = hashlib.sha256(repr((type(net).__qualname__, layout)).encode()).hexdigest()
     b = prepared.rows
-    shapes = (parts(prepared), tuple(prepared.x[:b].shape), str(prepared.x.dtype), str(prepared.t.dtype))
+    shapes = (parts(prepared), tuple(prepared.x[:b].shape), str(prepared.x.dtype), str(prepared.t.dtype),
+              per_term(objective, prepared))
     return where, arch, str(accelerator.mixed_precision), shapes
 
 
-def measure(model, prepared: Prepared, params: list[torch.nn.Parameter], accelerator) -> tuple[float, float]:
-    """Seconds of one forward+backward of this batch in each layout: (joint, split).
+def measure(model, prepared: Prepared, params: list[torch.nn.Parameter], accelerator,
+            per_part: bool = False) -> tuple[float, float]:
+    """Seconds of one forward+backward of this batch in each layout: (joint, split), the split one
+    with a backward per part if `per_part` (as `per_term` objectives run it), else one backward.
 
-    The batch's own inputs serve both layouts, so the run's generator is not touched; gradients go
-    to torch.autograd.grad, never to p.grad, under no_sync (no collective), and the global RNG
-    (dropout) is forked: weights, optimiser, gradients and every draw after this are as without it.
-    Layouts alternate in ABBA order so that a drift in the machine's load hits both alike.
+    Passes run in `ORDER` (joint, split, joint) and each layout counts its fastest: the first pass
+    doubles as the warm-up, since a cold pass (first allocations, kernel selection) is only ever
+    slower, and the split pass sits between the two joint ones, so that a drift in the machine's
+    load hits both layouts alike. The batch's own inputs serve both layouts, so the run's generator
+    is not touched; gradients go to torch.autograd.grad, never to p.grad, under no_sync (no
+    collective), and the global RNG (dropout) is forked: weights, optimiser, gradients and every
+    draw after this are as without it.
     """
     times: dict[bool, list[float]] = {False: [], True: []}
     with _fork_rng(prepared.x.device), accelerator.no_sync(model):
-        for i in range(WARMUP + ROUNDS):
-            for split in ((False, True) if i % 2 == 0 else (True, False)):
-                seconds = _time_pass(model, prepared, params, split)
-                if i >= WARMUP:
-                    times[split].append(seconds)
+        for split in ORDER:
+            times[split].append(_time_pass(model, prepared, params, split, per_part))
     return min(times[False]), min(times[True])
 
 
-def _time_pass(model, prepared: Prepared, params: list[torch.nn.Parameter], split: bool) -> float:
-    dev = prepared.x.device
+def _time_pass(model, prepared: Prepared, params: list[torch.nn.Parameter], split: bool, per_part: bool) -> float:
+    dev, b = prepared.x.device, prepared.rows
     _sync(dev)
     t0 = time.perf_counter()
-    loss = forward(model, prepared, split).float().square().mean()
-    torch.autograd.grad(loss, params, allow_unused=True)
+    if split and per_part:
+        for s in range(parts(prepared)):
+            loss = model(prepared.x[s * b:(s + 1) * b], prepared.t[s * b:(s + 1) * b]).float().square().mean()
+            torch.autograd.grad(loss, params, allow_unused=True)
+    else:
+        torch.autograd.grad(forward(model, prepared, split).float().square().mean(), params, allow_unused=True)
     _sync(dev)
     return time.perf_counter() - t0
 

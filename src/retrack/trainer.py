@@ -131,16 +131,23 @@ class GradientAccumulator:
         self.accelerator.backward(scale * terms[second])
 
     def add_split(self, model, objective, prepared: Prepared, step: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """SplitRule: add each term's gradient from a forward over its own rows only."""
+        """Add each term's gradient from a forward over its own rows only, its backward right after
+        (so one part's activations are alive at a time): a SplitRule keeps the first gradient apart;
+        a weighted sum adds both to p.grad, the first under no_sync, so that DDP's one all-reduce
+        carries their sum."""
         rule, n = self.rule, prepared.split
+        names = (rule.first, rule.second) if isinstance(rule, SplitRule) else tuple(rule.weights)
         terms = {}
-        for name, rows in ((rule.first, slice(0, n)), (rule.second, slice(n, None))):
-            terms[name] = objective.term(name, model(prepared.x[rows], prepared.t[rows]), prepared)
-            _check_finite({name: terms[name]}, step)
-            if name == rule.first:
-                self._add_first(scale * terms[name])
-            else:
-                self.accelerator.backward(scale * terms[name])
+        for name, rows in zip(names, (slice(0, n), slice(n, None)), strict=True):
+            first = name == names[0]
+            with self.accelerator.no_sync(model) if first else contextlib.nullcontext():
+                terms[name] = objective.term(name, model(prepared.x[rows], prepared.t[rows]), prepared)
+                _check_finite({name: terms[name]}, step)
+                if isinstance(rule, SplitRule) and first:
+                    self._add_first(scale * terms[name])
+                else:
+                    weight = rule.weights[name] if isinstance(rule, WeightedSum) else 1.0
+                    self.accelerator.backward(scale * weight * terms[name])
         return terms
 
     def _add_first(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
@@ -190,7 +197,9 @@ def batch_gradient(model, objective: Objective, prepared: Prepared, grad_accum: 
     DDP averages gradients across processes on a backward outside `no_sync`: for a weighted sum
     that is the last micro-batch's (the sum so far travels once); the two-gradient rules keep
     every backward local and average their two gradients themselves. `split` feeds each part of
-    the rows through its own forward (None: only for a SplitRule, which needs its terms apart).
+    the rows through its own forward, each term's backward right after it where the objective
+    computes terms per part (`layout.per_term`); None: only for a SplitRule, which needs its terms
+    apart.
     Returns the batch's terms and, for a SplitRule, what it chose.
     """
     rule = objective.rule
@@ -202,7 +211,7 @@ def batch_gradient(model, objective: Objective, prepared: Prepared, grad_accum: 
     for j, mb in enumerate(micro):
         last = j == len(micro) - 1
         with accelerator.no_sync(model) if local or not last else contextlib.nullcontext():
-            if isinstance(rule, SplitRule) and split:
+            if split and layouts.per_term(objective, mb):
                 terms = acc.add_split(model, objective, mb, step, 1.0 / grad_accum)
             else:
                 terms = objective.terms(layouts.forward(model, mb, split), mb)

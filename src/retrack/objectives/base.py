@@ -80,7 +80,11 @@ def split_prepared(prepared: Prepared, k: int) -> list[Prepared]:
 
 @dataclass(frozen=True)
 class WeightedSum:
-    """g = ∇ Σ_i w_i·term_i: one backward pass."""
+    """g = ∇ Σ_i w_i·term_i: one backward pass.
+
+    With two terms, an objective that has `term` and sets `Prepared.split` lists them in row order
+    (the first reads x[:split]), so the trainer may take each from its own rows' forward.
+    """
 
     weights: dict[str, float]
 
