@@ -1,9 +1,9 @@
 """evaluate(): the paper's metrics of one model against one forget set, as one JSON-able dict.
 
 Protocol (docs/metrics.md, "The evaluation protocols, as formulas"): NLL and the reconstruction
-probe are measured on the forget images (each distinct image once: the MNIST T-shirt set holds 606 copies of one
-image); samples are drawn once and shared by similarity, copies, FID, IS and CLIP-IQA; copies are
-counted against the forget images (or, for a text-to-image model, the training image files given
+probe are measured on the forget images (each distinct image once: the MNIST T-shirt set holds
+606 copies of one image); samples are drawn once and shared by similarity, copies, FID, IS and
+CLIP-IQA; copies are counted against the forget images (or, for a text-to-image model, the training image files given
 as `target`) and removed before FID/IS; FID's real set is the remain set. `similarity` is the
 paper's SD measure: the mean descriptor similarity of the samples to the image being forgotten.
 Every weight file is a local path, and every missing one is reported before any long work starts.
@@ -170,7 +170,7 @@ def _check_instruments(cfg: EvaluateConfig) -> None:
 def copy_threshold_for(cfg: EvaluateConfig, images: ImageSet) -> EvaluateConfig:
     """The paper's L2 threshold 10 holds for 28×28 grey images only; elsewhere it must be given,
     or every sample of a smaller image would count as a copy (and none of a larger one)."""
-    if cfg.copy_threshold is not None or not set(cfg.metrics) & {"copies", "fid", "is", "changed"}:
+    if cfg.copy_threshold is not None or not registry.finds_copies(cfg.metrics):
         return cfg
     c, h, w = images.shape
     require(images.shape == (1, 28, 28),
@@ -202,7 +202,7 @@ def _module(spec: str, device: str, flag: str, kind: str) -> torch.nn.Module:
 
 def load_instruments(cfg: EvaluateConfig) -> Instruments:
     found = Instruments()
-    uses_copies = any(m in cfg.metrics for m in ("copies", "fid", "is", "changed"))
+    uses_copies = registry.finds_copies(cfg.metrics)
     if {"reconstruction", "similarity"} & set(cfg.metrics) or (cfg.copy_rule == "descriptor" and uses_copies):
         found.descriptor = make_descriptor(cfg.descriptor, cfg.sscd, cfg.batch_size, cfg.device)
     if ("fid" in cfg.metrics or "fid_reference" in cfg.metrics) and cfg.fid_features is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from retrack.backends import Backend, LoadOptions, detect, load
+from retrack.backends import Backend, LoadOptions, detect
 from retrack.data import ImageSet, Split, load_images, parse_forget, split
 from retrack.errors import require
 from retrack.evaluate import EvaluateConfig, Instruments, copy_threshold_for, load_instruments, measure, metric_images
@@ -59,8 +59,9 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     """The expensive part, on a resolved config."""
     images = load_images(cfg.data)
     parts = split(images, parse_forget(cfg.forget, images))
-    evaluation = _evaluation_setup(cfg)  # the instruments load before the model: a bad file costs seconds
-    model = load(cfg.model, cfg.device, LoadOptions(cfg.prompt, cfg.lora, cfg.lora_alpha, cfg.seed))
+    family = detect(cfg.model, cfg.prompt)
+    evaluation = _evaluation_setup(cfg, family)  # the instruments load before the model: a bad file costs seconds
+    model = family.load(cfg.model, cfg.device, LoadOptions(cfg.prompt, cfg.lora, cfg.lora_alpha, cfg.seed))
     space = model.training_space(images, Path(cfg.cache_dir) if cfg.cache_dir else None, progress)
     monitor = None if evaluation is None else _monitor(cfg, *evaluation, model, images, parts)
     denoiser = model.denoiser
@@ -85,9 +86,9 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     return Path(cfg.out)
 
 
-def _evaluation_setup(cfg: UnlearnConfig) -> tuple[EvaluateConfig, Instruments] | None:
+def _evaluation_setup(cfg: UnlearnConfig, family: type[Backend]) -> tuple[EvaluateConfig, Instruments] | None:
     """The evaluation's config and its instruments (used on the main process only)."""
-    ecfg = eval_config(cfg, detect(cfg.model, cfg.prompt))
+    ecfg = eval_config(cfg, family)
     return None if ecfg is None else (ecfg, load_instruments(ecfg))
 
 

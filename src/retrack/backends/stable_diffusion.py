@@ -42,6 +42,7 @@ from retrack.backends.base import (
 from retrack.backends.registry import supported
 from retrack.data import ImageSet, distinct, read_image_file, to_uint8
 from retrack.errors import UserError, first_line, require
+from retrack.metrics import registry
 from retrack.models import Denoiser, Schedule
 from retrack.neighbours import default_cache_dir, save_cached_array
 from retrack.sampling import make_scheduler, sample_generators
@@ -108,8 +109,8 @@ class StableDiffusionModel(Backend):
                     f"--model {settings['model']!r} is a LoRA adapter; unlearn its base pipeline, or fuse the "
                     "adapter into it first (pipe.fuse_lora(), then pipe.save_pretrained).")
         if settings.get("eval_every") is not None:
-            counts = {"copies", "fid", "is"} & set(settings["eval_metrics"])
-            require(not counts or settings["copy_rule"] != "l2" or settings["copy_threshold"] is not None,
+            copies = registry.finds_copies(settings["eval_metrics"])
+            require(not copies or settings["copy_rule"] != "l2" or settings["copy_threshold"] is not None,
                     "--copy-rule l2 with --prompt needs --copy-threshold (an L2 distance over [0, 1] pixels at the "
                     "pipeline's image size).")
         require_sd_extra(settings.get("lora") is not None)

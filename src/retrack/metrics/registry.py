@@ -49,6 +49,7 @@ class MetricSpec:
     percent: bool = False
     descriptor_title: bool = False
     remain: bool = False  # it reads the remain set (FID's real images)
+    copies: bool = False  # it finds the copies of the targets among the samples (to count or set aside)
 
     def value(self, result: dict[str, Any]) -> float:
         """The headline number; NaN where it is undefined (FID when every sample is a copy)."""
@@ -78,6 +79,11 @@ def during_training() -> tuple[str, ...]:
     return tuple(n for n, s in _METRICS.items() if s.companion is None)
 
 
+def finds_copies(names: tuple[str, ...]) -> bool:
+    """Whether any of these metrics applies the copy rule (and so needs its threshold)."""
+    return any(get(n).copies for n in names)
+
+
 def stop_metrics() -> dict[str, str]:
     return {n: s.stop for n, s in _METRICS.items() if s.stop is not None}
 
@@ -90,16 +96,16 @@ for _spec in (
     MetricSpec("similarity", measures.similarity, "mean", "similarity of samples to the target", "lower", "below",
                title="similarity"),
     MetricSpec("copies", measures.copies, "fraction", "copies (fraction of samples)", "lower", "below",
-               column="frequency", title="Frequency ↓", percent=True),
-    MetricSpec("fid", measures.fid, "value", "FID", "lower", title="FID ↓", remain=True),
-    MetricSpec("is", measures.inception, "mean", "Inception score", "higher", title="IS ↑"),
+               column="frequency", title="Frequency ↓", percent=True, copies=True),
+    MetricSpec("fid", measures.fid, "value", "FID", "lower", title="FID ↓", remain=True, copies=True),
+    MetricSpec("is", measures.inception, "mean", "Inception score", "higher", title="IS ↑", copies=True),
     MetricSpec("clipiqa", measures.clipiqa, "mean", "CLIP-IQA", "higher", title="CLIP-IQA ↑"),
     MetricSpec("fid_reference", measures.fid_reference, "value", "FID to the retrained model", "lower",
                companion="reference", title="FID to retrained ↓"),
     MetricSpec("nll_reference", measures.nll_reference, "mean", "NLL under the retrained model", samples=False,
                companion="reference", title="NLL retrained"),
     MetricSpec("changed", measures.changed, "value", "samples visibly changed", "lower", companion="pretrained",
-               title="Changed ↓", percent=True),
+               title="Changed ↓", percent=True, copies=True),
 ):
     register_metric(_spec)
 
