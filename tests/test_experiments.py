@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import save_pipeline, tree_digest
+from conftest import run_cli, save_pipeline, tree_digest
 from retrack import evaluate as evaluate_module
 from retrack.cli import main
 from retrack.errors import UserError
@@ -365,8 +365,7 @@ def test_command_runs_alone_and_spread_over_two_processes(stand_in, tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "retrack", "experiment", str(path)]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    first = run_cli("experiment", path)  # alone: the command in this process (one thread, as OMP_NUM_THREADS=1)
     assert first.returncode == 0, first.stderr
     assert "| Method | Frequency ↓ | runs |" in first.stdout and first.stdout.count("run ") >= 4
     with socket.socket() as sock:  # a free port: other tests may launch processes at the same time
