@@ -24,8 +24,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The files that take longest, longest first: pytest-xdist hands whole files to its workers in the
 # order collected, and one of these started last would leave the other worker idle at the end.
-RUN_FIRST = ("test_experiments.py", "test_wheel.py", "test_distributed.py", "test_report.py", "test_bad_inputs.py",
-             "test_demo.py")
+RUN_FIRST = ("test_experiments.py", "test_bad_inputs.py", "test_wheel.py", "test_distributed.py", "test_report.py",
+             "test_demo.py", "test_evaluate_cli.py")
 
 
 def pytest_collection_modifyitems(items):
