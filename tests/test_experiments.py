@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import save_pipeline, tree_digest
+from conftest import run_cli, save_pipeline, tree_digest
 from retrack.cli import main
 from retrack.errors import UserError
 from retrack.experiments import load_config, parse_shard, plan, resolve, run_experiment, shard
@@ -45,6 +45,10 @@ def stand_in(tmp_path):
 @pytest.fixture
 def stubs(monkeypatch):
     """unlearn() copies the model and records its settings; metric values follow the seed."""
+    return install_stubs(monkeypatch)
+
+
+def install_stubs(monkeypatch) -> list[dict]:
     calls = []
 
     def fake_unlearn(model, data, forget, out, progress=True, **settings):
@@ -288,20 +292,31 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("args", "message"), BAD)
-def test_bad_configs_exit_2_before_any_run(args, message, stand_in, stubs, tmp_path, capsys):
-    model, data = stand_in
-    over = [a for o in mnist_overrides(model, data, tmp_path / "exp") for a in ("--set", o)]
+@pytest.fixture(scope="module")
+def finished_experiment(tmp_path_factory):
+    """The stand-in's finished experiment (stubbed runs), written once: no bad configuration may touch it."""
+    root = tmp_path_factory.mktemp("finished")
+    model, data = save_pipeline(root / "model"), root / "data.npz"
+    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    over = [a for o in mnist_overrides(model, data, root / "exp") for a in ("--set", o)]
     over += ["--methods", "vanilla"]
-    assert main(["experiment", str(MNIST), *over]) == 0
-    finished, calls = tree_digest(tmp_path / "exp"), len(stubs)
+    with pytest.MonkeyPatch.context() as mp:
+        install_stubs(mp)
+        assert main(["experiment", str(MNIST), *over]) == 0
+    return over, root / "exp"
+
+
+@pytest.mark.parametrize(("args", "message"), BAD)
+def test_bad_configs_exit_2_before_any_run(args, message, finished_experiment, stubs, capsys):
+    over, exp = finished_experiment
+    finished, calls = tree_digest(exp), len(stubs)
     capsys.readouterr()
     if args[0] == "--methods":
         over = over[:-2]
     assert main(["experiment", str(MNIST), *over, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("retrack: error: ") and message in err[0], err
-    assert tree_digest(tmp_path / "exp") == finished and len(stubs) == calls
+    assert tree_digest(exp) == finished and len(stubs) == calls
 
 
 @pytest.fixture
@@ -366,8 +381,7 @@ def test_command_runs_alone_and_spread_over_two_processes(stand_in, tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "retrack", "experiment", str(path)]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    first = run_cli("experiment", path)  # alone: the command in this process (one thread, as OMP_NUM_THREADS=1)
     assert first.returncode == 0, first.stderr
     assert "| Method | Frequency ↓ | runs |" in first.stdout and first.stdout.count("run ") >= 4
     with socket.socket() as sock:  # a free port: other tests may launch processes at the same time

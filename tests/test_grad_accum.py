@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import tiny_denoiser, tiny_train_data
+from conftest import run_cli, tiny_denoiser, tiny_train_data
 from retrack import objectives
 from retrack.api import unlearn
 from retrack.errors import UserError
@@ -96,9 +93,8 @@ def test_training_with_accumulation_takes_the_same_steps(method):
 
 def test_grad_accum_that_does_not_divide_the_batch_exits_2(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "retrack", "unlearn", "--model", str(tiny_model),
-                        "--data", str(tiny_data), "--forget", "0", "--out", str(out), "--batch-size", "8",
-                        "--grad-accum", "3", "--steps", "1", "--quiet"], capture_output=True, text=True)
+    r = run_cli("unlearn", "--model", tiny_model, "--data", tiny_data, "--forget", "0", "--out", out,
+                "--batch-size", "8", "--grad-accum", "3", "--steps", "1", "--quiet")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "retrack: error: --grad-accum 3 must divide the batch of 8 images per process "

@@ -40,13 +40,19 @@ def run_dir(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_run_report_holds_every_figure_and_table(run_dir, tmp_path):
+@pytest.fixture(scope="module")
+def run_report(run_dir, tmp_path_factory) -> Path:
+    """The run's report with samples and reconstructions, written once: the tests below only read it."""
+    return write_report(run_dir, tmp_path_factory.mktemp("run-report") / "r.html", samples=4, sampling_steps=2,
+                        reconstruction=True, max_neighbours=2)
+
+
+def test_run_report_holds_every_figure_and_table(run_dir, run_report):
     from retrack.backends.pixel import load_model
     from retrack.neighbours import nearest_neighbours
     from retrack.sampling import sample
 
-    out = write_report(run_dir, tmp_path / "r.html", samples=4, sampling_steps=2, reconstruction=True,
-                       max_neighbours=2)
+    out = run_report
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~current_umask()  # not mkstemp's 0600
     page = parse_report(out.read_text())
     assert set(page.figures) == RUN_FIGURES
@@ -221,7 +227,7 @@ def find_browser() -> str | None:
                 None)
 
 
-def test_report_loads_in_a_headless_browser(run_dir, tmp_path):
+def test_report_loads_in_a_headless_browser(run_report):
     """Chromium opens the page from disk with no console errors, and every image has decoded."""
     sync_api = pytest.importorskip(
         "playwright.sync_api",
@@ -229,7 +235,7 @@ def test_report_loads_in_a_headless_browser(run_dir, tmp_path):
     browser_path = find_browser()
     if browser_path is None:
         pytest.skip("no Chromium installed (Debian: apt-get install chromium; or set RETRACK_CHROMIUM)")
-    out = write_report(run_dir, tmp_path / "r.html", samples=4, sampling_steps=2, reconstruction=True)
+    out = run_report
     errors: list[str] = []
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=browser_path, headless=True)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from retrack.api import unlearn
 from retrack.cli import main
 from retrack.data import ImageSet, load_images
@@ -24,8 +23,7 @@ def sha(images: np.ndarray) -> str:
 
 
 def prepare(src, out, *extra):
-    return subprocess.run([sys.executable, "-m", "retrack", "prepare-data", str(src), "--out", str(out),
-                           "--quiet", *extra], capture_output=True, text=True)
+    return run_cli("prepare-data", src, "--out", out, "--quiet", *extra)
 
 
 def test_prepare_data_round_trip_of_an_image_folder(tmp_path):
