@@ -74,37 +74,75 @@ class MetricNames(Check):
 _FILE_OR_NAME = Optional(Text())
 
 
+HELP_METRICS = ("comma-separated: nll (bits/dim of the forget images), reconstruction (similarity after "
+                "noising to T/4 and denoising), similarity (mean descriptor similarity of the samples to the most "
+                "similar forget image), copies (fraction of samples copying a forget image), fid (vs the remain "
+                "set), is, clipiqa; against a model retrained without the forget images (--reference-model): "
+                "fid_reference (FID between the two models' samples), nll_reference (the forget images' NLL under "
+                "it: the target); changed (fraction of samples of the same seeds that differ visibly from the "
+                "pretrained model's)")
+
+
 @dataclass(frozen=True)
 class EvaluateConfig(Validated):
     """Every setting of one evaluation; each is a flag of `retrack evaluate` of the same name."""
 
-    metrics: tuple[str, ...] = option(MetricNames(), ("nll", "copies", "fid", "is"))
-    seed: int = option(SEED, 0)
-    num_samples: int = option(POSITIVE_INT, 1000)
-    steps: int = option(POSITIVE_INT, 50)
-    sampler: str = option(Choice("ddpm", "ddim"), "ddim")
-    batch_size: int = option(POSITIVE_INT, 64)
-    descriptor: str | None = option(_FILE_OR_NAME, None)  # None: sscd when --sscd is given, else pixel_cosine
-    sscd: str | None = option(_FILE_OR_NAME, None)
-    inception: str | None = option(_FILE_OR_NAME, None)
-    classifier: str | None = option(_FILE_OR_NAME, None)  # IS logits: "mnist" or TorchScript
-    fid_features: str | None = option(_FILE_OR_NAME, None)  # None: Inception; "mnist" or TorchScript
-    clip: str | None = option(_FILE_OR_NAME, None)
-    probes: int = option(POSITIVE_INT, 1)
-    dequantize: bool = option(Bool(), False)
-    nll_schedule: str = option(Choice(*FLOW_CONVENTIONS), "model")  # the model's own ᾱ, or score-sde
-    t_start: int | None = option(Optional(POSITIVE_INT), None)  # reconstruction start; None: T/4
-    copy_rule: str = option(Choice("l2", "descriptor"), "l2")
-    copy_threshold: float | None = option(Optional(Float()), None)  # None: 10 (l2, 28×28); 0.5 sscd, 0.95 pixel_cosine
-    is_splits: int = option(POSITIVE_INT, 10)
-    reference_model: str | None = option(_FILE_OR_NAME, None)  # retrained without the forget images
-    pretrained_model: str | None = option(_FILE_OR_NAME, None)  # before unlearning; None: its run record's
-    visible_rms: float = option(Float(min=0.0, max=1.0, min_open=True), 0.1)  # changed: visible above
-    device: str | None = option(Optional(Device()), None)
-    prompt: str | None = option(Optional(Text()), None)  # text-to-image models: the prompt sampled under
-    guidance: float = option(Float(0.0), 7.5)  # classifier-free guidance with --prompt
-    target: str | None = option(_FILE_OR_NAME, None)  # --prompt: training image file(s); None: the forget images
-    sample_cache: str | None = option(Optional(Text()), None)  # folder reusing a local companion's samples
+    metrics: tuple[str, ...] = option(MetricNames(), ("nll", "copies", "fid", "is"), help=HELP_METRICS)
+    seed: int = option(SEED, 0, help="seed of samples, probes and reconstruction noise")
+    num_samples: int = option(POSITIVE_INT, 1000, help="samples for copies, fid, is, clipiqa")
+    steps: int = option(POSITIVE_INT, 50, help="sampling steps")
+    sampler: str = option(Choice("ddpm", "ddim"), "ddim", help="reverse process: ddpm or ddim")
+    batch_size: int = option(POSITIVE_INT, 64, help="images per forward pass")
+    descriptor: str | None = option(_FILE_OR_NAME, None,
+                                    help="similarity, reconstruction and the descriptor copy rule: sscd, ssim, "
+                                    "pixel_cosine or a TorchScript file; unset: sscd if --sscd is given, else "
+                                    "pixel_cosine")
+    sscd: str | None = option(_FILE_OR_NAME, None, help="sscd_disc_mixup TorchScript file")
+    inception: str | None = option(_FILE_OR_NAME, None,
+                                   help="torch-fidelity Inception weights (pt_inception-2015-12-05) for fid/is")
+    classifier: str | None = option(_FILE_OR_NAME, None,
+                                    help="IS classifier instead of Inception: 'mnist' (shipped digit classifier) or "
+                                    "a TorchScript file mapping uint8 (N,C,H,W) to logits")
+    fid_features: str | None = option(_FILE_OR_NAME, None,
+                                      help="FID features instead of Inception: 'mnist' or a TorchScript file mapping "
+                                      "uint8 (N,C,H,W) to (N,F)")
+    clip: str | None = option(_FILE_OR_NAME, None, help="local transformers CLIP folder for clipiqa")
+    prompt: str | None = option(Optional(Text()), None,
+                                help="text-to-image models: the prompt the samples are drawn under (metrics: "
+                                "similarity, copies, fid, is, clipiqa; the training images are resized to the "
+                                "pipeline's size first)")
+    guidance: float = option(Float(0.0), 7.5, help="classifier-free guidance scale with --prompt")
+    target: str | None = option(_FILE_OR_NAME, None,
+                                help="with --prompt: the training image file(s) (comma-separated) that similarity "
+                                "and copies compare the samples with (default: the forget images of --data)")
+    probes: int = option(POSITIVE_INT, 1, help="Hutchinson probes per image for nll")
+    dequantize: bool = option(Bool(), False, help="uniform dequantisation for nll")
+    nll_schedule: str = option(Choice(*FLOW_CONVENTIONS), "model",
+                               help="continuous schedule of the nll ODE: model (passes through the model's own ᾱ_t "
+                               "at every timestep) or score-sde (the score-SDE code's VP-SDE, β linear from T·β_1 to "
+                               "T·β_T, label t·(T−1); for comparison with figures computed that way)")
+    t_start: int | None = option(Optional(POSITIVE_INT), None, help="reconstruction start timestep (default T/4)")
+    copy_rule: str = option(Choice("l2", "descriptor"), "l2",
+                            help="l2: L2 over [0,1] pixels below the threshold (paper); descriptor: --descriptor "
+                            "similarity above it")
+    copy_threshold: float | None = option(Optional(Float()), None,
+                                          help="copy threshold (default 10 for l2, the paper's value for 1x28x28 "
+                                          "images: other sizes must set it; descriptor rule: 0.5 for sscd, 0.95 for "
+                                          "pixel_cosine)")
+    is_splits: int = option(POSITIVE_INT, 10, help="splits of the Inception Score")
+    reference_model: str | None = option(_FILE_OR_NAME, None,
+                                         help="fid_reference, nll_reference: the model retrained without the forget "
+                                         "images (same recipe, seed and steps); its images must have the tested "
+                                         "model's shape")
+    pretrained_model: str | None = option(_FILE_OR_NAME, None,
+                                          help="changed: the model before unlearning (default: the one the tested "
+                                          "model's retrack_run.json names)")
+    visible_rms: float = option(Float(min=0.0, max=1.0, min_open=True), 0.1,
+                                help="changed: a sample differs visibly from the pretrained model's when the RMS of "
+                                "their pixel difference in [0, 1] exceeds this (L2 > RMS·√D; 2.8 at 28×28)")
+    device: str | None = option(Optional(Device()), None, help="torch device (default: cuda if available, else cpu)")
+    # Not a flag: a folder where a run reuses a local companion model's samples (experiments).
+    sample_cache: str | None = option(Optional(Text()), None)
 
 
 def parse_metrics(spec: str | list[str] | tuple[str, ...], flag: str = "--metrics",

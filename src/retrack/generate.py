@@ -31,18 +31,22 @@ from retrack.validation import (
 class SampleConfig(Validated):
     """Every setting of `retrack sample`; each field is the flag of the same name."""
 
-    model: str = option(Text())
-    num: int = option(POSITIVE_INT)
-    out: str = option(Text())
-    steps: int = option(POSITIVE_INT, 50)
-    sampler: str = option(Choice("ddpm", "ddim"), "ddim")
-    seed: int = option(SEED, 0)
-    batch_size: int = option(POSITIVE_INT, 256)
-    grid: str | None = option(Optional(Text()), None)
-    device: str | None = option(Optional(Device()), None)
-    overwrite: bool = option(Bool(), False)
-    prompt: str | None = option(Optional(Text()), None)
-    guidance: float = option(Float(0.0), 7.5)
+    model: str = option(Text(), help="diffusers pipeline folder, bare UNet folder, or hub id; a "
+                        "StableDiffusionPipeline with --prompt")
+    num: int = option(POSITIVE_INT, help="number of images")
+    out: str = option(Text(), help="output .npz")
+    steps: int = option(POSITIVE_INT, 50, help="sampling steps")
+    sampler: str = option(Choice("ddpm", "ddim"), "ddim", help="reverse process: ddpm or ddim")
+    seed: int = option(SEED, 0, help="sampling seed")
+    batch_size: int = option(POSITIVE_INT, 256, help="images per forward pass")
+    grid: str | None = option(Optional(Text()), None,
+                              help="also write the first 64 images as a PNG grid here (.png)")
+    prompt: str | None = option(Optional(Text()), None,
+                                help="text-to-image models (a StableDiffusionPipeline folder or a `unlearn --lora` "
+                                "output): the prompt; sampled by the pipeline itself with classifier-free guidance")
+    guidance: float = option(Float(0.0), 7.5, help="classifier-free guidance scale with --prompt")
+    device: str | None = option(Optional(Device()), None, help="torch device (default: cuda if available, else cpu)")
+    overwrite: bool = option(Bool(), False, help="replace an existing --out")
 
 
 def resolve_sample(cfg: SampleConfig) -> SampleConfig:

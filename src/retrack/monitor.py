@@ -21,18 +21,11 @@ from typing import Any
 import torch
 
 from retrack.curves import curves
-from retrack.errors import require
 from retrack.metrics import registry
 from retrack.validation import Check, Float, InvalidValue
 
 EVAL_KIND = "eval"
 CURVES_FILE = "eval_curves.png"
-# Settings that act only with --eval-every (the metrics' instruments and sampling).
-EVAL_FIELDS = ("eval_metrics", "eval_samples", "eval_steps", "eval_seed", "eval_guidance", "eval_target",
-               "stop_at", "copy_rule", "copy_threshold", "descriptor", "sscd", "fid_features", "inception",
-               "classifier", "eval_clip")
-
-
 class StopAt(Check):
     """'copies=0': a forgetting metric and the value at which the run has forgotten enough."""
 
@@ -60,21 +53,6 @@ def reached(stop_at: tuple[str, float], values: dict[str, float]) -> bool:
     metric, target = stop_at
     value = values[metric]
     return value <= target if registry.get(metric).stop == "below" else value >= target
-
-
-def check_evaluation(cfg: Any) -> None:
-    """Evaluation settings that cannot act, checked before anything loads: without --eval-every
-    they do nothing, and a stop metric must be one that is evaluated."""
-    if cfg.eval_every is None:
-        defaults = type(cfg).__dataclass_fields__
-        given = [f for f in EVAL_FIELDS if getattr(cfg, f) != defaults[f].default]
-        require(not given, f"--{given[0].replace('_', '-')} acts only at evaluations during fine-tuning; "
-                           "add --eval-every N." if given else "")
-        return
-    if cfg.stop_at is not None:
-        metric = cfg.stop_at[0]
-        require(metric in cfg.eval_metrics, f"--stop-at {metric} needs {metric} among --eval-metrics "
-                                            f"(now {','.join(cfg.eval_metrics)}).")
 
 
 @dataclass

@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from retrack.validation import Validated
+
 PACKAGES = ("retrack-unlearning", "torch", "diffusers", "accelerate", "torchmetrics", "numpy", "safetensors")
 
 
@@ -41,7 +43,10 @@ def versions() -> dict[str, str]:
 
 def environment_record(config: Any, **extra: Any) -> dict[str, Any]:
     """The provenance block written as run.json beside every output."""
-    cfg = asdict(config) if is_dataclass(config) else dict(config)
+    if isinstance(config, Validated):  # its settings by key, nested groups flat
+        cfg = config.settings()
+    else:
+        cfg = asdict(config) if is_dataclass(config) else dict(config)
     return {
         "config": _jsonable(cfg),
         "versions": versions(),

@@ -1,31 +1,33 @@
 """Every setting of one unlearning run, declared once, and the checks that resolve it.
 
-`UnlearnConfig` is the one declaration: its fields are the flags of `retrack unlearn`, the keys
-of a recipe or an experiment's method settings, and the keyword arguments of
-`retrack.unlearn()`, each with the paper's default and its check. Resolving a config checks
-everything that can be checked before data or a model load: the method's options, the model's
-family and what that family accepts, the evaluation during fine-tuning, and a writable new output.
+`UnlearnConfig` is the one declaration: its fields are the flags of `retrack unlearn` (generated
+by `retrack.flags`), the keys of a recipe or an experiment's method settings, and the keyword
+arguments of `retrack.unlearn()`, each with the paper's default, its check and its help. The
+evaluation during fine-tuning is one nested group (`training_eval.TrainingEvaluation`) given flat.
+Resolving a config checks everything that can be checked before data or a model load: the
+method's options, the model's family and what that family accepts, the evaluation's instruments,
+and a writable new output.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
 
 from accelerate.utils import get_int_from_env
 
 from retrack import objectives
-from retrack.backends import Backend, detect
+from retrack.backends import detect
 from retrack.data import ForgetSpec, check_forget_file
 from retrack.errors import UserError, require
-from retrack.evaluate import EvaluateConfig, MetricNames, resolved, target_files
-from retrack.metrics import registry
-from retrack.monitor import StopAt, check_evaluation
+from retrack.layout import LAYOUTS
 from retrack.objectives.retrack import FORGET_WEIGHTINGS
 from retrack.runrecord import check_output
 from retrack.trainer import TrainSettings, per_process_batch
+from retrack.training_eval import HOW, TrainingEvaluation
 from retrack.validation import (
     POSITIVE_INT,
     SEED,
@@ -41,78 +43,112 @@ from retrack.validation import (
     Validated,
     default_device,
     load_yaml,
+    nested,
     option,
+    setting_fields,
 )
 
 _METHOD = Choice(*objectives.available())
 MIXED_PRECISION = ("no", "bf16", "fp16")
 _PROB = Float(0.0, 1.0)
+_S = TypeVar("_S", bound="UnlearnSettings")
 
 
 @dataclass(frozen=True)
-class UnlearnConfig(Validated):
-    """Every setting of one unlearning run, checked on creation and saved beside the output model.
+class UnlearnSettings(Validated):
+    """How to unlearn, apart from which model, data and images: the settings an experiment gives
+    each of its runs, checked without touching a file.
 
     Defaults are the paper's MNIST T-shirt settings; None for lam/s/eta means the method's own.
-    lam="auto" and the fields after `eta` are ReTrack's options beside the paper's objective
+    lam="auto" and the options after `eta` are ReTrack's options beside the paper's objective
     (objectives/retrack.py); their defaults leave it exactly the paper's.
-    Each field is the flag of the same name (`batch_size` is `--batch-size`).
     """
 
-    model: str = option(Text())
-    data: str = option(Text())
-    forget: str = option(ForgetSpec())
-    out: str = option(Text())
-    method: str = option(_METHOD, "retrack")
-    steps: int = option(POSITIVE_INT, 50)
-    batch_size: int = option(POSITIVE_INT, 128)
-    grad_accum: int = option(POSITIVE_INT, 1)
-    lr: float = option(Float(0.0, min_open=True), 5e-5)
+    method: str = option(_METHOD, "retrack", help=f"unlearning method: {', '.join(objectives.available())}")
+    steps: int = option(POSITIVE_INT, 50, help="optimiser steps")
+    batch_size: int = option(POSITIVE_INT, 128,
+                             help="images per step (per term; split across processes under accelerate)")
+    grad_accum: int = option(POSITIVE_INT, 1,
+                             help="micro-batches per step, to fit memory: each process's share of the batch is "
+                             "split into this many, and their gradients add up to exactly the full batch's")
+    lr: float = option(Float(0.0, min_open=True), 5e-5, help="AdamW learning rate (constant, no warm-up)")
+    weight_decay: float = option(Float(0.0), 1e-6, help="AdamW weight decay")
     betas: tuple[float, float] = option(Pair(Float(0.0, 1.0, max_open=True)), (0.95, 0.999),
-                                        flag="--beta1/--beta2")
-    weight_decay: float = option(Float(0.0), 1e-6)
-    clip: float = option(Float(0.0, min_open=True), 1.0)
-    seed: int = option(SEED, 0)
-    k: int | str = option(Either(Choice("all"), POSITIVE_INT), 10)
-    lam: float | str | None = option(Optional(Either(Choice("auto"), _PROB)), None)
-    s: float | None = option(Optional(Float(0.0)), None)
-    eta: float | None = option(Optional(Float(0.0)), None)
-    lam_ratio: float = option(Float(0.0, min_open=True), 1.0)
-    surgery: bool = option(Bool(), False)
-    forget_weighting: str = option(Choice(*FORGET_WEIGHTINGS), "none")
-    snr_gamma: float = option(Float(0.0, min_open=True), 5.0)
-    forget_t_min: int = option(Int(min=0), 0)
-    device: str | None = option(Optional(Device()), None)
-    overwrite: bool = option(Bool(), False)
-    cache_dir: str | None = option(Optional(Text()), None)
-    prompt: str | None = option(Optional(Text()), None)
-    lora: int | None = option(Optional(POSITIVE_INT), None)
-    lora_alpha: float | None = option(Optional(Float(0.0, min_open=True)), None)
-    gradient_checkpointing: bool = option(Bool(), False)
-    mixed_precision: str = option(Choice(*MIXED_PRECISION), "no")
-    recipe: str | None = option(Optional(Text()), None)
-    # Evaluation during fine-tuning (monitor.py); the instruments are retrack evaluate's flags.
-    # None in eval_metrics, eval_samples and copy_rule means the model kind's default (eval_defaults).
-    eval_every: int | None = option(Optional(POSITIVE_INT), None)
-    eval_metrics: tuple[str, ...] | None = option(Optional(MetricNames("--eval-metrics", during_training=True)), None)
-    eval_samples: int | None = option(Optional(POSITIVE_INT), None)
-    eval_steps: int = option(POSITIVE_INT, 50)
-    eval_seed: int = option(SEED, 0)
-    eval_guidance: float = option(Float(0.0), 7.5)
-    eval_target: str | None = option(Optional(Text()), None)
-    stop_at: tuple[str, float] | None = option(Optional(StopAt()), None)
-    copy_rule: str | None = option(Optional(Choice("l2", "descriptor")), None)
-    copy_threshold: float | None = option(Optional(Float()), None)
-    descriptor: str | None = option(Optional(Text()), None)
-    sscd: str | None = option(Optional(Text()), None)
-    fid_features: str | None = option(Optional(Text()), None)
-    inception: str | None = option(Optional(Text()), None)
-    classifier: str | None = option(Optional(Text()), None)
-    eval_clip: str | None = option(Optional(Text()), None)  # CLIP-IQA's model (--clip is the gradient clip)
+                                        flag="--beta1/--beta2", help=("AdamW β1", "AdamW β2"))
+    clip: float = option(Float(0.0, min_open=True), 1.0, help="global gradient-norm clip")
+    seed: int = option(SEED, 0, help="seeds data order, noise and timesteps")
+    k: int | str = option(Either(Choice("all"), POSITIVE_INT), 10,
+                          help="retrack: nearest remain images per forget image, or 'all' (untruncated)")
+    lam: float | str | None = option(
+        Optional(Either(Choice("auto"), _PROB)), None,
+        help="retrack: weight λ of the unlearning term (default 0.005), or 'auto' to choose it per step from "
+        "the gradient norms (see --lam-ratio); siss: forget-mixing probability λ (default 0.5)")
+    lam_ratio: float = option(Float(0.0, min_open=True), 1.0,
+                              help="retrack with --lam auto: target of λ‖∇L_unlearn‖ / ((1−λ)‖∇L_remain‖)")
+    surgery: bool = option(Bool(), False,
+                           help="retrack: remove from ∇L_unlearn its component opposing ∇L_remain when their "
+                           "inner product is negative (PCGrad)")
+    forget_weighting: str = option(Choice(*FORGET_WEIGHTINGS), "none",
+                                   help="retrack: weighting of the forget rows over timesteps: 'none' (the "
+                                   "paper's) or 'min-snr' (weight min(SNR_t, γ)/SNR_t, see --snr-gamma)")
+    snr_gamma: float = option(Float(0.0, min_open=True), 5.0, help="retrack with min-snr: the SNR cap γ")
+    forget_t_min: int = option(Int(min=0), 0,
+                               help="retrack: forget rows draw timesteps from t-min … T−1 (0: all, the paper's)")
+    s: float | None = option(Optional(Float(0.0)), None,
+                             help="siss: norm of the subtracted forget gradient (default 5)")
+    eta: float | None = option(Optional(Float(0.0)), None, help="erasediff: η of the gradient rule (default 1e-3)")
+    prompt: str | None = option(
+        Optional(Text()), None,
+        help="text-to-image models: the prompt the model is unlearned under (its embedding is fixed; the data "
+        "are encoded once by the VAE and cached); longer than the tokenizer takes: truncated as the pipeline "
+        "does, with a warning")
+    lora: int | None = option(Optional(POSITIVE_INT), None,
+                              help="text-to-image models: train a LoRA adapter of this rank on the UNet's "
+                              "attention projections instead of the whole UNet; writes "
+                              "pytorch_lora_weights.safetensors")
+    lora_alpha: float | None = option(Optional(Float(0.0, min_open=True)), None,
+                                      help="LoRA α; None means the rank (scale α/rank = 1)")
+    gradient_checkpointing: bool = option(Bool(), False,
+                                          help="recompute UNet activations in the backward pass: less memory, "
+                                          "about a third more time")
+    mixed_precision: str = option(Choice(*MIXED_PRECISION), "no",
+                                  help="no, bf16 or fp16: autocast through accelerate (CUDA only; weights stay "
+                                  "fp32)")
+    layout: str = option(Choice(*LAYOUTS), "auto",
+                         help="forward of the remain and forget rows: 'joint' (one forward), 'split' (one per "
+                         "part) or 'auto' (whichever is faster for this device and shape, timed once and "
+                         "cached); the gradients are the same")
+    device: str | None = option(Optional(Device()), None,
+                                help="torch device (default: cuda if available, else cpu)")
+    cache_dir: str | None = option(Optional(Text()), None,
+                                   help="nearest-neighbour cache (default: $RETRACK_CACHE or ~/.cache/retrack)")
+    overwrite: bool = option(Bool(), False, help="replace an existing --out")
+    recipe: str | None = option(
+        Optional(Text()), None,
+        help="settings from a recipe: 'stable-diffusion' (the paper's SD v1.4 column: 30 steps, batch 1 × 16 "
+        "accumulation, lr 1e-5, AdamW (0.9, 0.999) wd 1e-2, K 10, λ 0.5, SISS s 750, EraseDiff η 1e-2) or a "
+        "YAML file of flag names; flags given here override it")
+    evaluation: TrainingEvaluation = nested(TrainingEvaluation, "evaluation during fine-tuning", HOW)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnlearnConfig(UnlearnSettings):
+    """Every setting of one unlearning run, checked on creation and saved beside the output model:
+    the flags of `retrack unlearn`, the keyword arguments of `retrack.unlearn()`, the keys of a
+    recipe (`batch_size` is `--batch-size`; the evaluation's settings are given flat, as
+    `eval_every`)."""
+
+    model: str = option(Text(), help="diffusers pipeline folder (unet/ + scheduler/), bare UNet2DModel folder, "
+                        "or hub id; a StableDiffusionPipeline (SD 1.x/2.x) with --prompt")
+    data: str = option(Text(), help="training images: a folder of png/jpg, an .npz with an 'images' uint8 "
+                       "array (N,H,W) or (N,H,W,C), or a torchvision-style MNIST/Fashion-MNIST/CIFAR-10 folder")
+    forget: str = option(ForgetSpec(), help="images to forget: comma-separated indices into --data, @FILE with "
+                         "one index per line, or comma-separated image files matched to --data by content")
+    out: str = option(Text(), help="output model folder")
 
 
 RECIPES = {"stable-diffusion": "stable_diffusion/unlearn.yaml"}
-_NOT_IN_RECIPES = ("model", "data", "forget", "out", "recipe", "method")
+_NOT_IN_RECIPES = ("recipe", "method")
 
 
 def unlearn_recipe(spec: str, method: str) -> dict:
@@ -129,24 +165,35 @@ def unlearn_recipe(spec: str, method: str) -> dict:
     per_method = raw.pop("methods", None) or {}
     require(isinstance(per_method, dict) and all(isinstance(v, dict) for v in per_method.values()),
             f"'methods' in {where} must map method names to their settings.")
-    fields = {f.name: f for f in dataclasses.fields(UnlearnConfig) if f.name not in _NOT_IN_RECIPES}
+    fields = {k: f for k, (_, f) in setting_fields(UnlearnSettings).items() if k not in _NOT_IN_RECIPES}
     settings = {}
     for key, value in {**raw, **per_method.get(method, {})}.items():
         require(key in fields, f"unknown key {key!r} in {where}; known: {', '.join(sorted(fields))}.")
         settings[key] = fields[key].metadata["check"](value, f"{key!r} in {where}")
     return settings
 
+
+def config_of(settings: Mapping[str, Any]) -> UnlearnConfig:
+    """The run's config from the settings a caller gave (flags typed, keywords passed): with
+    `recipe`, the recipe's values fill what was not given; the dataclass's defaults fill the rest."""
+    UnlearnConfig.check_keys(settings, "unlearn setting")
+    if settings.get("recipe") is not None:
+        method = str(settings.get("method", UnlearnSettings.method)).strip()
+        settings = {**unlearn_recipe(settings["recipe"], method), **settings}
+    return UnlearnConfig.from_settings(settings)
+
+
 def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
     """Everything that can be checked before loading data or a model: method defaults, device,
-    the model's family and what it accepts, the data and forget files, and a writable, new output."""
+    the model's family and what it accepts, the evaluation's instruments, the data and forget
+    files, and a writable, new output."""
     cfg = resolve_method(cfg)
     family = detect(cfg.model, cfg.prompt)
-    cfg = eval_defaults(cfg, family)
-    check_evaluation(cfg)
+    cfg = replace(cfg, evaluation=cfg.evaluation.with_defaults(family))
     device = cfg.device or default_device()
     _check_options(cfg, device)
-    family.check_settings(asdict(cfg), "unlearn")
-    eval_config(cfg, family)
+    family.check_settings(cfg.settings(), "unlearn")
+    cfg = replace(cfg, evaluation=cfg.evaluation.resolve(device, cfg.prompt))
     require(Path(cfg.data).exists(), f"--data: data path {cfg.data!r} does not exist.")
     check_forget_file(cfg.forget)
     protected = [Path(p) for p in (cfg.model, cfg.data) if Path(p).exists()]
@@ -154,7 +201,7 @@ def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
     return replace(cfg, device=device)
 
 
-def _check_options(cfg: UnlearnConfig, device: str) -> None:
+def _check_options(cfg: UnlearnSettings, device: str) -> None:
     """A LoRA α needs a LoRA rank; mixed precision runs on a GPU only."""
     require(cfg.lora_alpha is None or cfg.lora is not None, "--lora-alpha needs --lora RANK.")
     if cfg.mixed_precision != "no":
@@ -164,7 +211,7 @@ def _check_options(cfg: UnlearnConfig, device: str) -> None:
                 "--mixed-precision fp16 scales the loss, which changes SISS's fixed-norm forget gradient; use bf16.")
 
 
-def resolve_method(cfg: UnlearnConfig, processes: int | None = None) -> UnlearnConfig:
+def resolve_method(cfg: _S, processes: int | None = None) -> _S:
     """The method's own defaults filled in and its options checked, touching no file (an
     experiment checks every run's settings this way before the first run)."""
     cls = objectives.method_class(cfg.method)
@@ -175,51 +222,22 @@ def resolve_method(cfg: UnlearnConfig, processes: int | None = None) -> UnlearnC
                            for f in defaults})
 
 
-def eval_defaults(cfg: UnlearnConfig, family: type[Backend]) -> UnlearnConfig:
-    """The evaluation settings left unset, filled with the family's defaults, so the run record
-    shows what was measured; the metrics checked against what the family can measure."""
-    if cfg.eval_every is None:
-        return cfg
-    defaults = family.eval_defaults(cfg.eval_clip)
-    cfg = replace(cfg, **{k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in defaults.items()})
-    for path in target_files(cfg.eval_target):
-        require(path.is_file(), f"--eval-target {str(path)!r} is not an image file.")
-    family.check_metrics(cfg.eval_metrics, "--eval-metrics", registry.during_training())
-    return cfg
-
-
-def eval_config(cfg: UnlearnConfig, family: type[Backend]) -> EvaluateConfig | None:
-    """The evaluation during fine-tuning as `retrack evaluate` would run it (None: no evaluation);
-    resolving it names missing weights before anything loads."""
-    if cfg.eval_every is None:
-        return None
-    require("clipiqa" not in cfg.eval_metrics or cfg.eval_clip is not None,
-            "CLIP-IQA needs a local CLIP model: pass --eval-clip PATH (a transformers CLIP folder).")
-    require(cfg.eval_clip is None or Path(cfg.eval_clip).exists(), f"--eval-clip {cfg.eval_clip!r} does not exist.")
-    return resolved(EvaluateConfig(
-        metrics=cfg.eval_metrics, seed=cfg.eval_seed, num_samples=cfg.eval_samples, steps=cfg.eval_steps,
-        copy_rule=cfg.copy_rule, copy_threshold=cfg.copy_threshold, descriptor=cfg.descriptor,
-        sscd=cfg.sscd, fid_features=cfg.fid_features, inception=cfg.inception, classifier=cfg.classifier,
-        clip=cfg.eval_clip, device=cfg.device or default_device(), prompt=cfg.prompt, guidance=cfg.eval_guidance,
-        target=cfg.eval_target))
-
-
 VARIANT_OPTIONS = ("lam_ratio", "surgery", "forget_weighting", "snr_gamma", "forget_t_min")
 
 
-def _check_variant_options(cfg: UnlearnConfig, cls: type) -> None:
+def _check_variant_options(cfg: UnlearnSettings, cls: type) -> None:
     """Options a method does not have are an error, not silently ignored."""
     require(cfg.lam != "auto" or hasattr(cls, "lam_ratio"),
             f"--lam auto balances an unlearning and a remain gradient; method {cfg.method!r} has no such λ.")
     for name in VARIANT_OPTIONS:
         flag = "--" + name.replace("_", "-")
-        require(getattr(cfg, name) == UnlearnConfig.__dataclass_fields__[name].default or hasattr(cls, name),
+        require(getattr(cfg, name) == UnlearnSettings.__dataclass_fields__[name].default or hasattr(cls, name),
                 f"{flag} is an option of retrack; method {cfg.method!r} does not have it.")
 
 
-def train_settings(cfg: UnlearnConfig) -> TrainSettings:
+def train_settings(cfg: UnlearnSettings) -> TrainSettings:
     return TrainSettings(cfg.steps, cfg.batch_size, cfg.lr, tuple(cfg.betas), cfg.weight_decay,
-                         cfg.clip, cfg.seed, cfg.grad_accum, cfg.mixed_precision)
+                         cfg.clip, cfg.seed, cfg.grad_accum, cfg.mixed_precision, cfg.layout)
 
 
 def process_count() -> int:
@@ -228,7 +246,7 @@ def process_count() -> int:
     return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
 
 
-def build_objective(cfg: UnlearnConfig):
+def build_objective(cfg: UnlearnSettings) -> objectives.Objective:
     try:
         return objectives.build(cfg.method, lam=cfg.lam, s=cfg.s, eta=cfg.eta,
                                 **{name: getattr(cfg, name) for name in VARIANT_OPTIONS})

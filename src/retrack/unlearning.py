@@ -22,11 +22,10 @@ from retrack.trainer import TrainData, neighbour_table, train
 from retrack.unlearn_config import (
     UnlearnConfig,
     build_objective,
-    eval_config,
+    config_of,
     process_count,
     resolve_unlearn,
     train_settings,
-    unlearn_recipe,
 )
 
 RUN_RECORD = "retrack_run.json"
@@ -43,15 +42,13 @@ def unlearn(model: str, data: str, forget: str | list[int], out: str, progress: 
         forget: "17,42", "@indices.txt", paths of image files matched to `data` by content, or a
             list of indices.
         out: output folder, written atomically in the same layout as `model`.
-        **settings: any field of UnlearnConfig (method, steps, batch_size, lr, seed, k, lam, ...);
+        **settings: any setting of UnlearnConfig (method, steps, batch_size, lr, seed, k, lam,
+            eval_every, ...);
             recipe="stable-diffusion" (or a YAML file) supplies the settings not given here.
     Returns:
         The output folder.
     """
-    UnlearnConfig.check_keys(settings, "unlearn setting")
-    if settings.get("recipe") is not None:
-        settings = {**unlearn_recipe(settings["recipe"], settings.get("method", "retrack")), **settings}
-    cfg = resolve_unlearn(UnlearnConfig(model=model, data=data, forget=forget, out=out, **settings))
+    cfg = resolve_unlearn(config_of({"model": model, "data": data, "forget": forget, "out": out, **settings}))
     return run_unlearn(cfg, progress)
 
 
@@ -60,7 +57,7 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     images = load_images(cfg.data)
     parts = split(images, parse_forget(cfg.forget, images))
     family = detect(cfg.model, cfg.prompt)
-    evaluation = _evaluation_setup(cfg, family)  # the instruments load before the model: a bad file costs seconds
+    evaluation = _evaluation_setup(cfg)  # the instruments load before the model: a bad file costs seconds
     model = family.load(cfg.model, cfg.device, LoadOptions(cfg.prompt, cfg.lora, cfg.lora_alpha, cfg.seed))
     space = model.training_space(images, Path(cfg.cache_dir) if cfg.cache_dir else None, progress)
     monitor = None if evaluation is None else _monitor(cfg, *evaluation, model, images, parts)
@@ -86,10 +83,12 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     return Path(cfg.out)
 
 
-def _evaluation_setup(cfg: UnlearnConfig, family: type[Backend]) -> tuple[EvaluateConfig, Instruments] | None:
-    """The evaluation's config and its instruments (used on the main process only)."""
-    ecfg = eval_config(cfg, family)
-    return None if ecfg is None else (ecfg, load_instruments(ecfg))
+def _evaluation_setup(cfg: UnlearnConfig) -> tuple[EvaluateConfig, Instruments] | None:
+    """The evaluation's config, resolved with the run's, and its instruments (main process only)."""
+    if cfg.evaluation.every is None:
+        return None
+    ecfg = cfg.evaluation.evaluate_config(cfg.device, cfg.prompt)
+    return ecfg, load_instruments(ecfg)
 
 
 def _monitor(cfg: UnlearnConfig, ecfg: EvaluateConfig, tools: Instruments, model: Backend, images: ImageSet,
@@ -98,12 +97,13 @@ def _monitor(cfg: UnlearnConfig, ecfg: EvaluateConfig, tools: Instruments, model
     evaluate` samples it and compared with the forget images (or --eval-target files) at the size
     the model draws."""
     T = model.num_timesteps
-    require(cfg.eval_steps <= T, f"--eval-steps must be in 1..{T} for this model, got {cfg.eval_steps}.")
+    ev = cfg.evaluation
+    require(ev.steps <= T, f"--eval-steps must be in 1..{T} for this model, got {ev.steps}.")
     found = metric_images(model, images, parts, ecfg)
     ecfg = copy_threshold_for(ecfg, found.pixels)
-    return Monitor(int(cfg.eval_every), cfg.steps,
+    return Monitor(int(ev.every), cfg.steps,
                    lambda: measure(ecfg, model, found.targets, found.remain, tools, False, found.name),
-                   model.denoiser, cfg.stop_at)
+                   model.denoiser, ev.stop_at)
 
 
 def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Objective, images: ImageSet,
@@ -111,7 +111,7 @@ def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Obje
     extra = model.record()
     if monitor is not None:
         extra = {**extra, "evaluation": {
-            "every": monitor.every, "steps": [e["step"] for e in monitor.entries], "stop_at": cfg.stop_at,
+            "every": monitor.every, "steps": [e["step"] for e in monitor.entries], "stop_at": cfg.evaluation.stop_at,
             "stopped_at": monitor.stopped_at, "steps_done": len(log), "curves": CURVES_FILE}}
     record = environment_record(
         cfg,

@@ -404,28 +404,95 @@ def _probe_writable(resolved: Path, shown: Path, flag: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def option(check: Check | None, default: Any = dataclasses.MISSING, flag: str | None = None, **kw: Any):
-    """A dataclass field checked by `check` (its message names `flag`, default '--field-name')."""
-    meta = {"check": check, "flag": flag}
+def option(check: Check | None, default: Any = dataclasses.MISSING, flag: str | None = None,
+           help: str | tuple[str, ...] | None = None, **kw: Any):
+    """A dataclass field checked by `check`. It is one setting everywhere: the flag `flag`
+    (default '--field-name', which also names it in messages), described by `help`; the config key
+    and Python keyword of the same name (a `flag` of another name renames them too, except a split
+    flag like '--beta1/--beta2', whose `help` is one text per part)."""
+    meta = {"check": check, "flag": flag, "help": help}
     if isinstance(default, list | dict | set):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def nested(cls: type, title: str, help: str) -> Any:
+    """A field holding a group of settings (a Validated dataclass of its own). Its settings are
+    given flat, beside the others (flags, config keys and keywords); `--help` shows them under
+    `title`, described by `help`."""
+    return dataclasses.field(default_factory=cls, metadata={"nested": cls, "title": title, "help": help})
 
 
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+def setting_key(f: dataclasses.Field) -> str:
+    """The key of a field in configs and keyword arguments: its flag's name ('--eval-every' is
+    eval_every), or the field's name for a split flag."""
+    flag = f.metadata.get("flag")
+    return f.name if flag is None or "/" in flag else flag.lstrip("-").replace("-", "_")
+
+
+def ordered_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a settings dataclass, those without a default first (a subclass adding the
+    required paths of a run declares them last), each group in declaration order."""
+    fields = dataclasses.fields(cls)
+    required = [f for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    return required + [f for f in fields if f not in required]
+
+
+def setting_fields(cls: type) -> dict[str, tuple[tuple[str, ...], dataclasses.Field]]:
+    """Every setting of `cls`, nested groups flattened: key → (path of field names, field)."""
+    found: dict[str, tuple[tuple[str, ...], dataclasses.Field]] = {}
+    for f in ordered_fields(cls):
+        inner = f.metadata.get("nested")
+        if inner is None:
+            found[setting_key(f)] = ((f.name,), f)
+        else:
+            found.update({k: ((f.name, *path), g) for k, (path, g) in setting_fields(inner).items()})
+    return found
+
+
 class Validated:
-    """Mixin for frozen dataclasses: every field declared with option() is parsed on creation."""
+    """Mixin for frozen dataclasses: every field declared with option() is parsed on creation;
+    nested() groups are built from their flat keys (`from_settings`) and flattened back (`settings`)."""
 
     unknown_hint: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            check = f.metadata.get("check")
+            check, inner = f.metadata.get("check"), f.metadata.get("nested")
             if check is not None:
                 object.__setattr__(self, f.name, check(getattr(self, f.name), flag_of(f)))
+            elif inner is not None and not isinstance(getattr(self, f.name), inner):
+                raise TypeError(f"{f.name} must be a {inner.__name__}")
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any]):
+        """Build from flat settings (keys as `setting_fields` names them); checks run on creation."""
+        fields = setting_fields(cls)
+        tree: dict[str, Any] = {}
+        for key, value in values.items():
+            path = fields[key][0]
+            node = tree
+            for name in path[:-1]:
+                node = node.setdefault(name, {})
+            node[path[-1]] = value
+        return cls._build(tree)
+
+    @classmethod
+    def _build(cls, tree: dict[str, Any]):
+        kinds = {f.name: f.metadata.get("nested") for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: kinds[k]._build(v) if kinds[k] is not None else v for k, v in tree.items()})
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by its key, nested groups flattened in field order (run records show this)."""
+        out: dict[str, Any] = {}
+        for f in ordered_fields(type(self)):
+            value = getattr(self, f.name)
+            out.update(value.settings() if f.metadata.get("nested") else {setting_key(f): value})
+        return out
 
     @classmethod
     def from_mapping(cls, raw: Any, where: str, **fixed: Any):
@@ -434,31 +501,31 @@ class Validated:
             raw = {}
         if not isinstance(raw, Mapping):
             raise UserError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}.")
-        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = setting_fields(cls)
         for key in raw:
             if key not in known:
                 raise UserError(f"unknown key {key!r} in {where}{_did_you_mean(str(key), known)}.")
         values = {}
         for key, value in raw.items():
-            check = known[key].metadata.get("check")
+            check = known[key][1].metadata.get("check")
             values[key] = check(value, f"{key!r} in {where}") if check is not None else value
-        return cls(**values, **fixed)
+        return cls.from_settings({**values, **fixed})
 
     @classmethod
     def check_keys(cls, given: Iterable[str], what: str = "setting") -> None:
-        """Refuse Python keyword arguments that are not fields (with the closest known one)."""
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        """Refuse Python keyword arguments that are not settings (with the closest known one)."""
+        known = setting_fields(cls)
         for key in given:
             if key not in known:
                 raise UserError(f"unknown {what} {key!r}{_did_you_mean(key, known)}.")
 
 
 def config_from_args(cls: type, args: Any, **extra: Any):
-    """A command's config from its parsed flags: every field of `cls` that is also a flag of the
+    """A command's config from its parsed flags: every setting of `cls` that is also a flag of the
     same name, plus `extra` (values assembled from several flags); the fields' checks run here."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = setting_fields(cls)
     values = {k: v for k, v in vars(args).items() if k in names}
-    return cls(**{**values, **extra})
+    return cls.from_settings({**values, **extra})
 
 
 def _did_you_mean(key: str, known: Iterable[str]) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     from retrack.validation import Float, Int
 
     p = sub.add_parser(
-        "audit", help="find the training images a model copies",
+        "audit", help=help,
         description="Sample --num images, find each sample's nearest training images (L2 over "
         "pixels in [0, 1], identical training images grouped), and report the copied ones with "
         "their counts and the rule used. With --out, also write audit.json, contact_sheet.png "

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser(
-        "demo", help="forget the T-shirt memorised by the shipped MNIST model (CPU, minutes)",
+        "demo", help=help,
         description="On the shipped MNIST T-shirt model: sample, unlearn the T-shirt with ReTrack "
         "(the paper's MNIST settings), sample again with the same seeds, and print Frequency, NLL, "
         "FID and IS before and after. Writes the unlearned model, metrics.json, sample grids and "

@@ -25,9 +25,9 @@ one table. Under `accelerate launch` (or torchrun) each process runs its own sha
 process on its own GPU, and the main process writes the table."""
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("experiment", help="run a paper-style comparison from a YAML config (resumable)",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser(
+        "experiment", help=help, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="experiment YAML, e.g. configs/mnist_tshirt.yaml")
     p.add_argument("--methods", default="all",
                    help="comma-separated row labels or method names, or 'all' (default); a row label picks that "

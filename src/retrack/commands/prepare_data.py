@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser(
-        "prepare-data", help="convert images once into a memory-mapped store",
+        "prepare-data", help=help,
         description="Write the images of DATA as one uint8 (N,H,W,C) array on disk (images.u8) with "
         "a small header.json (shape, layout, content digest, source). Every command accepts the "
         "store as --data and reads it memory-mapped, so nearest neighbours and hashing stream it in "

@@ -8,9 +8,10 @@ from pathlib import Path
 from retrack.validation import POSITIVE_INT, Device, Optional
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="train a small diffusers model from a YAML recipe",
-                       description="Train a small unconditional diffusers UNet from a YAML recipe, or, for a "
+def register(sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser(
+        "pretrain", help=help,
+        description="Train a small unconditional diffusers UNet from a YAML recipe, or, for a "
                        "recipe with `kind: latent-text`, a small StableDiffusionPipeline (VAE, then UNet on its "
                        "latents). Resumable: re-running the same command continues from the last checkpoint. "
                        "The checkpoint is kept in OUT.training, so `--extend --steps N` later trains a finished "

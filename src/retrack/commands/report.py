@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     from retrack.validation import Int
 
     p = sub.add_parser(
-        "report", help="write one self-contained HTML page for a run, demo or experiment folder",
+        "report", help=help,
         description="Write report.html (images embedded, no external files): sample grids before "
         "and after with the same seeds, the forget images beside their K neighbours, the "
         "reconstruction from T/4 (--reconstruction), loss and metric curves over steps, the "

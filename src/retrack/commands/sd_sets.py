@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser(
-        "sd-sets", help="build the forget/remain sets of a text-to-image prompt from its samples",
+        "sd-sets", help=help,
         description="Sample --samples images for a prompt, compare each with the training image under a "
         "descriptor (SSCD with --sscd, else the offline pixel_cosine stand-in, named in every file), and "
         "split them: the samples that copy the training image are the forget set, the others the remain "

@@ -23,15 +23,17 @@ TOP_KEYS = ("name", "out", "model", "data", "targets", "reference_model", "seeds
             "ablations", "metrics", "sampling", "pretrained", "keep_models", "device", "tradeoff", "paired")
 SAMPLING_DEFAULTS = {"samples": 1000, "steps": 50, "sampler": "ddim", "batch_size": 64}
 TARGET_KEYS = ("indices", "files", "one_at_a_time")
-# Unlearn options the runner sets itself, per run: never from the config.
-PER_RUN = ("model", "data", "forget", "out", "seed", "method", "overwrite", "cache_dir", "device")
+# Unlearn options the runner sets itself, per run, or leaves at their defaults (the forward layout
+# changes speed, never results): never from the config, and not part of a run's fingerprint.
+PER_RUN = ("model", "data", "forget", "out", "seed", "method", "overwrite", "cache_dir", "device", "layout")
 BUILTIN = "builtin:"
 
 
 def unlearn_options() -> tuple[str, ...]:
     from retrack.unlearn_config import UnlearnConfig
+    from retrack.validation import setting_fields
 
-    return tuple(f for f in UnlearnConfig.__dataclass_fields__ if f not in PER_RUN)
+    return tuple(k for k in setting_fields(UnlearnConfig) if k not in PER_RUN)
 
 
 def parse_ints(value: Any, what: str) -> list[int]:

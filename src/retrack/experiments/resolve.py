@@ -158,16 +158,16 @@ def _forget_sets(cfg: ExperimentConfig, images: ImageSet,
 
 def _unlearn_settings(run: RunSpec, cfg: ExperimentConfig) -> dict[str, Any]:
     """The run's unlearn options with every default filled in, checked by the API's own rules."""
-    from retrack import unlearn_config as api
+    from retrack.unlearn_config import UnlearnSettings, resolve_method
 
     try:
-        full = api.resolve_method(api.UnlearnConfig(model="-", data="-", forget="0", out="-", method=run.method,
-                                                    seed=run.seed, **run.settings), processes=1)
+        full = resolve_method(UnlearnSettings.from_settings({"method": run.method, "seed": run.seed, **run.settings}),
+                              processes=1)
     except UserError as e:
         raise UserError(f"methods: {run.label}: {_as_keys(str(e))}") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"methods: {run.label}: a setting has the wrong type ({e}).") from None
-    out = {k: v for k, v in asdict(full).items() if k not in PER_RUN}
+    out = {k: v for k, v in full.settings().items() if k not in PER_RUN}
     return {"method": full.method, **out}
 
 
