@@ -13,6 +13,7 @@ from retrack.errors import UserError
 from retrack.evaluate import EvaluateConfig
 from retrack.flags import given_settings
 from retrack.generate import SampleConfig
+from retrack.sdsets import SetsConfig
 from retrack.training_eval import TrainingEvaluation
 from retrack.unlearn_config import UnlearnConfig, UnlearnSettings, config_of
 from retrack.validation import config_from_args, flag_of, setting_fields
@@ -29,6 +30,7 @@ def _flags(command: str) -> dict[str, argparse.Action]:
 @pytest.mark.parametrize(("command", "cls", "extra"), [
     ("unlearn", UnlearnConfig, {"--quiet"}),
     ("sample", SampleConfig, {"--quiet"}),
+    ("sd-sets", SetsConfig, {"--quiet"}),
     ("evaluate", EvaluateConfig, {"--model", "--data", "--forget", "--out", "--overwrite", "--quiet"}),
 ])
 def test_every_setting_is_exactly_one_flag_and_every_flag_a_setting(command, cls, extra):

@@ -68,23 +68,32 @@ COLOURS = {"training": (0, 90, 255), "forget": (230, 0, 0), "remain": (215, 215,
 class SetsConfig(Validated):
     """Every setting of `retrack sd-sets`; each field is the flag of the same name."""
 
-    model: str = option(Text())
-    out: str = option(Text())
-    prompt: str | None = option(Optional(Text()), None)
-    image: str | None = option(Optional(Text()), None)
-    prompts: str | None = option(Optional(Text()), None)
-    samples: int = option(POSITIVE_INT, 128)
-    steps: int = option(POSITIVE_INT, 50)
-    guidance: float = option(Float(0.0), 7.5)
-    seed: int = option(SEED, 0)
-    sampler: str = option(Choice("ddim", "ddpm"), "ddim")
-    batch_size: int = option(POSITIVE_INT, 16)
-    descriptor: str | None = option(Optional(Text()), None)  # None: sscd with --sscd, else pixel_cosine
-    sscd: str | None = option(Optional(Text()), None)
-    rule: str = option(Choice(*RULES), "threshold")
-    threshold: float | None = option(Optional(Float(0.0, 1.0, max_open=True)), None)
-    device: str | None = option(Optional(Device()), None)
-    overwrite: bool = option(Bool(), False)
+    model: str = option(Text(), help="StableDiffusionPipeline folder or hub id")
+    out: str = option(Text(), help="output folder")
+    prompt: str | None = option(Optional(Text()), None, help="the prompt (with --image)")
+    image: str | None = option(Optional(Text()), None,
+                               help="the training image the prompt may regurgitate (with --prompt)")
+    prompts: str | None = option(Optional(Text()), None,
+                                 help="many prompts instead: a .csv with columns prompt,image or a .jsonl of objects "
+                                 "with keys prompt, image (image paths relative to the file); each gets DIR/<slug>/")
+    samples: int = option(POSITIVE_INT, 128, help="images sampled per prompt")
+    steps: int = option(POSITIVE_INT, 50, help="sampling steps")
+    guidance: float = option(Float(0.0), 7.5, help="classifier-free guidance scale")
+    seed: int = option(SEED, 0, help="sampling seed; sample i uses generator seed seed·1000003 + i")
+    sampler: str = option(Choice("ddim", "ddpm"), "ddim", help="ddim or ddpm")
+    batch_size: int = option(POSITIVE_INT, 16, help="images per pipeline call")
+    sscd: str | None = option(Optional(Text()), None, help="the SSCD TorchScript file (sscd_disc_mixup); without "
+                              "it the offline pixel_cosine descriptor is used")
+    descriptor: str | None = option(Optional(Text()), None, help="sscd, pixel_cosine, ssim or a TorchScript file "
+                                    "(default: sscd with --sscd, else pixel_cosine)")
+    rule: str = option(Choice(*RULES), "threshold",
+                       help="threshold: similarity to the training image > --threshold; cluster: the training "
+                       "image's single-linkage cluster at --threshold (a superset)")
+    threshold: float | None = option(Optional(Float(0.0, 1.0, max_open=True)), None,
+                                     help="copy threshold in [0, 1) (default: 0.5 for sscd, 0.95 for pixel_cosine; "
+                                     "others need it)")
+    device: str | None = option(Optional(Device()), None, help="torch device (default: cuda if available, else cpu)")
+    overwrite: bool = option(Bool(), False, help="replace an existing --out")
 
 
 @dataclass(frozen=True)
