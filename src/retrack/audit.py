@@ -24,8 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrack.data import load_images
+from retrack.backends.pixel import load_model
+from retrack.data import image_digest, load_images
 from retrack.errors import require
+from retrack.grid import save_grid
+from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+from retrack.sampling import sample
 
 PAPER_L2, PAPER_PIXELS = 10.0, 784
 RATIO, NEXT = 0.5, 50
@@ -55,7 +59,6 @@ class AuditConfig:
 def group_identical(images: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
     """(one representative per distinct image, the training indices of each group), in order of
     first appearance."""
-    from retrack.data import image_digest
 
     groups: dict[str, list[int]] = {}
     for i, im in enumerate(images):
@@ -123,7 +126,6 @@ def find_copies(samples: np.ndarray, train: np.ndarray, threshold: float | None 
 def contact_sheet(samples: np.ndarray, train: np.ndarray, groups: list[dict], path: Path,
                   per_row: int = 8) -> None:
     """One row per copied group: its training image, then up to `per_row` samples that copy it."""
-    from retrack.grid import save_grid
 
     blank = np.full_like(train[:1], 255)
     rows = []
@@ -145,9 +147,6 @@ def audit(model: str, data: str, progress: bool = True, **settings: Any) -> dict
     Returns:
         The report (also written to out/audit.json with the contact sheet and forget file).
     """
-    from retrack.backends.pixel import load_model
-    from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
-    from retrack.sampling import sample
 
     cfg = _validated(AuditConfig(model=model, data=data, **settings))
     if cfg.out is not None:

@@ -18,7 +18,7 @@ import torch
 
 from retrack.errors import UserError, require
 from retrack.store import array_digest, is_store, iter_rows, open_store
-from retrack.validation import Check, Int, parse_int_text
+from retrack.validation import Check, Int, parse_int_text, read_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -276,8 +276,6 @@ def parse_forget(spec: str, data: ImageSet) -> np.ndarray:
     spec = spec.strip()
     require(bool(spec), "the forget spec is empty.")
     if spec.startswith("@"):
-        from retrack.validation import read_text
-
         f = Path(spec[1:])
         require(f.is_file(), f"forget index file {str(f)!r} does not exist.")
         lines = read_text(f, "forget index file").splitlines()
@@ -329,8 +327,6 @@ class ForgetSpec(Check):
 def check_forget_file(spec: str) -> None:
     """An '@FILE' spec's file must exist and be text, before any data is read."""
     if spec.startswith("@"):
-        from retrack.validation import read_text
-
         f = Path(spec[1:])
         require(f.is_file(), f"--forget: forget index file {str(f)!r} does not exist.")
         read_text(f, "forget index file")

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from retrack.data import ImageSet, load_images
 from retrack.errors import UserError, require
+from retrack.recipes.mnist_tshirt import PLANTED, build_mnist_planted
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
 from retrack.validation import POSITIVE_INT, SEED, Check, Float, Int, Text, Validated, load_yaml, option
 
@@ -81,7 +82,6 @@ def check_constructors(recipe: PretrainRecipe, path: Path) -> None:
 
 def check_recipe_data(name: str) -> None:
     """A recipe's data is a built-in set or an existing path; checked before anything is built."""
-    from retrack.recipes.mnist_tshirt import PLANTED
 
     planted = name.removesuffix("_remain").removeprefix("mnist_")
     builtin = name.startswith("mnist_") and planted in PLANTED
@@ -97,7 +97,6 @@ def recipe_data(name: str) -> ImageSet:
     Fashion-MNIST image; a `_remain` suffix drops the copies: the data of the model retrained from
     scratch, the gold standard an unlearned model is compared against.
     """
-    from retrack.recipes.mnist_tshirt import PLANTED, build_mnist_planted
 
     base = name.removesuffix("_remain")
     planted = base.removeprefix("mnist_")

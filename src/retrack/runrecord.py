@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from retrack.validation import Validated
+from retrack.validation import check_output as check
 
 PACKAGES = ("retrack-unlearning", "torch", "diffusers", "accelerate", "torchmetrics", "numpy", "safetensors")
 
@@ -111,7 +112,6 @@ def temp_file(out: Path) -> Path:
 def check_output(out: Path, overwrite: bool, protected: list[Path] | None = None, flag: str = "--out",
                  suffix: str | None = None) -> None:
     """Refuse an existing output unless asked to overwrite, an input's path, or an unwritable place."""
-    from retrack.validation import check_output as check
 
     check(out, flag, overwrite, protected or [], suffix)
 

@@ -40,8 +40,21 @@ from typing import Any
 
 import numpy as np
 
+from retrack.backends import family_of, stable_diffusion
+from retrack.backends.stable_diffusion import (
+    load_text_model,
+    pixel_images,
+    preprocessing,
+    require_sd_extra,
+    with_prompt,
+)
+from retrack.data import ImageSet, read_image_file
 from retrack.errors import UserError, require
+from retrack.grid import grid_image
 from retrack.metrics.copies import DESCRIPTOR_COPY_THRESHOLDS
+from retrack.metrics.similarity import EmbeddingDescriptor, make_descriptor
+from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+from retrack.sampling import sample_seeds
 from retrack.validation import (
     POSITIVE_INT,
     SEED,
@@ -53,6 +66,7 @@ from retrack.validation import (
     Text,
     Validated,
     option,
+    read_text,
 )
 
 RULES = ("threshold", "cluster")
@@ -141,7 +155,6 @@ def similarities(descriptor, training: np.ndarray, samples: np.ndarray,
                  among: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Each sample's similarity to the training image and, if `among`, to each other sample;
     embedding descriptors embed every image once."""
-    from retrack.metrics.similarity import EmbeddingDescriptor
 
     if isinstance(descriptor, EmbeddingDescriptor):
         e = descriptor.embed(np.concatenate([training[None], samples]))
@@ -159,7 +172,6 @@ def similarities(descriptor, training: np.ndarray, samples: np.ndarray,
 def read_prompts(path: Path) -> list[Job]:
     """Rows of a CSV (header with columns prompt,image) or JSONL file (objects with keys prompt,
     image); relative image paths are relative to the file's folder."""
-    from retrack.validation import read_text
 
     text = read_text(path, "--prompts file")
     rows: list[tuple[int, Any]] = []
@@ -208,7 +220,6 @@ def slugs(prompts: list[str]) -> list[str]:
 
 def read_training_image(path: Path, flag: str) -> np.ndarray:
     """uint8 (H, W, C) pixels of an image file, or one sentence saying why not."""
-    from retrack.data import read_image_file
 
     require(path.is_file(), f"{flag}: training image {str(path)!r} does not exist.")
     return read_image_file(path)
@@ -233,7 +244,6 @@ def contact_sheet(training: np.ndarray, samples: np.ndarray, forget: np.ndarray,
     red and the remain set light grey; each image scaled so that its height is `tile` pixels."""
     from PIL import Image
 
-    from retrack.grid import grid_image
 
     h, w = samples.shape[1:3]
     size = (max(1, round(tile * w / h)), tile)
@@ -267,10 +277,6 @@ class Plan:
 def resolve_sets(cfg: SetsConfig) -> Plan:
     """Everything that can be checked before the pipeline loads: the model's kind, the prompts and
     their images, the descriptor's weights, the threshold and a writable, new output."""
-    from retrack.backends import family_of
-    from retrack.backends.stable_diffusion import require_sd_extra
-    from retrack.metrics.similarity import make_descriptor
-    from retrack.runrecord import check_output
 
     if cfg.prompts is not None:
         require(cfg.prompt is None and cfg.image is None,
@@ -321,8 +327,6 @@ def sd_sets(model: str, out: str, progress: bool = True, **settings: Any) -> lis
 def run_sets(plan: Plan, progress: bool = True) -> list[dict[str, Any]]:
     """Load the pipeline once, and write each prompt's sets into the (temporary) output folder;
     the folder appears under its name only once every prompt is done."""
-    from retrack.backends.stable_diffusion import load_text_model, with_prompt
-    from retrack.runrecord import atomic_directory, environment_record, write_json
 
     cfg, out = plan.cfg, Path(plan.cfg.out)
     records: list[dict[str, Any]] = []
@@ -346,15 +350,12 @@ def run_sets(plan: Plan, progress: bool = True) -> list[dict[str, Any]]:
 def build_sets(model, job: Job, plan: Plan, folder: Path, final: Path, progress: bool) -> dict[str, Any]:
     """Sample one prompt, split its samples, and write everything but sets.json into `folder`
     (which will be renamed to `final`); returns the sets.json record."""
-    from retrack.backends.stable_diffusion import pixel_images, preprocessing, sample_text
-    from retrack.data import ImageSet
-    from retrack.sampling import sample_seeds
 
     cfg = plan.cfg
     raw = read_training_image(job.image, "--image")
     training = pixel_images(model.pipeline, raw[None])[0]
-    samples = sample_text(model, cfg.samples, cfg.steps, cfg.sampler, cfg.seed, cfg.batch_size, cfg.guidance,
-                          progress)
+    samples = stable_diffusion.sample_text(model, cfg.samples, cfg.steps, cfg.sampler, cfg.seed, cfg.batch_size,
+                                           cfg.guidance, progress)
     seeds = sample_seeds(cfg.seed, 0, cfg.samples)
     to_training, among = similarities(plan.descriptor, training, samples, among=cfg.rule == "cluster")
     forget = forget_mask(to_training, plan.threshold, cfg.rule, among)

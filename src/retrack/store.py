@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from retrack.errors import UserError, require
+from retrack.runrecord import atomic_directory
 
 FORMAT = "retrack-images"
 VERSION = 1
@@ -116,7 +117,6 @@ def write_store(chunks: Iterable[np.ndarray], shape: tuple[int, int, int, int], 
     Written into a temporary folder beside `out` and renamed at the end, so an interrupted
     conversion leaves nothing that could be mistaken for a store.
     """
-    from retrack.runrecord import atomic_directory
 
     shape = tuple(int(s) for s in shape)
     with atomic_directory(out) as tmp:

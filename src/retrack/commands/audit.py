@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from retrack.audit import FORGET_FILE, audit
+from retrack.validation import Float, Int
+
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
-    from retrack.validation import Float, Int
-
     p = sub.add_parser(
         "audit", help=help,
         description="Sample --num images, find each sample's nearest training images (L2 over "
@@ -41,8 +42,6 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrack.audit import FORGET_FILE, audit
-
     settings = {k: getattr(args, k) for k in ("num", "out", "seed", "steps", "sampler", "batch_size",
                                               "threshold", "ratio", "next", "device", "overwrite",
                                               "samples")}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from retrack.recipes.mnist_tshirt.demo import DemoConfig, format_table, run_demo
+from retrack.runrecord import check_output
+
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser(
@@ -26,8 +29,6 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from retrack.recipes.mnist_tshirt.demo import DemoConfig, format_table, run_demo
-    from retrack.runrecord import check_output
 
     cfg = DemoConfig(out=args.out, samples=args.samples, sampling_steps=args.sampling_steps,
                      seed=args.seed, device=args.device, overwrite=args.overwrite, nll=not args.no_nll)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from retrack.errors import require
+from retrack.experiments import load_config, parse_shard, run_experiment
+from retrack.validation import parse_seeds
+
 DESCRIPTION = """\
 Run every planned run of an experiment YAML (the pretrained row, each method and ablation, for
 each target and seed) and write summary.md/.csv/.json (mean ± std over seeds and targets) with
@@ -48,10 +52,6 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrack.errors import require
-    from retrack.experiments import load_config, parse_shard, run_experiment
-    from retrack.validation import parse_seeds
-
     sets = list(args.set)
     if args.seeds is not None:
         sets.append(f"seeds={parse_seeds(args.seeds)}")

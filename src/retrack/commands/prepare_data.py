@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from retrack.api import prepare_data
+
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
     p = sub.add_parser(
@@ -21,8 +23,6 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrack.api import prepare_data
-
     header = prepare_data(args.data, args.out, args.overwrite, progress=not args.quiet)
     shape = "×".join(str(s) for s in header["shape"])
     print(f"wrote {args.out}: {shape} uint8 (N×H×W×C), sha256 {header['digest']}")

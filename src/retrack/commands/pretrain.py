@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from retrack.backends.stable_diffusion import quiet_libraries, require_sd_extra
+from retrack.errors import require
+from retrack.pretrain import PretrainRecipe, check_recipe_data, pretrain
+from retrack.recipes.latent_tshirt.recipe import KIND, LatentRecipe, recipe_kind
+from retrack.recipes.latent_tshirt.train import build_latent_model
+from retrack.runrecord import check_output
 from retrack.validation import POSITIVE_INT, Device, Optional
 
 
@@ -28,10 +34,6 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrack.errors import require
-    from retrack.pretrain import PretrainRecipe, check_recipe_data, pretrain
-    from retrack.recipes.latent_tshirt.recipe import KIND, recipe_kind
-
     if recipe_kind(args.config) == KIND:
         return run_latent(args)
     recipe = PretrainRecipe.from_yaml(args.config)
@@ -44,12 +46,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_latent(args: argparse.Namespace) -> int:
-    from retrack.backends.stable_diffusion import quiet_libraries, require_sd_extra
-    from retrack.errors import require
-    from retrack.recipes.latent_tshirt.recipe import LatentRecipe
-    from retrack.recipes.latent_tshirt.train import build_latent_model
-    from retrack.runrecord import check_output
-
     require(not args.extend, "--extend trains pixel recipes longer; a latent-text recipe is rebuilt with --steps.")
     require_sd_extra()
     with quiet_libraries():

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from retrack.report import write_report
+from retrack.validation import Int
+
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
-    from retrack.validation import Int
-
     p = sub.add_parser(
         "report", help=help,
         description="Write report.html (images embedded, no external files): sample grids before "
@@ -34,8 +35,6 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrack.report import write_report
-
     path = write_report(args.folder, args.out, args.overwrite, samples=args.samples,
                         sampling_steps=args.sampling_steps, seed=args.seed,
                         reconstruction=args.reconstruction, max_forget=args.max_forget,

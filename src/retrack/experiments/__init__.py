@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from retrack.experiments import distributed
 from retrack.experiments.config import ExperimentConfig, MethodSpec, Targets, load_config, parse_ints
 from retrack.experiments.metrics import Column, Metric, RunContext, register_metric
 from retrack.experiments.plan import RunSpec, parse_shard, plan, select, shard
 from retrack.experiments.resolve import Resolved, resolve
-from retrack.experiments.runner import merge, run_share, status
+from retrack.experiments.runner import merge, refuse_stale, run_share, status
 
 __all__ = ["Column", "ExperimentConfig", "Metric", "MethodSpec", "Outcome", "Resolved", "RunContext",
            "RunSpec", "Targets", "load_config", "merge", "parse_ints", "parse_shard", "plan",
@@ -41,7 +42,6 @@ def run_experiment(cfg: ExperimentConfig, methods: list[str] | None = None, shar
 
     The table is written when the whole plan ran in this call (no --shard), or on `only_merge`.
     """
-    from retrack.experiments import distributed
 
     procs = processes or distributed.launched()
     distributed.detach(procs)  # before anything reads the launch: each run trains in one process
@@ -52,9 +52,6 @@ def run_experiment(cfg: ExperimentConfig, methods: list[str] | None = None, shar
 
 
 def _run(cfg, methods, shard_of, force, only_merge, dry_run, progress, procs) -> Outcome:
-    from retrack.experiments import distributed
-    from retrack.experiments.runner import refuse_stale
-
     res = resolve(cfg)
     runs = select(res.runs, methods)
     i, n = shard_of

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrack.data import ImageSet
+from retrack.data import ImageSet, load_images
 from retrack.errors import require
+from retrack.recipes import RECIPES
+from retrack.recipes.mnist_tshirt import build_mnist_planted
+from retrack.recipes.mnist_tshirt.demo import SHIPPED_MODEL
 
 
 @dataclass(frozen=True)
@@ -22,15 +25,11 @@ class BuiltinData:
 
 
 def _shipped_mnist_tshirt() -> str:
-    from retrack.recipes.mnist_tshirt.demo import SHIPPED_MODEL
-
     return str(SHIPPED_MODEL)
 
 
 def _mnist_planted(name: str) -> Callable[[], BuiltinData]:
     def build() -> BuiltinData:
-        from retrack.recipes.mnist_tshirt import build_mnist_planted
-
         built = build_mnist_planted(name)
         return BuiltinData(built.data, built.forget)
 
@@ -38,8 +37,6 @@ def _mnist_planted(name: str) -> Callable[[], BuiltinData]:
 
 
 def _shipped_mnist_boot() -> str:
-    from retrack.recipes import RECIPES
-
     return str(RECIPES / "mnist_boot" / "model")
 
 
@@ -75,8 +72,6 @@ def write_builtin_data(built: BuiltinData, folder: Path, name: str) -> tuple[Pat
 
 
 def _digest_of(path: Path) -> str:
-    from retrack.data import load_images
-
     try:
         return load_images(path).digest()
     except Exception:  # noqa: BLE001  (a damaged copy is simply rewritten)

@@ -14,14 +14,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from retrack.experiments.nearest import distances_to
+from retrack.metrics.reference import changed_samples
+
 CHANGED_MD = "changed.md"
 
 
 def changed_fractions(samples: Mapping[str, Mapping[int, np.ndarray]], baseline: str, target: np.ndarray,
                       copy_threshold: float) -> dict[str, dict[int, float]]:
     """row → seed → visibly changed fraction against the baseline row's samples of that seed."""
-    from retrack.experiments.nearest import distances_to
-    from retrack.metrics.reference import changed_samples
 
     before = samples.get(baseline, {})
     copies = {seed: distances_to(x, target) < copy_threshold for seed, x in before.items()}

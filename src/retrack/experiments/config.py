@@ -15,9 +15,11 @@ from typing import Any
 import yaml
 
 from retrack.errors import UserError, require
+from retrack.experiments.metrics import check_metric
 from retrack.experiments.paired import parse_paired
 from retrack.experiments.tradeoff import parse_tradeoff
-from retrack.validation import Int, IntList, load_yaml, parse_seeds, read_text
+from retrack.unlearn_config import UnlearnConfig
+from retrack.validation import Int, IntList, load_yaml, parse_seeds, read_text, setting_fields
 
 TOP_KEYS = ("name", "out", "model", "data", "targets", "reference_model", "seeds", "train", "methods",
             "ablations", "metrics", "sampling", "pretrained", "keep_models", "device", "tradeoff", "paired")
@@ -30,9 +32,6 @@ BUILTIN = "builtin:"
 
 
 def unlearn_options() -> tuple[str, ...]:
-    from retrack.unlearn_config import UnlearnConfig
-    from retrack.validation import setting_fields
-
     return tuple(k for k in setting_fields(UnlearnConfig) if k not in PER_RUN)
 
 
@@ -220,8 +219,6 @@ def _ablations(ab: dict[str, Any],
 
 
 def _metrics(value: Any) -> dict[str, dict[str, Any]]:
-    from retrack.experiments.metrics import check_metric
-
     if isinstance(value, list):
         value = {name: {} for name in value}
     found = _mapping(value, "metrics")

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from retrack.errors import UserError, require
+from retrack.evaluate import EvaluateConfig, evaluate
+from retrack.metrics import registry
 
 
 def pct(v: float) -> str:
@@ -87,8 +89,6 @@ class RunContext:
 
     def evaluation(self) -> dict[str, Any]:
         if self._evaluation is None:
-            from retrack.evaluate import evaluate
-
             names = [n for n in self.metrics if n in evaluate_metric_names()]
             samples = self.run_dir / "samples.npz" if self.run_dir is not None else None
             self._evaluation = evaluate(self.model, self.data, self.forget, names, progress=self.progress,
@@ -97,15 +97,12 @@ class RunContext:
 
 
 def evaluate_metric_names() -> tuple[str, ...]:
-    from retrack.metrics import registry
-
     return registry.metric_names()
 
 
 def evaluate_settings(ctx: RunContext) -> dict[str, Any]:
     """EvaluateConfig fields for the run: every evaluate metric's settings merged, the sampling
     settings and seed, and the reference model where EvaluateConfig takes one."""
-    from retrack.evaluate import EvaluateConfig
 
     merged = merged_evaluate_settings(ctx.metrics)
     s = ctx.sampling
@@ -137,8 +134,6 @@ def merged_evaluate_settings(metrics: dict[str, dict[str, Any]]) -> dict[str, An
 # ---------------------------------------------------------------------------------------------
 
 def _evaluate_columns(name: str) -> Callable[[dict[str, Any]], tuple[Column, ...]]:
-    from retrack.metrics import registry
-
     spec = registry.get(name)
     key, fmt = spec.column or name, pct if spec.percent else two
 
@@ -152,8 +147,6 @@ def _evaluate_columns(name: str) -> Callable[[dict[str, Any]], tuple[Column, ...
 
 
 def _evaluate_compute(name: str):
-    from retrack.metrics import registry
-
     spec = registry.get(name)
 
     def compute(ctx: RunContext, settings: dict[str, Any]) -> tuple[dict[str, float], Any]:
@@ -166,8 +159,6 @@ def _evaluate_compute(name: str):
 
 def _evaluate_check(name: str):
     def check(settings: dict[str, Any]) -> None:
-        from retrack.evaluate import EvaluateConfig
-
         allowed = [f for f in EvaluateConfig.__dataclass_fields__ if f not in _EVAL_PER_RUN]
         bad = [k for k in settings if k not in allowed]
         if bad:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrack.metrics.copies import l2_distances
+
 NEAREST_PNG, NEAREST_MD = "nearest.png", "nearest.md"
 REFERENCE_ROW = "reference model"  # the retrained model's row, last
 SHOWN = 9  # samples per row in the figure
@@ -25,7 +27,6 @@ SHOWN = 9  # samples per row in the figure
 
 def distances_to(samples: np.ndarray, target: np.ndarray) -> np.ndarray:
     """(N,) pixel L2 in [0, 1] units from each uint8 sample to the uint8 target image."""
-    from retrack.metrics.copies import l2_distances
 
     return l2_distances(samples, target[None])[:, 0]
 

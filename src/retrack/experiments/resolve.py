@@ -19,11 +19,15 @@ import numpy as np
 
 from retrack.data import ImageSet, load_images, parse_forget, split
 from retrack.errors import UserError, require
+from retrack.evaluate import EvaluateConfig, resolved
 from retrack.experiments.builtins import BuiltinData, builtin_data, builtin_model
 from retrack.experiments.config import BUILTIN, PER_RUN, ExperimentConfig
-from retrack.experiments.metrics import evaluate_metric_names, merged_evaluate_settings
+from retrack.experiments.metrics import evaluate_metric_names, get_metric, merged_evaluate_settings
+from retrack.experiments.paired import check_paired
 from retrack.experiments.plan import RunSpec, plan
+from retrack.experiments.tradeoff import axes_for
 from retrack.runrecord import tree_sha256
+from retrack.unlearn_config import UnlearnSettings, resolve_method
 
 FINGERPRINT_VERSION = 1
 # Evaluate settings that name a weight file unless they hold one of these built-in names.
@@ -158,7 +162,6 @@ def _forget_sets(cfg: ExperimentConfig, images: ImageSet,
 
 def _unlearn_settings(run: RunSpec, cfg: ExperimentConfig) -> dict[str, Any]:
     """The run's unlearn options with every default filled in, checked by the API's own rules."""
-    from retrack.unlearn_config import UnlearnSettings, resolve_method
 
     try:
         full = resolve_method(UnlearnSettings.from_settings({"method": run.method, "seed": run.seed, **run.settings}),
@@ -178,16 +181,12 @@ def _as_keys(message: str) -> str:
 
 def _check_tradeoff(cfg: ExperimentConfig) -> None:
     """The plot's axes must be columns of the table, checked before the first run."""
-    from retrack.experiments.metrics import get_metric
-    from retrack.experiments.tradeoff import axes_for
 
     axes_for(cfg.tradeoff, [c for name, st in cfg.metrics.items() for c in get_metric(name).columns(st)])
 
 
 def _check_paired(cfg: ExperimentConfig, runs: list[RunSpec]) -> None:
     """paired.md's base row and column must exist, checked before the first run."""
-    from retrack.experiments.metrics import get_metric
-    from retrack.experiments.paired import check_paired
 
     labels = list(dict.fromkeys(r.label for r in runs))
     check_paired(cfg.paired, labels, [c for name, st in cfg.metrics.items() for c in get_metric(name).columns(st)])
@@ -196,7 +195,6 @@ def _check_paired(cfg: ExperimentConfig, runs: list[RunSpec]) -> None:
 def _metric_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """The metrics with their settings resolved as evaluate() will (defaults filled, weight files
     checked), so a changed default or weight file changes the fingerprint too."""
-    from retrack.evaluate import EvaluateConfig, resolved
 
     names = tuple(n for n in cfg.metrics if n in evaluate_metric_names())
     merged = merged_evaluate_settings(cfg.metrics)

@@ -15,15 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retrack import api
 from retrack.errors import UserError, require
+from retrack.evaluate import companion_cache_path
 from retrack.experiments.builtins import write_builtin_data
+from retrack.experiments.changed import CHANGED_MD, changed_fractions, changed_markdown
 from retrack.experiments.metrics import Column, RunContext, get_metric
+from retrack.experiments.nearest import NEAREST_MD, NEAREST_PNG, REFERENCE_ROW, load_samples, nearest_outputs
 from retrack.experiments.paired import PAIRED_FILE, check_paired, paired_table
 from retrack.experiments.plan import PRETRAINED, RunSpec
 from retrack.experiments.resolve import Resolved, digest_settings
 from retrack.experiments.tables import write_summary
 from retrack.experiments.tradeoff import TRADEOFF_FILE, axes_for, draw_tradeoff
+from retrack.metrics.reference import scaled_l2_threshold
 from retrack.runrecord import environment_record, write_bytes, write_json, write_text
+from retrack.validation import default_device
 
 FINISHED, FINGERPRINT = "metrics.json", "fingerprint.json"
 
@@ -90,7 +96,6 @@ def _prepare(res: Resolved, out: Path) -> str:
 
 def execute(res: Resolved, run: RunSpec, folder: Path, data_path: str, progress: bool = False) -> dict[str, Any]:
     """Unlearn (unless the pretrained row), then measure; metrics.json is written last."""
-    from retrack.api import unlearn
 
     cfg = res.cfg
     shutil.rmtree(folder, ignore_errors=True)  # an interrupted or stale run starts over
@@ -100,7 +105,7 @@ def execute(res: Resolved, run: RunSpec, folder: Path, data_path: str, progress:
     model = res.model
     if run.method is not None:
         model = str(folder / "model")
-        unlearn(res.model, data_path, forget, model, progress=progress, method=run.method, seed=run.seed,
+        api.unlearn(res.model, data_path, forget, model, progress=progress, method=run.method, seed=run.seed,
                 cache_dir=str(Path(cfg.out) / "cache"), device=cfg.device, **run.settings)
     ctx = RunContext(model, res.data, forget, run.seed, cfg.sampling, cfg.metrics, res.reference_model,
                      cfg.device, folder, progress, sample_cache=str(Path(cfg.out) / "cache" / "samples"))
@@ -166,8 +171,6 @@ def _write_sample_views(res: Resolved, out: Path, finished: list[RunSpec]) -> No
     """nearest.md and nearest.png from the samples the finished runs saved (first target only),
     with the reference model's samples from the sample cache where they are there; changed.md
     from the same samples against the pretrained row's."""
-    from retrack.experiments.changed import CHANGED_MD, changed_fractions, changed_markdown
-    from retrack.experiments.nearest import NEAREST_MD, NEAREST_PNG, REFERENCE_ROW, load_samples, nearest_outputs
 
     target = res.runs[0].target
     samples: dict[str, dict[int, Any]] = {}
@@ -195,7 +198,6 @@ def _write_sample_views(res: Resolved, out: Path, finished: list[RunSpec]) -> No
 
 def _copy_threshold(res: Resolved) -> float:
     """The experiment's L2 copy threshold (copies: settings), else the paper's 10 at 28×28."""
-    from retrack.metrics.reference import scaled_l2_threshold
 
     copies = res.cfg.metrics.get("copies") or {}
     if copies.get("copy_rule", "l2") == "l2" and copies.get("copy_threshold") is not None:
@@ -205,8 +207,6 @@ def _copy_threshold(res: Resolved) -> float:
 
 def _reference_cache(res: Resolved, out: Path, seed: int) -> Path:
     """Where evaluate() kept the reference model's samples for this seed (see companion_samples)."""
-    from retrack.evaluate import companion_cache_path
-    from retrack.validation import default_device
 
     s = res.cfg.sampling
     device = default_device(res.cfg.device)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from retrack.data import to_model_range, to_uint8
 from retrack.errors import UserError, require
 from retrack.metrics.likelihood import model_device_dtype
+from retrack.sampling import reconstruct
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -197,7 +198,6 @@ def reconstruction_similarity(
     Batch k > 0 draws its noise from a seed derived from (seed, k), so with up to `batch_size`
     images the noise is exactly `sampling.reconstruct(..., seed)`'s.
     """
-    from retrack.sampling import reconstruct
 
     require(images.ndim == 4 and images.dtype == np.uint8, "images must be uint8 (N, H, W, C).")
     t_start = int(scheduler_config["num_train_timesteps"]) // 4 if t_start is None else int(t_start)

@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from retrack.data import ImageSet, image_digest, load_images
+from retrack.backends.pixel import load_model
+from retrack.data import ImageSet, image_digest, load_images, to_model_range, to_uint8
 from retrack.errors import UserError
+from retrack.sampling import reconstruct, sample
 
 
 def local_model(spec: Any, base: Path | None = None) -> Path | None:
@@ -27,8 +29,6 @@ def local_model(spec: Any, base: Path | None = None) -> Path | None:
 
 def draw_samples(model: Path, num: int, steps: int, seed: int, device: str) -> np.ndarray:
     """`num` DDIM samples with per-sample seeds: the same seed gives the same noise to any model."""
-    from retrack.backends.pixel import load_model
-    from retrack.sampling import sample
 
     loaded = load_model(model, device)
     return sample(loaded.denoiser, dict(loaded.scheduler.config), num, steps, "ddim", seed,
@@ -39,9 +39,6 @@ def draw_reconstructions(model: Path, images: np.ndarray, seed: int, device: str
     """Each image noised to T/4 and denoised with ancestral DDPM (the paper's memorisation probe)."""
     import torch
 
-    from retrack.backends.pixel import load_model
-    from retrack.data import to_model_range, to_uint8
-    from retrack.sampling import reconstruct
 
     loaded = load_model(model, device)
     x = to_model_range(torch.from_numpy(np.ascontiguousarray(images)).to(device))

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from retrack.grid import grid_image
 from retrack.report.draw import local_model
 from retrack.report.folders import Experiment, ExperimentRun
 from retrack.report.html import Page
@@ -57,8 +58,6 @@ def _tables(page: Page, exp: Experiment) -> None:
 
 
 def _samples(page: Page, shown: dict[str, ExperimentRun], where: str, opts: ReportOptions) -> None:
-    from retrack.grid import grid_image
-
     page.heading(f"Samples ({where}: every row draws with the same per-sample seeds)")
     missing = []
     for label, r in shown.items():

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from retrack.curves import Series, curves
+from retrack.grid import grid_image
 
 __all__ = ["Series", "curves", "image_rows"]
 
 
 def image_rows(rows: Sequence[np.ndarray], scale: int = 3, pad: int = 2):
     """Rows of uint8 (N_i, H, W, C) images, one row each, left-aligned on a white canvas."""
-    from retrack.grid import grid_image
 
     width = max(len(r) for r in rows)
     padded = []

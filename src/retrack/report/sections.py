@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from retrack.errors import UserError
+from retrack.grid import grid_image
 from retrack.report.draw import distinct_rows, draw_reconstructions, forget_and_neighbours, locate_data
 from retrack.report.figures import curves, image_rows
 from retrack.report.folders import split_log
@@ -98,8 +99,6 @@ def neighbours_section(page: Page, name: str, record: dict[str, Any], roots: lis
 
 def before_after_grids(page: Page, name: str, before: np.ndarray | None, after: np.ndarray | None,
                        caption: str, labels: tuple[str, str] = ("before", "after")) -> None:
-    from retrack.grid import grid_image
-
     for tag, images in zip(labels, (before, after), strict=True):
         if images is not None and len(images):
             page.figure(f"{name}-{tag}", grid_image(images, scale=scale_for(images)),

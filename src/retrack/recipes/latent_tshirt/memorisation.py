@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from retrack.backends.stable_diffusion import load_text_model, sample_text
 from retrack.metrics.copies import PAPER_L2_THRESHOLD, l2_distances
-from retrack.recipes.latent_tshirt.data import unpad
+from retrack.metrics.similarity import PixelCosine
+from retrack.recipes.latent_tshirt.data import PROMPTS, build_latent_tshirt, unpad
 
 PIXEL_COSINE_THRESHOLD = 0.95
 
@@ -26,7 +28,6 @@ def copy_measures(samples: np.ndarray, planted: np.ndarray, others: np.ndarray) 
     samples: uint8 (N, 32, 32, 3) as drawn; planted: uint8 (32, 32, 1) padded; others: the distinct
     training images except the planted one, uint8 (M, 32, 32, 1) padded.
     """
-    from retrack.metrics.similarity import PixelCosine
 
     grey = unpad(samples)
     to_planted = l2_distances(grey, unpad(planted[None]))[:, 0]
@@ -73,8 +74,6 @@ def measure_model(model: str, data_model: str, samples: int, seed: int = 12345, 
     `model` may be it or an unlearned copy. Returns, per prompt, the summary, the samples and the
     per-sample measures.
     """
-    from retrack.backends.stable_diffusion import load_text_model, sample_text
-    from retrack.recipes.latent_tshirt.data import PROMPTS
 
     planted, others = training_images(data_model)
     results, images, measures = {}, {}, {}
@@ -97,7 +96,6 @@ def training_images(data_model: str) -> tuple[np.ndarray, np.ndarray]:
     import json
     from pathlib import Path
 
-    from retrack.recipes.latent_tshirt.data import build_latent_tshirt
 
     data = json.loads((Path(data_model) / "provenance.json").read_text())["config"]["data"]
     built = build_latent_tshirt(data["tshirts"], data["copies"], data.get("fashion_dir"), data.get("mnist_dir"))

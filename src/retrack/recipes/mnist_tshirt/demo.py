@@ -16,8 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from retrack.api import unlearn
 from retrack.errors import require
 from retrack.grid import save_grid
+from retrack.metrics.copies import l2_distances
+from retrack.neighbours import nearest_neighbours
+from retrack.recipes.mnist_tshirt import build_mnist_tshirt
 from retrack.recipes.mnist_tshirt.evaluation import evaluate_model
 from retrack.report import write_report
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
@@ -63,7 +67,6 @@ class DemoData:
 
 def write_data(out: Path) -> DemoData:
     """Build MNIST T-shirt into out/data/: the .npz and the forget list (one index per line)."""
-    from retrack.recipes.mnist_tshirt import build_mnist_tshirt
 
     built = build_mnist_tshirt()
     (out / "data").mkdir(parents=True, exist_ok=True)
@@ -75,15 +78,12 @@ def write_data(out: Path) -> DemoData:
 
 
 def neighbours_figure(tshirt: np.ndarray, remain: np.ndarray, k: int, path: Path) -> None:
-    from retrack.neighbours import nearest_neighbours
-
     idx, _ = nearest_neighbours(remain, tshirt[None], k, progress=False)
     save_grid(np.concatenate([tshirt[None], remain[idx[0]]]), path, ncol=k + 1, scale=4)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Everything `retrack demo` does; returns the metrics written to metrics.json."""
-    from retrack.api import unlearn
 
     out = Path(cfg.out)
     require(Path(cfg.model).is_dir(), f"model {cfg.model!r} does not exist.")
@@ -117,7 +117,6 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _nearest_to(samples: np.ndarray, tshirt: np.ndarray) -> np.ndarray:
     """Samples ordered by L2 distance to the T-shirt: its copies, if any, come first."""
-    from retrack.metrics.copies import l2_distances
 
     return samples[np.argsort(l2_distances(samples, tshirt[None])[:, 0], kind="stable")]
 

@@ -12,10 +12,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from retrack.backends.pixel import load_model
 from retrack.errors import require
 from retrack.metrics.copies import l2_copies
+from retrack.metrics.likelihood import nll_bits_per_dim
 from retrack.metrics.quality import frechet_distance, inception_score
 from retrack.recipes.mnist_tshirt.classifier import DigitFeatures, DigitLogits, load_digit_classifier
+from retrack.sampling import sample
 
 TSHIRT_L2_THRESHOLD = 10.0
 IS_SPLITS = 10
@@ -43,7 +46,6 @@ def sample_metrics(samples: np.ndarray, tshirt: np.ndarray, remain: np.ndarray) 
 
 def tshirt_nll(denoiser: torch.nn.Module, tshirt: np.ndarray, seed: int = 0, probes: int = 1) -> float:
     """NLL of the T-shirt in bits/dim (probability-flow ODE, RK45 1e-5, one Rademacher probe)."""
-    from retrack.metrics.likelihood import nll_bits_per_dim
 
     return float(nll_bits_per_dim(denoiser, tshirt[None], seed=seed, probes=probes).mean())
 
@@ -52,8 +54,6 @@ def evaluate_model(model: str, tshirt: np.ndarray, remain: np.ndarray, samples: 
                    sampler: str = "ddim", seed: int = 0, nll: bool = True,
                    device: str = "cpu") -> tuple[dict[str, float], np.ndarray]:
     """Sample a model with a fixed seed and measure it: (metrics, uint8 samples)."""
-    from retrack.backends.pixel import load_model
-    from retrack.sampling import sample
 
     loaded = load_model(model, device)
     images = sample(loaded.denoiser, loaded.scheduler.config, samples, steps, sampler, seed)
