@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from retrack.errors import UserError, require
 from retrack.store import array_digest, is_store, iter_rows, open_store
+from retrack.untrusted import load_cifar_batch
 from retrack.validation import Check, Int, parse_int_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -249,9 +249,8 @@ def _load_cifar(d: Path) -> np.ndarray:
         f = d / f"data_batch_{i}"
         require(f.is_file(), f"CIFAR-10 batch {str(f)!r} is missing (data_batch_1 to 5 are needed).")
         try:
-            with open(f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            chunks.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            batch = load_cifar_batch(f.read_bytes())
+            chunks.append(np.asarray(batch.get(b"data", batch.get("data")), dtype=np.uint8).reshape(-1, 3, 32, 32))
         except Exception as e:  # a pickle can fail in any way; the file is what the user must fix
             raise UserError(f"{str(f)!r} is not a CIFAR-10 python batch ({type(e).__name__}: "
                             f"{_first_line(e)}).") from None

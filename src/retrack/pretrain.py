@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from retrack.data import ImageSet, load_images
 from retrack.errors import UserError, require
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+from retrack.untrusted import load_checkpoint
 from retrack.validation import POSITIVE_INT, SEED, Check, Float, Int, Text, Validated, load_yaml, option
 
 
@@ -132,9 +133,10 @@ def check_extension(out: Path, total: int) -> None:
 
 
 def _saved_step(ckpt: Path) -> int:
+    saved = load_checkpoint(ckpt, "cpu")
     try:
-        return int(torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["step"])
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        return int(saved["state"]["step"])
+    except Exception as e:  # noqa: BLE001 - whatever the mapping holds instead
         raise UserError(f"the checkpoint {str(ckpt)!r} cannot be read ({type(e).__name__}).") from None
 
 
@@ -200,17 +202,17 @@ class _TrainingRun:
         return run
 
     def _load(self, device: str) -> None:
+        saved = load_checkpoint(self.ckpt, device)
         try:
-            saved = torch.load(self.ckpt, map_location=device, weights_only=False)
             self.unet.load_state_dict(saved["unet"])
             self.ema.load_state_dict(saved["ema"])
             self.opt.load_state_dict(saved["opt"])
             self.gen.set_state(saved["gen"])
-        except Exception as e:  # noqa: BLE001 - torch.load and load_state_dict raise many types
+            identity = saved["state"].get("recipe", self.state["recipe"])  # checkpoints before this check lack it
+        except Exception as e:  # noqa: BLE001 - load_state_dict and a foreign mapping raise many types
             raise UserError(f"the checkpoint {str(self.ckpt)!r} cannot be resumed ({type(e).__name__}); it was "
                             f"written by another recipe or is damaged: delete {str(self.ckpt.parent)!r} to start "
                             f"over.") from None
-        identity = saved["state"].get("recipe", self.state["recipe"])  # checkpoints before this check lack it
         require(identity == self.state["recipe"],
                 f"the checkpoint {str(self.ckpt)!r} was written by a recipe with other settings "
                 f"({', '.join(k for k in identity if identity[k] != self.state['recipe'].get(k))}); "

@@ -1,0 +1,122 @@
+"""Hostile files, full disks and rivals: no code runs from data, no memory bombs, no partial results.
+
+Every refusal here is the one the bad-input table asks for: exit 2, one `retrack:` line, no
+traceback, and the inputs unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrack.cli import main
+
+TINY_UNET = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
+             "layers_per_block": 1, "down_block_types": ["DownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4}
+
+
+def tree(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))}
+
+
+def refused(args: list, capsys, message: str, root: Path | None = None) -> str:
+    """Run `retrack ARGS`: exit 2, one line naming `message`, no traceback, `root` unchanged."""
+    before = tree(root) if root is not None else None
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    assert err.startswith("retrack: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert "Traceback" not in err
+    if root is not None:
+        assert tree(root) == before
+    return err
+
+
+class _RunsCode:
+    """What a crafted pickle holds: unpickling it calls Path.touch(marker)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+# ---------------------------------------------------------------------------------------------
+# No code runs from a data file or a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def _pretrain_recipe(tmp_path: Path) -> Path:
+    np.savez(tmp_path / "d.npz", images=np.zeros((10, 8, 8), np.uint8))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"data": str(tmp_path / "d.npz"), "unet": TINY_UNET, "scheduler": {}, "steps": 2,
+                                  "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 1}))
+    return recipe
+
+
+@pytest.mark.parametrize("extend", [False, True], ids=["resume", "extend"])
+def test_a_crafted_checkpoint_runs_no_code(tmp_path, capsys, extend):
+    recipe, out, marker = _pretrain_recipe(tmp_path), tmp_path / "p", tmp_path / "marker"
+    (tmp_path / "p.training").mkdir()
+    if extend:
+        out.mkdir()
+    torch.save({"state": {"step": _RunsCode(marker)}}, tmp_path / "p.training" / "state.pt")
+    args = ["pretrain", "--config", recipe, "--out", out, "--device", "cpu",
+            *(["--extend", "--steps", "3"] if extend else [])]
+    refused(args, capsys, "holds more than tensors and plain values, so it is not read", tmp_path)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_tensors_and_plain_values_resumes(tmp_path, capsys):
+    recipe = _pretrain_recipe(tmp_path)
+    assert main(["pretrain", "--config", str(recipe), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert main(["pretrain", "--config", str(recipe), "--out", str(tmp_path / "p"), "--device", "cpu",
+                 "--extend", "--steps", "3"]) == 0
+    assert json.loads((tmp_path / "p" / "provenance.json").read_text())["steps"] == 3
+
+
+def _cifar(folder: Path, first: object) -> Path:
+    folder.mkdir()
+    for i in range(1, 6):
+        batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"filenames": [b"a", b"b"],
+                 b"batch_label": b"training batch"}
+        with open(folder / f"data_batch_{i}", "wb") as fh:
+            pickle.dump(first if i == 1 else batch, fh, protocol=2)
+    return folder
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_load_with_every_pickle_protocol(tmp_path, protocol):
+    from retrack.data import load_images
+
+    d = tmp_path / "c"
+    d.mkdir()
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    for i in range(1, 6):
+        (d / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": data, b"labels": [3, 4]}, protocol=protocol))
+    loaded = load_images(d)
+    assert loaded.images.shape == (10, 32, 32, 3)
+    assert np.array_equal(loaded.images[1, :, :, 2], data[1, 2048:].reshape(32, 32))
+
+
+def test_a_crafted_cifar_batch_runs_no_code(tmp_path, capsys):
+    from conftest import save_pipeline
+
+    marker = tmp_path / "marker"
+    d = _cifar(tmp_path / "cifar", {b"data": _RunsCode(marker)})
+    save_pipeline(tmp_path / "model", size=32, channels=3)
+    refused(["unlearn", "--model", tmp_path / "model", "--data", d, "--forget", "0", "--out", tmp_path / "o",
+             "--device", "cpu", "--quiet"], capsys, "getattr is not part of a CIFAR-10 batch", tmp_path)
+    refused(["prepare-data", d, "--out", tmp_path / "s"], capsys, "is not part of a CIFAR-10 batch",
+            tmp_path)
+    assert not marker.exists()
