@@ -120,3 +120,79 @@ def test_a_crafted_cifar_batch_runs_no_code(tmp_path, capsys):
     refused(["prepare-data", d, "--out", tmp_path / "s"], capsys, "is not part of a CIFAR-10 batch",
             tmp_path)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML and JSON are read within limits, before anything is built from them
+# ---------------------------------------------------------------------------------------------
+
+
+def _laughs(levels: int = 9) -> str:
+    text, prev = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n', "a"
+    for name in "bcdefghijk"[: levels - 1]:
+        text += f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]\n"
+        prev = name
+    return text
+
+
+BOMBS = {
+    "laughs": (_laughs(), "holds more than 1,000,000 values once its aliases (*name) are expanded"),
+    "deep": ("a: " + "[" * 20_000 + "]" * 20_000 + "\n", "nests mappings and lists more than 64 deep"),
+    "deep-through-aliases": ("a: &a " + "[" * 40 + "1" + "]" * 40 + "\nb: &b " + "[" * 30 + "*a" + "]" * 30 + "\n",
+                             "more than 64 deep once its aliases (*name) are expanded"),
+    "self-alias": ("a: &a [1, *a]\n", "holds an alias (*name) inside the value it names"),
+}
+
+
+@pytest.mark.parametrize("kind", BOMBS, ids=list(BOMBS))
+@pytest.mark.parametrize("command", ["experiment", "recipe", "pretrain"])
+def test_a_yaml_bomb_is_refused_within_a_second(tmp_path, capsys, kind, command):
+    import time
+    import tracemalloc
+
+    from conftest import save_pipeline
+
+    text, message = BOMBS[kind]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(text)
+    save_pipeline(tmp_path / "model")
+    np.savez(tmp_path / "d.npz", images=np.zeros((10, 8, 8), np.uint8))
+    args = {"experiment": ["experiment", bomb],
+            "recipe": ["unlearn", "--model", tmp_path / "model", "--data", tmp_path / "d.npz", "--forget", "0",
+                       "--recipe", bomb, "--out", tmp_path / "o", "--device", "cpu", "--quiet"],
+            "pretrain": ["pretrain", "--config", bomb, "--out", tmp_path / "p", "--device", "cpu"]}[command]
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        refused(args, capsys, message, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 1.0
+    assert peak < 200 << 20  # the expanded laughs would take gigabytes
+
+
+def test_long_values_are_quoted_as_bounded_excerpts(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"data": "x", "unet": "u" * 100_000, "scheduler": {}}))
+    err = refused(["pretrain", "--config", recipe, "--out", tmp_path / "p", "--device", "cpu"], capsys,
+                  "'unet' in recipe")
+    assert len(err) < 400
+    recipe.write_text("? " + "k" * 100_000 + "\n: 1\ndata: x\nunet: {}\nscheduler: {}\n")
+    assert len(refused(["pretrain", "--config", recipe, "--out", tmp_path / "p", "--device", "cpu"], capsys,
+                       "unknown key 'kkkk")) < 600
+
+
+def test_json_too_deep_or_too_large_is_one_sentence(tmp_path, capsys):
+    from retrack.errors import UserError
+    from retrack.validation import load_json
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="nests its values too deep to be read"):
+        load_json(deep, "run record")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(["sample", "--model", model, "--num", "2", "--out", tmp_path / "s.npz", "--device", "cpu"], capsys,
+            "nests its values too deep to be read", tmp_path)

@@ -21,7 +21,7 @@ from retrack.data import ImageSet, load_images
 from retrack.errors import UserError, require
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
 from retrack.untrusted import load_checkpoint
-from retrack.validation import POSITIVE_INT, SEED, Check, Float, Int, Text, Validated, load_yaml, option
+from retrack.validation import POSITIVE_INT, SEED, Check, Float, Int, Text, Validated, excerpt, load_yaml, option
 
 
 class Mapping_(Check):
@@ -31,7 +31,7 @@ class Mapping_(Check):
         return "a mapping of constructor arguments"
 
     def __call__(self, value: Any, name: str | None = None) -> dict[str, Any]:
-        require(isinstance(value, dict), f"{name} must be {self.describe()}, got {value!r}.")
+        require(isinstance(value, dict), f"{name} must be {self.describe()}, got {excerpt(value)}.")
         return dict(value)
 
 
