@@ -161,6 +161,10 @@ def test_a_yaml_bomb_is_refused_within_a_second(tmp_path, capsys, kind, command)
             "recipe": ["unlearn", "--model", tmp_path / "model", "--data", tmp_path / "d.npz", "--forget", "0",
                        "--recipe", bomb, "--out", tmp_path / "o", "--device", "cpu", "--quiet"],
             "pretrain": ["pretrain", "--config", bomb, "--out", tmp_path / "p", "--device", "cpu"]}[command]
+    import retrack.experiments
+    import retrack.pretrain
+    import retrack.unlearn_config  # noqa: F401 - imported before the clock starts
+
     tracemalloc.start()
     start = time.perf_counter()
     try:

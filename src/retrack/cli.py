@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else 2
+    from retrack.outputs import disk_error, release_all
+
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -53,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("retrack: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk met outside the atomic writers (a cache, a log)
+        full = disk_error(e, e.filename or "a file")
+        if full is None:
+            raise
+        print(f"retrack: error: {full}", file=sys.stderr)
+        return 2
+    finally:
+        release_all()  # the outputs this command held
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 from retrack.errors import UserError
 
+MIN_FREE_BYTES = 1 << 20  # an output needs at least this much room on its disk
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
 MAX_LIST = 100_000
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
@@ -364,24 +365,36 @@ def existing_dir(value: Any, flag: str, what: str = "folder") -> Path:
 
 def check_output(out: Path | str, flag: str = "--out", overwrite: bool = False,
                  protected: Iterable[Path | str] = (), suffix: str | None = None) -> Path:
-    """Refuse an output that exists (unless overwrite), overlaps an input, or cannot be written.
+    """Refuse an output that overlaps an input, that another process is writing, that exists (unless
+    overwrite), or that cannot be written; then hold it (`retrack.outputs.lock_output`) until it
+    is renamed into place or the command ends.
 
     Writability is probed by creating and removing a temporary folder in the nearest existing
     ancestor, so '/proc/x', a path below a file, or a read-only folder fail now, not after the work
     (permission bits alone lie to root). Nothing is left behind.
     """
+    from retrack.outputs import lock_output, release_output
+
     out = Path(Text()(out, flag))
     if suffix is not None and out.suffix.lower() != suffix:
         raise UserError(f"{flag} must end in {suffix}, got {str(out)!r}.")
+    check_overlap(out, protected, flag)
     resolved = out.resolve()
-    for p in protected:
+    _probe_writable(resolved, out, flag)
+    lock_output(out, flag, overwrite)
+    if out.exists() and not overwrite:
+        release_output(out)
+        raise UserError(f"{flag} {str(out)!r} exists; pass --overwrite to replace it.")
+    return out
+
+
+def check_overlap(out: Path | str, inputs: Iterable[Path | str], flag: str = "--out") -> None:
+    """Refuse an output equal to, inside or around any input (it would be written into or over it)."""
+    resolved = Path(out).resolve()
+    for p in inputs:
         p = Path(p).resolve()
         if resolved == p or p in resolved.parents or resolved in p.parents:
             raise UserError(f"{flag} {str(out)!r} overlaps the input {str(p)!r}; choose another {flag}.")
-    if out.exists() and not overwrite:
-        raise UserError(f"{flag} {str(out)!r} exists; pass --overwrite to replace it.")
-    _probe_writable(resolved, out, flag)
-    return out
 
 
 def _probe_writable(resolved: Path, shown: Path, flag: str) -> None:
@@ -397,6 +410,10 @@ def _probe_writable(resolved: Path, shown: Path, flag: str) -> None:
         raise UserError(f"{flag} {str(shown)!r} cannot be written ({e.strerror or e} in "
                         f"{str(ancestor)!r}); choose another {flag}.") from None
     shutil.rmtree(probe, ignore_errors=True)
+    free = shutil.disk_usage(ancestor).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"{flag} {str(shown)!r} cannot be written: {str(ancestor)!r} has {free} bytes free; "
+                        f"free some space or choose another {flag}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,14 +537,7 @@ def parse_yaml(text: str, what: str) -> Any:
         raise UserError(f"{what} is longer than {MAX_YAML_BYTES >> 20} MiB.")
     loader = yaml.SafeLoader(text)
     try:
-        depth = 0
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.CollectionStartEvent):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    raise UserError(f"{what} nests mappings and lists more than {MAX_DEPTH} deep.")
-            elif isinstance(event, yaml.CollectionEndEvent):
-                depth -= 1
+        _check_depth(text, what)
         node = loader.get_single_node()
         if node is not None:
             size, deep = _expanded_size(node, {}, what)
@@ -545,6 +555,26 @@ def parse_yaml(text: str, what: str) -> Any:
         raise UserError(f"{what} is not valid YAML{where}: {str(problem)[:200]}.") from None
     finally:
         loader.dispose()
+
+
+def _check_depth(text: str, what: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH from the parser's events, before any node is built (with
+    libyaml's parser where there is one: the pure-Python scanner is quadratic in the depth)."""
+    import yaml
+
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise UserError(f"{what} nests mappings and lists more than {MAX_DEPTH} deep.")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError as e:
+        if "nesting depth" in str(e):  # libyaml's own limit, met while it scans ahead
+            raise UserError(f"{what} nests mappings and lists more than {MAX_DEPTH} deep.") from None
+        # any other syntax error: the loader below names it with its line and column
 
 
 def _expanded_size(node: Any, seen: dict[int, tuple[int, int] | None], what: str) -> tuple[int, int]:
