@@ -200,3 +200,124 @@ def test_json_too_deep_or_too_large_is_one_sentence(tmp_path, capsys):
     (model / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     refused(["sample", "--model", model, "--num", "2", "--out", tmp_path / "s.npz", "--device", "cpu"], capsys,
             "nests its values too deep to be read", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One write path: full disks, rivals, and outputs inside inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small(tmp_path, monkeypatch):
+    """A tiny model and data set, and the cache in the test's folder."""
+    from conftest import save_pipeline
+
+    monkeypatch.setenv("RETRACK_CACHE", str(tmp_path / "cache"))
+    save_pipeline(tmp_path / "model")
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8))
+    (tmp_path / "out").mkdir()
+    return tmp_path
+
+
+def _unlearn(w: Path, out: Path, *extra) -> list:
+    return ["unlearn", "--model", w / "model", "--data", w / "d.npz", "--forget", "0", "--out", out, "--steps", "1",
+            "--batch-size", "4", "--quiet", "--device", "cpu", "--cache-dir", w / "cache", *extra]
+
+
+def _no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _safetensors_full(*args, **kwargs):
+    raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                       '"No space left on device" })')
+
+
+@pytest.mark.parametrize("where", ["json", "weights", "sample-npz", "report", "store"])
+def test_a_full_disk_is_one_sentence_and_leaves_nothing(small, capsys, monkeypatch, where):
+    w = small
+    if where in ("report",):
+        assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
+    before = tree(w)
+    if where == "json":
+        monkeypatch.setattr(Path, "write_bytes", _no_space)
+        args = _unlearn(w, w / "out" / "u")
+    elif where == "weights":
+        from diffusers import UNet2DModel
+
+        monkeypatch.setattr(UNet2DModel, "save_pretrained", _safetensors_full)
+        args = _unlearn(w, w / "out" / "u")
+    elif where == "sample-npz":
+        monkeypatch.setattr(np, "savez", _no_space)
+        args = ["sample", "--model", w / "model", "--num", "2", "--steps", "2", "--out", w / "out" / "s.npz",
+                "--grid", w / "out" / "g.png", "--device", "cpu", "--quiet"]
+    elif where == "report":
+        monkeypatch.setattr(Path, "write_bytes", _no_space)
+        args = ["report", w / "out" / "run", "--out", w / "out" / "r.html", "--samples", "0"]
+    else:
+        monkeypatch.setattr(Path, "write_text", _no_space)
+        args = ["prepare-data", w / "d.npz", "--out", w / "out" / "store", "--quiet"]
+    err = refused(args, capsys, "the disk is full (nothing was written); free some space or choose another --out")
+    assert tree(w) == {k: v for k, v in tree(w).items() if k.startswith("cache")} | {
+        k: v for k, v in before.items() if not k.startswith("cache")}, err
+    assert not list((w / "out").glob(".*"))  # no temporary file or .partial folder left
+
+
+def test_a_rival_process_is_refused_and_the_finished_output_is_never_replaced(small, capsys):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from retrack.outputs import lock_path
+
+    w, out = small, small / "out" / "u"
+    rival = subprocess.Popen([sys.executable, "-m", "retrack", *map(str, _unlearn(w, out, "--steps", "400"))],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and rival.poll() is None:
+            if lock_path(out).is_file() and lock_path(out).read_text() == str(rival.pid):
+                break
+            time.sleep(0.05)
+        refused(_unlearn(w, out), capsys, f"is being written by another retrack process (pid {rival.pid}); "
+                "wait for it to finish, or choose another --out")
+        refused(_unlearn(w, out, "--overwrite"), capsys, "is being written by another retrack process")
+    finally:
+        _, err = rival.communicate(timeout=300)
+    assert rival.returncode == 0, err
+    finished = tree(out)
+    refused(_unlearn(w, out), capsys, "exists; pass --overwrite to replace it")
+    assert tree(out) == finished and not lock_path(out).exists()
+    assert json.loads((out / "retrack_run.json").read_text())["config"]["steps"] == 400
+
+
+def test_an_output_that_appears_meanwhile_is_not_replaced(small):
+    from retrack.errors import UserError
+    from retrack.runrecord import atomic_directory, check_output
+
+    out = small / "out" / "x"
+    check_output(out, overwrite=False)
+    out.mkdir()  # written by something that took no lock
+    (out / "theirs").write_text("kept")
+    with pytest.raises(UserError, match="appeared while this run worked"), atomic_directory(out) as tmp:
+        (tmp / "mine").write_text("not written")
+    assert [p.name for p in out.iterdir()] == ["theirs"] and not list(out.parent.glob(".*"))
+
+
+def test_experiment_and_report_never_write_into_an_input_model(small, capsys):
+    w = small
+    config = w / "exp.yaml"
+    config.write_text(json.dumps({"model": str(w / "model"), "data": str(w / "d.npz"), "methods": {"retrack": {}},
+                                  "seeds": [0], "targets": {"indices": [0]},
+                                  "metrics": {"copies": {"copy_threshold": 1.5}},
+                                  "train": {"steps": 1, "batch_size": 4},
+                                  "sampling": {"samples": 2, "steps": 2, "batch_size": 2}}))
+    for out in (w / "model", w / "model" / "exp"):
+        refused(["experiment", config, "--out", out], capsys, f"--out {str(out)!r} overlaps the input", w)
+    assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
+    refused(["report", w / "out" / "run", "--out", w / "model" / "r.html", "--samples", "0"], capsys,
+            "overlaps the input", w)

@@ -35,6 +35,12 @@ def _lock_dir() -> Path:
     return folder
 
 
+def lock_path(out: Path) -> Path:
+    """The lock file of an output (it holds the pid of the process writing it)."""
+    key = str(Path(out).resolve())
+    return _lock_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+
+
 def lock_output(out: Path, flag: str = "--out", overwrite: bool = False) -> None:
     """Hold an exclusive lock on `out` (resolved) for this process, or refuse: another process holds it."""
     import fcntl
@@ -42,7 +48,7 @@ def lock_output(out: Path, flag: str = "--out", overwrite: bool = False) -> None
     key = str(Path(out).resolve())
     if key in _HELD:
         return
-    path = _lock_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+    path = lock_path(out)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
