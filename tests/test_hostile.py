@@ -321,3 +321,39 @@ def test_experiment_and_report_never_write_into_an_input_model(small, capsys):
     assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
     refused(["report", w / "out" / "run", "--out", w / "model" / "r.html", "--samples", "0"], capsys,
             "overlaps the input", w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images of every mode are converted as the pipelines convert them
+# ---------------------------------------------------------------------------------------------
+
+
+def test_16_bit_pngs_round_trip_to_the_expected_8_bit(tmp_path):
+    from PIL import Image
+
+    from retrack.data import load_images
+
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    for i, im in enumerate(eight):
+        Image.fromarray(im.astype(np.uint16) * 257).save(tmp_path / f"{i}.png")  # the same values, 16 bits
+    with Image.open(tmp_path / "0.png") as im:
+        assert im.mode.startswith("I")
+    np.testing.assert_array_equal(load_images(tmp_path).images[..., 0], eight)
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "0.png")  # mid-grey, not white
+    assert int(load_images(tmp_path).images[0].max()) == 128
+
+
+@pytest.mark.parametrize("mode, expected", [("LA", [[7]]), ("RGBA", [[[1, 2, 3]]]), ("P", [[[10, 20, 30]]]),
+                                             ("F", [[128]]), ("1", [[255]])])
+def test_other_modes_convert_like_the_pipelines(mode, expected):
+    from PIL import Image
+
+    from retrack.data import image_to_uint8
+
+    im = {"LA": lambda: Image.fromarray(np.array([[[7, 9]]], np.uint8), "LA"),
+          "RGBA": lambda: Image.fromarray(np.array([[[1, 2, 3, 0]]], np.uint8), "RGBA"),
+          "P": lambda: Image.fromarray(np.array([[[10, 20, 30]]], np.uint8)).convert("P", palette=Image.ADAPTIVE),
+          "F": lambda: Image.fromarray(np.array([[0.502]], np.float32), "F"),
+          "1": lambda: Image.fromarray(np.array([[255]], np.uint8)).convert("1")}[mode]()
+    assert image_to_uint8(im).tolist() == expected

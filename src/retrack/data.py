@@ -175,11 +175,32 @@ def read_image_file(f: Path) -> np.ndarray:
 
     try:
         with Image.open(f) as im:
-            im = im.convert("L") if im.mode in ("L", "1", "I;16", "LA") else im.convert("RGB")
-            arr = np.array(im)
+            arr = image_to_uint8(im, f)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"could not read image {str(f)!r}: {_first_line(e)}.") from None
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def image_to_uint8(im, name: Path | str = "the image") -> np.ndarray:
+    """(H, W) grey or (H, W, 3) RGB uint8 of any PIL mode, as the pipelines see an image: 16-bit
+    and 32-bit integer grey are scaled (65535 → 255, not clipped), float grey in [0, 1] scaled by
+    255, alpha dropped, palettes, CMYK, YCbCr and the rest converted to RGB."""
+    if im.mode not in GREY_MODES:
+        return np.array(im.convert("RGB"))
+    if im.mode in ("1", "L", "LA", "La"):
+        return np.array(im.convert("L"))
+    arr = np.asarray(im)
+    if im.mode == "F":
+        require(bool(np.isfinite(arr).all()) and arr.min() >= 0 and arr.max() <= 1,
+                f"image {str(name)!r} holds floating-point values outside [0, 1]; save it as an 8- or 16-bit image.")
+        return np.rint(arr.astype(np.float64) * 255).astype(np.uint8)
+    arr = arr.astype(np.int64)
+    require(arr.min() >= 0 and arr.max() <= 65535,
+            f"image {str(name)!r} holds values outside 0–65535; save it as an 8- or 16-bit image.")
+    return ((arr * 255 + 32767) // 65535).astype(np.uint8)  # 16-bit → 8-bit, rounded
 
 
 def _is_zip(p: Path) -> bool:
