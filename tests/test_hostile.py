@@ -357,3 +357,52 @@ def test_other_modes_convert_like_the_pipelines(mode, expected):
           "F": lambda: Image.fromarray(np.array([[0.502]], np.float32), "F"),
           "1": lambda: Image.fromarray(np.array([[255]], np.uint8)).convert("1")}[mode]()
     assert image_to_uint8(im).tolist() == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers of damaged files, and options that cannot take effect
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("not-zip", lambda p: p.write_bytes(b"not a zip at all"), "is not an .npz archive"),
+    ("npy", lambda p: np.save(p.with_suffix(".npy"), np.zeros((2, 8, 8, 1), np.uint8)) or
+     p.with_suffix(".npy").rename(p), "is a bare array, not an .npz holding 'images'"),
+    ("objects", lambda p: np.savez(p, images=np.array([{"a": 1}], dtype=object)), "is not plain numbers"),
+    ("no-images", lambda p: np.savez(p, pixels=np.zeros((2, 8, 8, 1), np.uint8)), "holds no 'images' array"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_audit_samples_that_are_damaged_or_foreign(small, capsys, name, write, message):
+    w = small
+    samples = w / "s.npz"
+    write(samples)
+    refused(["audit", "--model", w / "model", "--data", w / "d.npz", "--samples", samples, "--device", "cpu",
+             "--quiet"], capsys, message, w)
+
+
+def test_audit_ratio_that_never_decides(small, capsys):
+    refused(["audit", "--model", small / "model", "--data", small / "d.npz", "--ratio", "1.5", "--num", "2"],
+            capsys, "--ratio 1.5 never decides", small)
+
+
+def test_report_on_damaged_logs_and_samples_names_what_is_missing(small, capsys):
+    from retrack.report.folders import RunFolder, read_samples
+
+    w = small
+    assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
+    (w / "out" / "run" / "retrack_log.json").write_text('{"not": "a list"}')
+    (w / "out" / "run" / "retrack_run.json").write_text('{"config": [1, 2]}')
+    run = RunFolder.read(w / "out" / "run")
+    assert run.log == [] and run.config == {}
+    (w / "bad.npz").write_bytes(b"PK\x03\x04 damaged")
+    np.savez(w / "obj.npz", images=np.array([None], dtype=object))
+    np.savez(w / "f.npz", images=np.zeros((2, 8, 8, 1), np.float32))
+    assert [read_samples(w / n) for n in ("bad.npz", "obj.npz", "f.npz", "none.npz")] == [None] * 4
+    assert main(["report", str(w / "out" / "run"), "--out", str(w / "r.html"), "--samples", "0"]) == 0
+
+
+def test_pretrain_data_that_the_unet_cannot_take_leaves_no_training_folder(tmp_path, capsys):
+    recipe = _pretrain_recipe(tmp_path)
+    np.savez(tmp_path / "d.npz", images=np.zeros((10, 8, 8, 3), np.uint8))
+    refused(["pretrain", "--config", recipe, "--out", tmp_path / "p", "--device", "cpu"], capsys,
+            "the recipe's data holds 3-channel images but its unet: takes in_channels=1, out_channels=1; set both "
+            "to 3.", tmp_path)

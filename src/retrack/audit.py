@@ -181,6 +181,10 @@ def _read_samples(path: str) -> np.ndarray:
     import zipfile
 
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        require(magic[:4] in (b"PK\x03\x04", b"PK\x05\x06") or magic == b"\x93NUMPY",
+                f"--samples {path!r} is not an .npz archive (as `retrack sample` writes).")
         loaded = np.load(path, allow_pickle=False)
         require(isinstance(loaded, np.lib.npyio.NpzFile),
                 f"--samples {path!r} is a bare array, not an .npz holding 'images' (as `retrack sample` writes).")

@@ -164,6 +164,7 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
         raise UserError(f"unet: of the recipe is not a valid UNet2DModel: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}.") from None
     data = recipe_data(recipe.data)
+    _check_data_fits(recipe, data)
     run = _TrainingRun.start(recipe, device, training_folder(out))
     require(run.state["step"] <= total,
             f"the checkpoint {str(run.ckpt)!r} already holds {run.state['step']} steps, more than the {total} "
@@ -171,6 +172,23 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
     run.train(data.as_tensor(device), total)
     _write_pipeline(run, out, data, device)
     return out
+
+
+def _check_data_fits(recipe: PretrainRecipe, data: ImageSet) -> None:
+    """The images must be what the UNet takes (checked before the training folder is made)."""
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    defaults = {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items()}
+    given = {**defaults, **recipe.unet}
+    size = given["sample_size"] if isinstance(given["sample_size"], int) else None
+    c, h, w = data.shape
+    require(c == given["in_channels"] and c == given["out_channels"],
+            f"the recipe's data holds {c}-channel images but its unet: takes in_channels={given['in_channels']}, "
+            f"out_channels={given['out_channels']}; set both to {c}.")
+    require(size is None or (h, w) == (size, size),
+            f"the recipe's data holds {h}×{w} images but its unet: has sample_size={size}; set it to {h}.")
 
 
 @dataclass

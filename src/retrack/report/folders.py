@@ -35,6 +35,27 @@ def read_json(path: Path) -> Any:
         return None
 
 
+_RECORD_SHAPES: dict[str, Any] = {"config": dict, "data": dict, "final_terms": dict, "objective": dict,
+                                   "seed": int, "neighbours": list}
+
+
+def _int_rows(value: Any) -> bool:
+    return all(isinstance(row, list) and all(isinstance(i, int) and i >= 0 for i in row) for row in value)
+
+
+def _checked_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record with every entry the report reads of the type it is written with; an entry of
+    another type (a damaged or hand-edited file) is left out, and the page says it is missing."""
+    kept = {k: v for k, v in record.items() if k not in _RECORD_SHAPES or
+            (isinstance(v, _RECORD_SHAPES[k]) and not isinstance(v, bool))}
+    if "neighbours" in kept and not _int_rows(kept["neighbours"]):
+        del kept["neighbours"]
+    data = kept.get("data")
+    if isinstance(data, dict) and "forget_indices" in data and not _int_rows([data["forget_indices"]]):
+        kept["data"] = {k: v for k, v in data.items() if k != "forget_indices"}
+    return kept
+
+
 def read_samples(path: Path) -> np.ndarray | None:
     """The uint8 (N, H, W, C) `images` of a samples .npz, or None when it is missing or damaged
     (not a zip, no such array, objects, another dtype or shape): the page then says it is missing."""
@@ -99,7 +120,7 @@ class RunFolder:
         if not isinstance(record, dict):
             return None
         entries = _entries(read_json(path / STEP_LOG)) + _entries(read_json(path / EVAL_LOG))
-        return cls(path, record, entries)
+        return cls(path, _checked_record(record), entries)
 
     @property
     def config(self) -> dict[str, Any]:
