@@ -46,8 +46,8 @@ def lock_output(out: Path, flag: str = "--out", overwrite: bool = False) -> None
     import fcntl
 
     key = str(Path(out).resolve())
-    if key in _HELD:
-        return
+    if key in _HELD or os.environ.get("RANK", "0") not in ("", "0"):
+        return  # under `accelerate launch` only the main process writes, so only it holds the output
     path = lock_path(out)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
