@@ -274,7 +274,7 @@ def test_a_rival_process_is_refused_and_the_finished_output_is_never_replaced(sm
     from retrack.outputs import lock_path
 
     w, out = small, small / "out" / "u"
-    rival = subprocess.Popen([sys.executable, "-m", "retrack", *map(str, _unlearn(w, out, "--steps", "400"))],
+    rival = subprocess.Popen([sys.executable, "-m", "retrack", *map(str, _unlearn(w, out, "--steps", "100"))],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
@@ -292,7 +292,7 @@ def test_a_rival_process_is_refused_and_the_finished_output_is_never_replaced(sm
     finished = tree(out)
     refused(_unlearn(w, out), capsys, "exists; pass --overwrite to replace it")
     assert tree(out) == finished and not lock_path(out).exists()
-    assert json.loads((out / "retrack_run.json").read_text())["config"]["steps"] == 400
+    assert json.loads((out / "retrack_run.json").read_text())["config"]["steps"] == 100
 
 
 def test_an_output_that_appears_meanwhile_is_not_replaced(small):
