@@ -25,8 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The files that take longest, longest first: pytest-xdist hands whole files to its workers in the
 # order collected, and one of these started last would leave the other worker idle at the end.
-RUN_FIRST = ("test_experiments.py", "test_bad_inputs.py", "test_wheel.py", "test_distributed.py", "test_report.py",
-             "test_demo.py", "test_evaluate_cli.py")
+RUN_FIRST = ("test_experiments.py", "test_bad_inputs.py", "test_hostile.py", "test_wheel.py", "test_distributed.py",
+             "test_report.py", "test_demo.py", "test_evaluate_cli.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -265,6 +265,24 @@ def test_shards_then_merge_give_the_unsharded_table(stand_in, stubs, tmp_path):
     assert (tmp_path / "b" / "summary.md").read_text() == whole
 
 
+def test_merge_refuses_a_shard_never_run_unless_partial(stand_in, stubs, tmp_path):
+    model, data = stand_in
+    cfg = load_config(MNIST, mnist_overrides(model, data, tmp_path / "b"))
+    first = run_experiment(cfg, shard_of=(1, 2))
+    finished = tree_digest(tmp_path / "b")
+    missing = [r for r in first.planned if r not in first.ran]
+    with pytest.raises(UserError, match=rf"^{len(missing)} of {len(first.planned)} runs have not finished under "
+                                        rf".*\({re.escape(missing[0])}, .*pass --partial to build the table from "
+                                        rf"the {len(first.ran)} finished runs\.$"):
+        run_experiment(cfg, only_merge=True)
+    assert tree_digest(tmp_path / "b") == finished
+    run_experiment(cfg, only_merge=True, partial=True)
+    record = json.loads((tmp_path / "b" / "experiment.json").read_text())
+    assert not record["complete"] and sorted(record["missing"]) == sorted(missing)
+    refused = run_cli("experiment", MNIST, "--partial")
+    assert refused.stderr == "retrack: error: --partial acts only with --merge; add --merge.\n"
+
+
 BAD = [
     (["--set", "train.stpes=3"], "train: has an unknown key 'stpes'"),
     (["--set", "methods.retrack.kk=3"], "methods: retrack: has an unknown key 'kk'"),

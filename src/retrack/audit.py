@@ -26,7 +26,7 @@ import torch
 
 from retrack.backends.pixel import load_model
 from retrack.data import image_digest, load_images
-from retrack.errors import require
+from retrack.errors import UserError, first_line, require
 from retrack.grid import save_grid
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
 from retrack.sampling import sample
@@ -156,9 +156,7 @@ def audit(model: str, data: str, progress: bool = True, **settings: Any) -> dict
     want = loaded.denoiser.sample_shape
     require(images.shape == want, f"the data's images are {images.shape} (C, H, W) but the model makes {want}.")
     if cfg.samples is not None:
-        with np.load(cfg.samples) as z:
-            require("images" in z.files, f"--samples {cfg.samples!r} holds no 'images' array.")
-            samples = z["images"]
+        samples = _read_samples(cfg.samples)
         require(samples.ndim == 4 and samples.shape[1:] == images.images.shape[1:] and samples.dtype == np.uint8,
                 f"--samples {cfg.samples!r} holds {samples.shape} {samples.dtype} images, not uint8 "
                 f"(N, {', '.join(map(str, images.images.shape[1:]))}) like the data.")
@@ -177,6 +175,28 @@ def audit(model: str, data: str, progress: bool = True, **settings: Any) -> dict
     return report
 
 
+def _read_samples(path: str) -> np.ndarray:
+    """The `images` array of an .npz of samples (`retrack sample --out`), or one sentence."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        require(magic[:4] in (b"PK\x03\x04", b"PK\x05\x06") or magic == b"\x93NUMPY",
+                f"--samples {path!r} is not an .npz archive (as `retrack sample` writes).")
+        loaded = np.load(path, allow_pickle=False)
+        require(isinstance(loaded, np.lib.npyio.NpzFile),
+                f"--samples {path!r} is a bare array, not an .npz holding 'images' (as `retrack sample` writes).")
+        with loaded as z:
+            require("images" in z.files, f"--samples {path!r} holds no 'images' array.")
+            return z["images"]
+    except ValueError as e:  # objects, which would need pickle
+        raise UserError(f"--samples {path!r}: its 'images' array is not plain numbers "
+                        f"({first_line(e)[:80]}).") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"--samples {path!r} is not an .npz archive ({type(e).__name__}).") from None
+
+
 def _validated(cfg: AuditConfig) -> AuditConfig:
     for name in ("num", "steps", "batch_size", "next"):
         require(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
@@ -184,5 +204,8 @@ def _validated(cfg: AuditConfig) -> AuditConfig:
     require(cfg.threshold is None or cfg.threshold > 0, f"--threshold must be positive, got {cfg.threshold}.")
     require(cfg.samples is None or Path(cfg.samples).is_file(), f"--samples {cfg.samples!r} does not exist.")
     require(cfg.ratio >= 0, f"--ratio must be ≥ 0 (0: absolute rule only), got {cfg.ratio}.")
+    require(cfg.ratio < 1, f"--ratio {cfg.ratio:g} never decides: the nearest group is never farther than the "
+            f"next ones, so any ratio ≥ 1 keeps every sample the --threshold keeps; use a value below 1, or 0 for "
+            f"the --threshold rule alone.")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return AuditConfig(**{**asdict(cfg), "device": device})

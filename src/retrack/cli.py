@@ -13,6 +13,7 @@ import sys
 
 from retrack import __version__
 from retrack.errors import UserError
+from retrack.outputs import disk_error, release_all
 
 # Command → (module in retrack/commands, the line `retrack --help` shows). Only the module of the
 # command being run is imported: the others' flags need torch and diffusers to declare.
@@ -65,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("retrack: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk met outside the atomic writers (a cache, a log)
+        full = disk_error(e, e.filename or "a file")
+        if full is None:
+            raise
+        print(f"retrack: error: {full}", file=sys.stderr)
+        return 2
+    finally:
+        release_all()  # the outputs this command held
 
 
 if __name__ == "__main__":

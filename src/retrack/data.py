@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from retrack.errors import UserError, require
 from retrack.store import array_digest, is_store, iter_rows, open_store
+from retrack.untrusted import load_cifar_batch
 from retrack.validation import Check, Int, parse_int_text, read_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -175,11 +175,32 @@ def read_image_file(f: Path) -> np.ndarray:
 
     try:
         with Image.open(f) as im:
-            im = im.convert("L") if im.mode in ("L", "1", "I;16", "LA") else im.convert("RGB")
-            arr = np.array(im)
+            arr = image_to_uint8(im, f)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"could not read image {str(f)!r}: {_first_line(e)}.") from None
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def image_to_uint8(im, name: Path | str = "the image") -> np.ndarray:
+    """(H, W) grey or (H, W, 3) RGB uint8 of any PIL mode, as the pipelines see an image: 16-bit
+    and 32-bit integer grey are scaled (65535 → 255, not clipped), float grey in [0, 1] scaled by
+    255, alpha dropped, palettes, CMYK, YCbCr and the rest converted to RGB."""
+    if im.mode not in GREY_MODES:
+        return np.array(im.convert("RGB"))
+    if im.mode in ("1", "L", "LA", "La"):
+        return np.array(im.convert("L"))
+    arr = np.asarray(im)
+    if im.mode == "F":
+        require(bool(np.isfinite(arr).all()) and arr.min() >= 0 and arr.max() <= 1,
+                f"image {str(name)!r} holds floating-point values outside [0, 1]; save it as an 8- or 16-bit image.")
+        return np.rint(arr.astype(np.float64) * 255).astype(np.uint8)
+    arr = arr.astype(np.int64)
+    require(arr.min() >= 0 and arr.max() <= 65535,
+            f"image {str(name)!r} holds values outside 0–65535; save it as an 8- or 16-bit image.")
+    return ((arr * 255 + 32767) // 65535).astype(np.uint8)  # 16-bit → 8-bit, rounded
 
 
 def _is_zip(p: Path) -> bool:
@@ -249,9 +270,8 @@ def _load_cifar(d: Path) -> np.ndarray:
         f = d / f"data_batch_{i}"
         require(f.is_file(), f"CIFAR-10 batch {str(f)!r} is missing (data_batch_1 to 5 are needed).")
         try:
-            with open(f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            chunks.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            batch = load_cifar_batch(f.read_bytes())
+            chunks.append(np.asarray(batch.get(b"data", batch.get("data")), dtype=np.uint8).reshape(-1, 3, 32, 32))
         except Exception as e:  # a pickle can fail in any way; the file is what the user must fix
             raise UserError(f"{str(f)!r} is not a CIFAR-10 python batch ({type(e).__name__}: "
                             f"{_first_line(e)}).") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 from retrack.backends import LoadOptions, detect, load
 from retrack.errors import require
 from retrack.grid import save_grid
-from retrack.runrecord import check_output, temp_file
+from retrack.runrecord import atomic_files, check_output
 from retrack.validation import (
     POSITIVE_INT,
     SEED,
@@ -76,19 +75,10 @@ def run_sample(cfg: SampleConfig, progress: bool = True) -> Path:
     model = load(cfg.model, cfg.device, LoadOptions(prompt=cfg.prompt))
     images = model.sample(cfg.num, cfg.steps, cfg.sampler, cfg.seed, cfg.batch_size, cfg.guidance, progress)
     outputs = [Path(cfg.out)] + ([Path(cfg.grid)] if cfg.grid else [])
-    temps: list[Path] = []
-    try:
-        for path in outputs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temps.append(temp_file(path))
+    with atomic_files(outputs) as temps:
         with open(temps[0], "wb") as fh:
             np.savez(fh, images=images, seed=cfg.seed, steps=cfg.steps, sampler=cfg.sampler,
                      model=str(cfg.model), **model.sample_settings(cfg.guidance))
         if cfg.grid:
             save_grid(images[:64], temps[1], fmt="PNG")
-        for tmp, path in zip(temps, outputs, strict=True):
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
     return Path(cfg.out)

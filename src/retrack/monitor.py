@@ -44,7 +44,12 @@ class StopAt(Check):
         if metric not in registry.stop_metrics():
             raise InvalidValue(f"{flag}: {metric!r} is not a forgetting metric; stop at one of "
                                f"{', '.join(registry.stop_metrics())} (e.g. copies=0).")
-        return metric, Float()(target, f"the value of {flag} {metric}")
+        target = Float()(target, f"the value of {flag} {metric}")
+        spec = registry.get(metric)
+        if spec.stop == "below" and spec.lowest is not None and target < spec.lowest:
+            raise InvalidValue(f"{flag} {metric}={target:g} is never met: {metric} is never below "
+                               f"{spec.lowest:g}; give a value ≥ {spec.lowest:g} (e.g. {metric}={spec.lowest:g}).")
+        return metric, target
 
 
 def reached(stop_at: tuple[str, float], values: dict[str, float]) -> bool:

@@ -21,7 +21,8 @@ from retrack.data import ImageSet, load_images
 from retrack.errors import UserError, require
 from retrack.recipes.mnist_tshirt import PLANTED, build_mnist_planted
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
-from retrack.validation import POSITIVE_INT, SEED, Check, Float, Int, Text, Validated, load_yaml, option
+from retrack.untrusted import load_checkpoint
+from retrack.validation import POSITIVE_INT, SEED, Check, Float, Int, Text, Validated, excerpt, load_yaml, option
 
 
 class Mapping_(Check):
@@ -31,7 +32,7 @@ class Mapping_(Check):
         return "a mapping of constructor arguments"
 
     def __call__(self, value: Any, name: str | None = None) -> dict[str, Any]:
-        require(isinstance(value, dict), f"{name} must be {self.describe()}, got {value!r}.")
+        require(isinstance(value, dict), f"{name} must be {self.describe()}, got {excerpt(value)}.")
         return dict(value)
 
 
@@ -131,9 +132,10 @@ def check_extension(out: Path, total: int) -> None:
 
 
 def _saved_step(ckpt: Path) -> int:
+    saved = load_checkpoint(ckpt, "cpu")
     try:
-        return int(torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["step"])
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        return int(saved["state"]["step"])
+    except Exception as e:  # noqa: BLE001 - whatever the mapping holds instead
         raise UserError(f"the checkpoint {str(ckpt)!r} cannot be read ({type(e).__name__}).") from None
 
 
@@ -161,6 +163,7 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
         raise UserError(f"unet: of the recipe is not a valid UNet2DModel: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}.") from None
     data = recipe_data(recipe.data)
+    _check_data_fits(recipe, data)
     run = _TrainingRun.start(recipe, device, training_folder(out))
     require(run.state["step"] <= total,
             f"the checkpoint {str(run.ckpt)!r} already holds {run.state['step']} steps, more than the {total} "
@@ -168,6 +171,23 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
     run.train(data.as_tensor(device), total)
     _write_pipeline(run, out, data, device)
     return out
+
+
+def _check_data_fits(recipe: PretrainRecipe, data: ImageSet) -> None:
+    """The images must be what the UNet takes (checked before the training folder is made)."""
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    defaults = {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items()}
+    given = {**defaults, **recipe.unet}
+    size = given["sample_size"] if isinstance(given["sample_size"], int) else None
+    c, h, w = data.shape
+    require(c == given["in_channels"] and c == given["out_channels"],
+            f"the recipe's data holds {c}-channel images but its unet: takes in_channels={given['in_channels']}, "
+            f"out_channels={given['out_channels']}; set both to {c}.")
+    require(size is None or (h, w) == (size, size),
+            f"the recipe's data holds {h}×{w} images but its unet: has sample_size={size}; set it to {h}.")
 
 
 @dataclass
@@ -199,17 +219,17 @@ class _TrainingRun:
         return run
 
     def _load(self, device: str) -> None:
+        saved = load_checkpoint(self.ckpt, device)
         try:
-            saved = torch.load(self.ckpt, map_location=device, weights_only=False)
             self.unet.load_state_dict(saved["unet"])
             self.ema.load_state_dict(saved["ema"])
             self.opt.load_state_dict(saved["opt"])
             self.gen.set_state(saved["gen"])
-        except Exception as e:  # noqa: BLE001 - torch.load and load_state_dict raise many types
+            identity = saved["state"].get("recipe", self.state["recipe"])  # checkpoints before this check lack it
+        except Exception as e:  # noqa: BLE001 - load_state_dict and a foreign mapping raise many types
             raise UserError(f"the checkpoint {str(self.ckpt)!r} cannot be resumed ({type(e).__name__}); it was "
                             f"written by another recipe or is damaged: delete {str(self.ckpt.parent)!r} to start "
                             f"over.") from None
-        identity = saved["state"].get("recipe", self.state["recipe"])  # checkpoints before this check lack it
         require(identity == self.state["recipe"],
                 f"the checkpoint {str(self.ckpt)!r} was written by a recipe with other settings "
                 f"({', '.join(k for k in identity if identity[k] != self.state['recipe'].get(k))}); "

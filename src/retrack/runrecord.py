@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from retrack.errors import UserError
+from retrack.outputs import disk_error, may_replace, release_output
 from retrack.validation import Validated
 from retrack.validation import check_output as check
 
@@ -82,14 +84,39 @@ def write_text(path: Path, text: str) -> None:
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Write a file atomically (temp file in the same folder, then rename), umask permissions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file(path)
+    with atomic_files([Path(path)]) as (tmp,):
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_files(outputs: list[Path]) -> Iterator[list[Path]]:
+    """Yield a temporary file beside each of `outputs`; all are renamed into place together only
+    if the block finishes. A full disk becomes one sentence; nothing partial is left."""
+    outputs = [Path(p) for p in outputs]
+    temps: list[Path] = []
     try:
-        Path(tmp).write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for path in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps.append(temp_file(path))
+        yield temps
+        for tmp, path in zip(temps, outputs, strict=True):
+            _refuse_rival(path)
+            os.replace(tmp, path)
+            release_output(path)
+    except BaseException as e:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        full = disk_error(e, outputs[0] if len(outputs) == 1 else outputs[0].parent)
+        if full is not None:
+            raise full from None
         raise
+
+
+def _refuse_rival(out: Path) -> None:
+    """An output this process was not allowed to replace must not have appeared meanwhile."""
+    if not may_replace(out) and (out.exists() or out.is_symlink()):
+        raise UserError(f"{str(out)!r} appeared while this run worked (another process wrote it); this "
+                        f"run's result was not written: pass --overwrite to replace it.")
 
 
 def current_umask() -> int:
@@ -118,25 +145,33 @@ def check_output(out: Path, overwrite: bool, protected: list[Path] | None = None
 
 @contextlib.contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `out` only if the block finishes."""
+    """Yield a temporary directory that replaces `out` only if the block finishes. A full disk
+    becomes one sentence; nothing partial is left."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".partial"))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
+    tmp: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".partial"))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _refuse_rival(out)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        release_output(out)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_error(e, out)
+        if full is not None:
+            raise full from None
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def clean_leftovers(out: Path) -> None:

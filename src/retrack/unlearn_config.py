@@ -233,6 +233,25 @@ def _check_variant_options(cfg: UnlearnSettings, cls: type) -> None:
         flag = "--" + name.replace("_", "-")
         require(getattr(cfg, name) == UnlearnSettings.__dataclass_fields__[name].default or hasattr(cls, name),
                 f"{flag} is an option of retrack; method {cfg.method!r} does not have it.")
+    _check_takes_effect(cfg)
+
+
+def _check_takes_effect(cfg: UnlearnConfig) -> None:
+    """A value that only another setting would make count is refused, naming that setting (the
+    defaults are always accepted)."""
+    default = UnlearnConfig.__dataclass_fields__
+    require(cfg.lam_ratio == default["lam_ratio"].default or cfg.lam == "auto",
+            f"--lam-ratio {cfg.lam_ratio:g} acts only with --lam auto"
+            f"{f' (now --lam {cfg.lam})' if cfg.lam is not None else ''}; add --lam auto.")
+    require(cfg.snr_gamma == default["snr_gamma"].default or cfg.forget_weighting == "min-snr",
+            f"--snr-gamma {cfg.snr_gamma:g} acts only with --forget-weighting min-snr (now "
+            f"{cfg.forget_weighting}); add --forget-weighting min-snr.")
+    if cfg.cache_dir is not None:
+        cache = Path(cfg.cache_dir)
+        ancestor = next((p for p in (cache, *cache.parents) if p.exists()), None)
+        require(ancestor is None or ancestor.is_dir(),
+                f"--cache-dir {cfg.cache_dir!r} is a file or lies below one ({str(ancestor)!r}); "
+                f"give a folder (it is made if missing).")
 
 
 def train_settings(cfg: UnlearnSettings) -> TrainSettings:

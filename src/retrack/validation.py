@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from retrack.errors import UserError
+from retrack.outputs import lock_output, release_output
 
+MIN_FREE_BYTES = 1 << 20  # an output needs at least this much room on its disk
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
 MAX_LIST = 100_000
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
@@ -47,7 +49,7 @@ class InvalidValue(UserError, argparse.ArgumentTypeError):
 
 
 def _fail(name: str | None, allowed: str, value: Any) -> InvalidValue:
-    shown = repr(value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value)
+    shown = excerpt(value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value)
     subject = f"{name} must be" if name else "must be"
     return InvalidValue(f"{subject} {allowed}, got {shown}.")
 
@@ -284,7 +286,7 @@ class IntList(Check):
         seen: set[int] = set()
         dup = next((v for v in out if v in seen or seen.add(v)), None)
         if dup is not None:
-            raise InvalidValue(f"{name or 'the list'} {value!r} names {dup} twice.")
+            raise InvalidValue(f"{name or 'the list'} {excerpt(value)} names {dup} twice.")
         return out
 
 
@@ -364,24 +366,35 @@ def existing_dir(value: Any, flag: str, what: str = "folder") -> Path:
 
 def check_output(out: Path | str, flag: str = "--out", overwrite: bool = False,
                  protected: Iterable[Path | str] = (), suffix: str | None = None) -> Path:
-    """Refuse an output that exists (unless overwrite), overlaps an input, or cannot be written.
+    """Refuse an output that overlaps an input, that another process is writing, that exists (unless
+    overwrite), or that cannot be written; then hold it (`retrack.outputs.lock_output`) until it
+    is renamed into place or the command ends.
 
     Writability is probed by creating and removing a temporary folder in the nearest existing
     ancestor, so '/proc/x', a path below a file, or a read-only folder fail now, not after the work
     (permission bits alone lie to root). Nothing is left behind.
     """
+
     out = Path(Text()(out, flag))
     if suffix is not None and out.suffix.lower() != suffix:
         raise UserError(f"{flag} must end in {suffix}, got {str(out)!r}.")
+    check_overlap(out, protected, flag)
     resolved = out.resolve()
-    for p in protected:
+    _probe_writable(resolved, out, flag)
+    lock_output(out, flag, overwrite)
+    if out.exists() and not overwrite:
+        release_output(out)
+        raise UserError(f"{flag} {str(out)!r} exists; pass --overwrite to replace it.")
+    return out
+
+
+def check_overlap(out: Path | str, inputs: Iterable[Path | str], flag: str = "--out") -> None:
+    """Refuse an output equal to, inside or around any input (it would be written into or over it)."""
+    resolved = Path(out).resolve()
+    for p in inputs:
         p = Path(p).resolve()
         if resolved == p or p in resolved.parents or resolved in p.parents:
             raise UserError(f"{flag} {str(out)!r} overlaps the input {str(p)!r}; choose another {flag}.")
-    if out.exists() and not overwrite:
-        raise UserError(f"{flag} {str(out)!r} exists; pass --overwrite to replace it.")
-    _probe_writable(resolved, out, flag)
-    return out
 
 
 def _probe_writable(resolved: Path, shown: Path, flag: str) -> None:
@@ -397,6 +410,10 @@ def _probe_writable(resolved: Path, shown: Path, flag: str) -> None:
         raise UserError(f"{flag} {str(shown)!r} cannot be written ({e.strerror or e} in "
                         f"{str(ancestor)!r}); choose another {flag}.") from None
     shutil.rmtree(probe, ignore_errors=True)
+    free = shutil.disk_usage(ancestor).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(f"{flag} {str(shown)!r} cannot be written: {str(ancestor)!r} has {free} bytes free; "
+                        f"free some space or choose another {flag}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +521,7 @@ class Validated:
         known = setting_fields(cls)
         for key in raw:
             if key not in known:
-                raise UserError(f"unknown key {key!r} in {where}{_did_you_mean(str(key), known)}.")
+                raise UserError(f"unknown key {excerpt(key)} in {where}{_did_you_mean(str(key)[:200], known)}.")
         values = {}
         for key, value in raw.items():
             check = known[key][1].metadata.get("check")
@@ -538,10 +555,30 @@ def _did_you_mean(key: str, known: Iterable[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_text(path: Path | str, what: str) -> str:
-    """A UTF-8 text file, or one sentence naming it."""
+MAX_YAML_BYTES = 4 << 20  # configs and recipes are a few kilobytes
+MAX_JSON_BYTES = 256 << 20  # records and logs of long runs stay far below
+MAX_DEPTH = 64  # mappings and lists within each other
+MAX_NODES = 1_000_000  # values once every alias is expanded (a "billion laughs" has 10⁹)
+
+
+def excerpt(value: Any, limit: int = 80) -> str:
+    """A bounded repr for messages: long strings, lists and nested values are cut, never expanded."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxtuple, r.maxlist, r.maxdict, r.maxset, r.maxfrozenset = 3, 6, 6, 6, 6, 6
+    r.maxstring = r.maxlong = r.maxother = limit
+    shown = r.repr(value)
+    return shown if len(shown) <= limit + 10 else shown[:limit] + "…"
+
+
+def read_text(path: Path | str, what: str, limit: int | None = None) -> str:
+    """A UTF-8 text file, or one sentence naming it; with `limit`, larger files are refused unread."""
     p = Path(path)
     try:
+        if limit is not None and p.is_file() and p.stat().st_size > limit:
+            raise UserError(f"{what} {str(p)!r} holds {p.stat().st_size} bytes, more than the "
+                            f"{limit >> 20} MiB such a file may have.")
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {str(p)!r} is not UTF-8 text (byte {e.start}).") from None
@@ -554,24 +591,93 @@ def read_text(path: Path | str, what: str) -> str:
 
 
 def load_yaml(path: Path | str, what: str = "config") -> Any:
-    """Parse a YAML file; a syntax error becomes one sentence with its line and column."""
+    """Parse a YAML file within limits; a syntax error becomes one sentence with its line and column."""
+    return parse_yaml(read_text(path, what, MAX_YAML_BYTES), f"{what} {str(path)!r}")
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text → Python values (safe types only), refusing before anything is built what nests
+    deeper than MAX_DEPTH or, its aliases expanded, holds more than MAX_NODES values."""
     import yaml
 
-    text = read_text(path, what)
+    if len(text) > MAX_YAML_BYTES:
+        raise UserError(f"{what} is longer than {MAX_YAML_BYTES >> 20} MiB.")
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        _check_depth(text, what)
+        node = loader.get_single_node()
+        if node is not None:
+            size, deep = _expanded_size(node, {}, what)
+            if deep > MAX_DEPTH:
+                raise UserError(f"{what} nests mappings and lists more than {MAX_DEPTH} deep once its aliases "
+                                f"(*name) are expanded.")
+            if size > MAX_NODES:
+                raise UserError(f"{what} holds more than {MAX_NODES:,} values once its aliases (*name) are "
+                                f"expanded; write the values out.")
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or type(e).__name__
-        raise UserError(f"{what} {str(path)!r} is not valid YAML{where}: {problem}.") from None
+        raise UserError(f"{what} is not valid YAML{where}: {str(problem)[:200]}.") from None
+    finally:
+        loader.dispose()
+
+
+def _check_depth(text: str, what: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH from the parser's events, before any node is built (with
+    libyaml's parser where there is one: the pure-Python scanner is quadratic in the depth)."""
+    import yaml
+
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise UserError(f"{what} nests mappings and lists more than {MAX_DEPTH} deep.")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError as e:
+        if "nesting depth" in str(e):  # libyaml's own limit, met while it scans ahead
+            raise UserError(f"{what} nests mappings and lists more than {MAX_DEPTH} deep.") from None
+        # any other syntax error: the loader below names it with its line and column
+
+
+def _expanded_size(node: Any, seen: dict[int, tuple[int, int] | None], what: str) -> tuple[int, int]:
+    """(values, depth) of a YAML node with its aliases expanded. Nodes are visited in the order of
+    the text, so an alias meets its anchor already counted: the recursion is only as deep as the
+    text nests (checked before), and each node is counted once however often it is referred to."""
+    import yaml
+
+    key = id(node)
+    if key in seen:
+        found = seen[key]
+        if found is None:
+            raise UserError(f"{what} holds an alias (*name) inside the value it names.")
+        return found
+    seen[key] = None
+    size, deep = 1, 1
+    children = node.value if isinstance(node, yaml.SequenceNode) else (
+        [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else [])
+    for child in children:
+        n, d = _expanded_size(child, seen, what)
+        size, deep = min(size + n, MAX_NODES + 1), max(deep, d + 1)
+    seen[key] = (size, deep)
+    return size, deep
 
 
 def load_json(path: Path | str, what: str = "file") -> Any:
+    """Parse a JSON file within limits (size, nesting); a damaged one is one sentence naming it."""
+    return parse_json(read_text(path, what, MAX_JSON_BYTES), f"{what} {str(path)!r}")
+
+
+def parse_json(text: str, what: str) -> Any:
     import json
 
-    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{what} {str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}).") from None
+        raise UserError(f"{what} is not valid JSON (line {e.lineno}: {e.msg}).") from None
+    except RecursionError:
+        raise UserError(f"{what} nests its values too deep to be read.") from None

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    "or --set model=./local-copy (repeatable)")
     p.add_argument("--shard", default="1/1", help="run only the i-th of n shares of the runs: i/n")
     p.add_argument("--merge", action="store_true", help="run nothing; build the table from finished runs")
+    p.add_argument("--partial", action="store_true",
+                   help="with --merge: build the table even though some runs have not finished (named in "
+                   "experiment.json); without it --merge refuses, naming them")
     p.add_argument("--force", action="store_true", help="rerun finished runs whose settings changed")
     p.add_argument("--dry-run", action="store_true", help="check everything and list this shard's runs")
     p.add_argument("--progress", action="store_true", help="progress bars inside each run")
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         sets.append(f"sampling.samples={args.samples}")
     if args.out is not None:
         sets.append(f"out={args.out!r}")
+    require(not args.partial or args.merge, "--partial acts only with --merge; add --merge.")
     shard_of = parse_shard(args.shard)
     cfg = load_config(args.config, sets)
     if args.no_nll:
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     require(methods is None or bool(methods), "--methods is empty; name a label or method, or 'all'.")
     outcome = run_experiment(cfg, methods, shard_of, force=args.force, only_merge=args.merge,
-                             dry_run=args.dry_run, progress=args.progress)
+                             dry_run=args.dry_run, progress=args.progress, partial=args.partial)
     if args.dry_run:
         print(f"{len(outcome.share)} of {len(outcome.planned)} runs in this share:")
         print("\n".join(outcome.share))

@@ -37,7 +37,7 @@ class Outcome:
 
 def run_experiment(cfg: ExperimentConfig, methods: list[str] | None = None, shard_of: tuple[int, int] = (1, 1),
                    force: bool = False, only_merge: bool = False, dry_run: bool = False,
-                   progress: bool = False, processes=None) -> Outcome:
+                   progress: bool = False, processes=None, partial: bool = False) -> Outcome:
     """Check everything, run this shard's share (its own share per launched process), merge.
 
     The table is written when the whole plan ran in this call (no --shard), or on `only_merge`.
@@ -46,19 +46,19 @@ def run_experiment(cfg: ExperimentConfig, methods: list[str] | None = None, shar
     procs = processes or distributed.launched()
     distributed.detach(procs)  # before anything reads the launch: each run trains in one process
     try:
-        return _run(cfg, methods, shard_of, force, only_merge, dry_run, progress, procs)
+        return _run(cfg, methods, shard_of, force, only_merge, dry_run, progress, procs, partial)
     finally:
         distributed.finish(procs)
 
 
-def _run(cfg, methods, shard_of, force, only_merge, dry_run, progress, procs) -> Outcome:
+def _run(cfg, methods, shard_of, force, only_merge, dry_run, progress, procs, partial=False) -> Outcome:
     res = resolve(cfg)
     runs = select(res.runs, methods)
     i, n = shard_of
     share = shard(runs, (i - 1) * procs.world + procs.rank + 1, n * procs.world)
     names = [r.name for r in runs]
     if only_merge:
-        return Outcome(names, [], [], merge(res, runs) if procs.is_main else None)
+        return Outcome(names, [], [], merge(res, runs, partial) if procs.is_main else None)
     if dry_run:
         if not force:
             refuse_stale(status(res, share))

@@ -12,14 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from retrack.errors import UserError, require
+from retrack.errors import require
 from retrack.experiments.metrics import check_metric
 from retrack.experiments.paired import parse_paired
 from retrack.experiments.tradeoff import parse_tradeoff
 from retrack.unlearn_config import UnlearnConfig
-from retrack.validation import Int, IntList, load_yaml, parse_seeds, read_text, setting_fields
+from retrack.validation import Int, IntList, excerpt, load_yaml, parse_seeds, parse_yaml, read_text, setting_fields
 
 TOP_KEYS = ("name", "out", "model", "data", "targets", "reference_model", "seeds", "train", "methods",
             "ablations", "metrics", "sampling", "pretrained", "keep_models", "device", "tradeoff", "paired")
@@ -113,11 +111,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
-        require(bool(sep) and bool(key.strip()), f"--set needs KEY=VALUE, got {item!r}.")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise UserError(f"--set {item!r}: the value is not valid YAML.") from None
+        require(bool(sep) and bool(key.strip()), f"--set needs KEY=VALUE, got {excerpt(item)}.")
+        value = parse_yaml(text, f"the value of --set {excerpt(item)}")
         *parents, last = key.strip().split(".")
         node = raw
         for part in parents:

@@ -28,6 +28,7 @@ from retrack.experiments.plan import RunSpec, plan
 from retrack.experiments.tradeoff import axes_for
 from retrack.runrecord import tree_sha256
 from retrack.unlearn_config import UnlearnSettings, resolve_method
+from retrack.validation import check_overlap
 
 FINGERPRINT_VERSION = 1
 # Evaluate settings that name a weight file unless they hold one of these built-in names.
@@ -61,6 +62,8 @@ def resolve(cfg: ExperimentConfig) -> Resolved:
     model, model_id = _model(cfg.model, "model")
     reference = _model(cfg.reference_model, "reference_model") if cfg.reference_model else (None, None)
     images, built = _data(cfg.data)
+    inputs = [p for p in (model, reference[0], cfg.data) if p is not None and Path(p).exists()]
+    check_overlap(cfg.out, inputs, "--out")  # before any run writes into a model it reads
     _check_shape(model, images)
     forget = _forget_sets(cfg, images, built)
     runs = plan(cfg)

@@ -124,12 +124,18 @@ def execute(res: Resolved, run: RunSpec, folder: Path, data_path: str, progress:
     return record
 
 
-def merge(res: Resolved, runs: list[RunSpec]) -> str:
-    """The one table from every finished run of `runs`; refuses if any of them is stale."""
+def merge(res: Resolved, runs: list[RunSpec], partial: bool = False) -> str:
+    """The one table from every finished run of `runs`; refuses if any of them is stale, and, unless
+    `partial`, if any has not run (a shard never run would silently shrink the table)."""
     st = status(res, runs)
     refuse_stale(st)
     out = Path(res.cfg.out)
     require(bool(st.finished), f"no finished runs under {str(out)!r} yet; run the experiment first.")
+    if st.pending and not partial:
+        names = ", ".join(r.name for r in st.pending[:5]) + (", …" if len(st.pending) > 5 else "")
+        raise UserError(f"{len(st.pending)} of {len(runs)} runs have not finished under {str(out)!r} ({names}); "
+                        f"run their shards first, or pass --partial to build the table from the "
+                        f"{len(st.finished)} finished runs.")
     done = {r.name for r in st.finished}
     results: dict[str, list[dict[str, Any]]] = {}
     records = {}

@@ -50,6 +50,7 @@ class MetricSpec:
     descriptor_title: bool = False
     remain: bool = False  # it reads the remain set (FID's real images)
     copies: bool = False  # it finds the copies of the targets among the samples (to count or set aside)
+    lowest: float | None = None  # the least value the headline can take (a --stop-at below it is never met)
 
     def value(self, result: dict[str, Any]) -> float:
         """The headline number; NaN where it is undefined (FID when every sample is a copy)."""
@@ -96,7 +97,7 @@ for _spec in (
     MetricSpec("similarity", measures.similarity, "mean", "similarity of samples to the target", "lower", "below",
                title="similarity"),
     MetricSpec("copies", measures.copies, "fraction", "copies (fraction of samples)", "lower", "below",
-               column="frequency", title="Frequency ↓", percent=True, copies=True),
+               column="frequency", title="Frequency ↓", percent=True, copies=True, lowest=0.0),
     MetricSpec("fid", measures.fid, "value", "FID", "lower", title="FID ↓", remain=True, copies=True),
     MetricSpec("is", measures.inception, "mean", "Inception score", "higher", title="IS ↑", copies=True),
     MetricSpec("clipiqa", measures.clipiqa, "mean", "CLIP-IQA", "higher", title="CLIP-IQA ↑"),

@@ -7,7 +7,7 @@ from typing import Any
 
 from retrack.errors import require
 from retrack.report.experiment import experiment_page
-from retrack.report.folders import RunFolder, kind_of, read_experiment
+from retrack.report.folders import RunFolder, kind_of, read_experiment, recorded_inputs
 from retrack.report.html import Page
 from retrack.report.options import ReportOptions
 from retrack.report.pages import demo_page, run_page
@@ -43,7 +43,7 @@ def write_report(folder: str | Path, out: str | Path | None = None, overwrite: b
     ReportOptions.check_keys(options, "report setting")
     opts = ReportOptions(**options)
     path = check_output(out if out is not None else folder / REPORT_NAME, "--out", overwrite,
-                        suffix=".html")
+                        protected=recorded_inputs(folder), suffix=".html")
     page = build_page(folder, opts)
     write_text(path, page.html())
     return path

@@ -10,7 +10,6 @@ and the ones that replace it; whatever is missing is reported as missing, never 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +18,79 @@ from typing import Any, Literal
 import numpy as np
 
 from retrack.errors import UserError, require
+from retrack.validation import load_json
 
 RUN_RECORD, STEP_LOG, EVAL_LOG = "retrack_run.json", "retrack_log.json", "retrack_eval.json"
 Kind = Literal["run", "demo", "experiment"]
 
 
 def read_json(path: Path) -> Any:
-    """The parsed file, or None when it is missing or not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    """The parsed file, or None when it is missing, not valid JSON, too large or too deep."""
+
+    if not Path(path).is_file():
         return None
+    try:
+        return load_json(path)
+    except UserError:
+        return None
+
+
+_RECORD_SHAPES: dict[str, Any] = {"config": dict, "data": dict, "final_terms": dict, "objective": dict,
+                                   "seed": int, "neighbours": list}
+
+
+def _int_rows(value: Any) -> bool:
+    return all(isinstance(row, list) and all(isinstance(i, int) and i >= 0 for i in row) for row in value)
+
+
+def _checked_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record with every entry the report reads of the type it is written with; an entry of
+    another type (a damaged or hand-edited file) is left out, and the page says it is missing."""
+    kept = {k: v for k, v in record.items() if k not in _RECORD_SHAPES or
+            (isinstance(v, _RECORD_SHAPES[k]) and not isinstance(v, bool))}
+    if "neighbours" in kept and not _int_rows(kept["neighbours"]):
+        del kept["neighbours"]
+    data = kept.get("data")
+    if isinstance(data, dict) and "forget_indices" in data and not _int_rows([data["forget_indices"]]):
+        kept["data"] = {k: v for k, v in data.items() if k != "forget_indices"}
+    return kept
+
+
+def read_samples(path: Path) -> np.ndarray | None:
+    """The uint8 (N, H, W, C) `images` of a samples .npz, or None when it is missing or damaged
+    (not a zip, no such array, objects, another dtype or shape): the page then says it is missing."""
+    import zipfile
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array
+            return None
+        with loaded as f:
+            images = f["images"] if "images" in f.files else None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        return None
+    return images
+
+
+def _entries(value: Any) -> list[dict[str, Any]]:
+    """The dict entries of a per-step log; anything else a damaged file holds is left out."""
+    return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
+def recorded_inputs(folder: Path) -> list[Path]:
+    """The local model and data folders a run, demo or experiment folder says it read: a report
+    must not be written into them."""
+    found = []
+    for name in (RUN_RECORD, "demo_run.json", "experiment.json"):
+        record = read_json(Path(folder) / name)
+        config = record.get("config") if isinstance(record, dict) else None
+        for key in ("model", "data", "reference_model"):
+            value = config.get(key) if isinstance(config, dict) else None
+            if isinstance(value, str) and value and Path(value).exists():
+                found.append(Path(value))
+    return found
 
 
 def kind_of(path: Path) -> Kind:
@@ -58,14 +119,13 @@ class RunFolder:
         record = read_json(path / RUN_RECORD)
         if not isinstance(record, dict):
             return None
-        log = read_json(path / STEP_LOG)
-        extra = read_json(path / EVAL_LOG)
-        entries = [e for e in (log or []) + (extra or []) if isinstance(e, dict)]
-        return cls(path, record, entries)
+        entries = _entries(read_json(path / STEP_LOG)) + _entries(read_json(path / EVAL_LOG))
+        return cls(path, _checked_record(record), entries)
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.record.get("config") or {}
+        config = self.record.get("config")
+        return config if isinstance(config, dict) else {}
 
 
 def split_log(log: list[dict[str, Any]]) -> tuple[dict, dict]:
@@ -78,7 +138,8 @@ def split_log(log: list[dict[str, Any]]) -> tuple[dict, dict]:
     evals: dict[str, tuple[list, list]] = {}
     for i, entry in enumerate(log):
         step = entry.get("step", i)
-        items = [(f"eval/{k}", v) for k, v in (entry.get("eval") or {}).items()]
+        evaluated = entry.get("eval")
+        items = [(f"eval/{k}", v) for k, v in (evaluated.items() if isinstance(evaluated, dict) else [])]
         items += [(k, v) for k, v in entry.items() if k not in ("step", "eval")]
         for key, value in items:
             if isinstance(value, int | float) and not isinstance(value, bool):
@@ -108,8 +169,7 @@ class ExperimentRun:
     def samples(self) -> np.ndarray | None:
         if self.path is None or not (self.path / "samples.npz").is_file():
             return None
-        with np.load(self.path / "samples.npz") as f:
-            return f["images"] if "images" in f else None
+        return read_samples(self.path / "samples.npz")
 
     @property
     def model(self) -> RunFolder | None:
@@ -127,7 +187,8 @@ class Experiment:
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.record.get("config") or {}
+        config = self.record.get("config")
+        return config if isinstance(config, dict) else {}
 
 
 def _label_seed(name: str, metrics: dict[str, Any]) -> tuple[str, int | None]:

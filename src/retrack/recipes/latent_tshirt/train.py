@@ -27,6 +27,7 @@ from retrack.recipes.latent_tshirt.data import PROMPTS, LatentTshirt, build_late
 from retrack.recipes.latent_tshirt.recipe import LatentRecipe, StageSpec
 from retrack.recipes.latent_tshirt.tokenizer import save_tokenizer
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+from retrack.untrusted import load_checkpoint
 
 UNCOND = len(PROMPTS)  # index of the empty prompt among the encoded contexts
 
@@ -90,8 +91,8 @@ def build_latent_model(recipe: LatentRecipe, out: Path, device: str = "cpu", une
 def _resume(parts: Parts, ckpt: Path, work: Path) -> None:
     if not ckpt.is_file():
         return
+    saved = load_checkpoint(ckpt, parts.device)
     try:
-        saved = torch.load(ckpt, map_location=parts.device, weights_only=False)
         parts.text_encoder.load_state_dict(saved["text_encoder"])
         parts.vae.load_state_dict(saved["vae"])
         parts.unet.load_state_dict(saved["unet"])
