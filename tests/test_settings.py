@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,11 @@ def test_only_the_command_run_declares_its_flags():
     assert any(a.dest == "num" for a in choices["sample"]._actions)
     assert not any(a.dest == "steps" for a in choices["unlearn"]._actions)  # listed, not declared
     assert all(f.metadata.get("help") for f in dataclasses.fields(UnlearnSettings) if "nested" not in f.metadata)
+
+
+@pytest.mark.parametrize(("command", "page"), [("unlearn", "unlearn.md"), ("evaluate", "evaluate.md"),
+                                               ("sample", "sample.md"), ("sd-sets", "sd-sets.md")])
+def test_every_flag_is_in_its_reference_page(command, page):
+    text = (Path(__file__).parents[1] / "docs" / "commands" / page).read_text()
+    missing = [flag for flag in _flags(command) if f"`{flag}" not in text]
+    assert not missing, f"docs/commands/{page} does not describe {missing}"

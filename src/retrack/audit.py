@@ -17,6 +17,7 @@ and the forget file names every index of every copied group, ready for
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,6 @@ def audit(model: str, data: str, progress: bool = True, **settings: Any) -> dict
 
 def _read_samples(path: str) -> np.ndarray:
     """The `images` array of an .npz of samples (`retrack sample --out`), or one sentence."""
-    import zipfile
 
     try:
         with open(path, "rb") as fh:

@@ -12,7 +12,11 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 
+import matplotlib
 import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]  # title -> (steps, values)
 
@@ -21,12 +25,8 @@ def curves(series: Series, ylabel: str | None = "value", ncols: int = 3, xlabel:
            stopped_at: int | None = None, size: tuple[float, float] = (3.4, 2.4), dpi: int = 90):
     """One small panel per series over the step axis, as a PIL image; log y where a positive series
     spans more than two decades; a dashed line at `stopped_at` where a run stopped early."""
-    import matplotlib
 
     matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    from PIL import Image
 
     names = list(series)
     ncols = max(1, min(ncols, len(names)))

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from retrack.errors import UserError, require
 from retrack.store import array_digest, is_store, iter_rows, open_store
@@ -154,8 +157,6 @@ def _nhwc(images: np.ndarray) -> np.ndarray:
 
 
 def _load_npz(p: Path) -> ImageSet:
-    import zipfile
-
     require(_is_zip(p), f"data file {str(p)!r} is not an .npz archive (numpy.savez writes one).")
     try:
         with np.load(p, allow_pickle=False) as z:
@@ -171,8 +172,6 @@ def _load_npz(p: Path) -> ImageSet:
 
 
 def read_image_file(f: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(f) as im:
             arr = image_to_uint8(im, f)
@@ -215,7 +214,6 @@ def _first_line(e: BaseException) -> str:
 
 def _read_maybe_gzip(path: Path) -> bytes:
     """The bytes of a file, gunzipped if it ends in .gz; a broken archive is one sentence."""
-    import zlib
 
     try:
         if path.suffix == ".gz":

@@ -6,11 +6,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def grid_image(images: np.ndarray, ncol: int | None = None, pad: int = 2, scale: int = 1):
     """Tile uint8 (N, H, W, C) images into one PIL image, `ncol` per row (square by default)."""
-    from PIL import Image
 
     n, h, w, c = images.shape
     ncol = ncol or max(1, math.ceil(math.sqrt(n)))

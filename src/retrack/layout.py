@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast
 
 from retrack.errors import UserError, require
 from retrack.objectives.base import Objective, Prepared, SplitRule, WeightedSum
@@ -189,7 +190,6 @@ def _from_main(local: Layout, accelerator) -> Layout:
     """The main process's layout on every process (each measured its own; only one may decide)."""
     if accelerator.num_processes <= 1:
         return local
-    from accelerate.utils import broadcast
 
     times = [float("nan") if s is None else s for s in (local.joint_s, local.split_s)]
     sent = torch.tensor([float(local.split), float(_DECIDED.index(local.why)), *times], dtype=torch.float64,

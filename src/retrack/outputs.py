@@ -43,7 +43,7 @@ def lock_path(out: Path) -> Path:
 
 def lock_output(out: Path, flag: str = "--out", overwrite: bool = False) -> None:
     """Hold an exclusive lock on `out` (resolved) for this process, or refuse: another process holds it."""
-    import fcntl
+    import fcntl  # POSIX only: imported where a lock is taken, so the module loads everywhere
 
     key = str(Path(out).resolve())
     if key in _HELD or os.environ.get("RANK", "0") not in ("", "0"):

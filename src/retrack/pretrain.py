@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from retrack.data import ImageSet, load_images
@@ -67,9 +70,7 @@ class PretrainRecipe(Validated):
 
 def check_constructors(recipe: PretrainRecipe, path: Path) -> None:
     """Unknown UNet keys and a bad scheduler fail here, not after the data is built."""
-    import inspect
 
-    from diffusers import DDPMScheduler, UNet2DModel
 
     accepted = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
     unknown = sorted(set(recipe.unet) - accepted)
@@ -147,7 +148,6 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
     the same weights as training that many steps at once (tested); the checkpoint is kept beside
     the output for that reason.
     """
-    from diffusers import UNet2DModel
 
     total = steps or recipe.steps
     recipe = dataclasses.replace(recipe, steps=total)  # the record's config is the one that ran
@@ -175,9 +175,7 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
 
 def _check_data_fits(recipe: PretrainRecipe, data: ImageSet) -> None:
     """The images must be what the UNet takes (checked before the training folder is made)."""
-    import inspect
 
-    from diffusers import UNet2DModel
 
     defaults = {k: p.default for k, p in inspect.signature(UNet2DModel.__init__).parameters.items()}
     given = {**defaults, **recipe.unet}
@@ -204,9 +202,6 @@ class _TrainingRun:
 
     @classmethod
     def start(cls, recipe: PretrainRecipe, device: str, work: Path) -> _TrainingRun:
-        from diffusers import UNet2DModel
-        from diffusers.training_utils import EMAModel
-
         work.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(recipe.seed)
         unet = UNet2DModel(**recipe.unet).to(device)
@@ -237,8 +232,6 @@ class _TrainingRun:
         self.state = {**saved["state"], "recipe": identity}
 
     def train(self, images: torch.Tensor, total: int) -> None:
-        from diffusers import DDPMScheduler
-
         recipe, state = self.recipe, self.state
         abar = DDPMScheduler(**recipe.scheduler).alphas_cumprod.to(images.device)
         bar = tqdm(total=total, initial=state["step"], desc="pretrain", dynamic_ncols=True)
@@ -284,8 +277,6 @@ class _TrainingRun:
 
 
 def _write_pipeline(run: _TrainingRun, out: Path, data: ImageSet, device: str) -> None:
-    from diffusers import DDPMScheduler
-
     unet, recipe, state = run.unet, run.recipe, run.state
     run.ema.copy_to(unet.parameters())
     require(all(torch.isfinite(p).all() for p in unet.parameters()),

@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from retrack.errors import UserError
 from retrack.outputs import disk_error, may_replace, release_output
 from retrack.validation import Validated
@@ -31,7 +33,6 @@ PACKAGES = ("retrack-unlearning", "torch", "diffusers", "accelerate", "torchmetr
 
 def threads() -> dict[str, int]:
     """torch's thread counts: they change the order of float sums, so weights at the 1e-7 level."""
-    import torch
 
     return {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()}
 

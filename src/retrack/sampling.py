@@ -10,6 +10,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from retrack.data import to_uint8
@@ -22,7 +23,6 @@ SamplerName = Literal["ddpm", "ddim"]
 def make_scheduler(scheduler_config: dict, sampler: SamplerName, prediction_type: str = "epsilon"):
     """A fresh diffusers scheduler for sampling; the Denoiser always hands it ε (a pipeline calling
     its UNet directly hands it the UNet's own prediction type)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
 
     require(sampler in ("ddpm", "ddim"), f"sampler {sampler!r} is not one of ddpm, ddim.")
     cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from retrack.backends import family_of, stable_diffusion
 from retrack.backends.stable_diffusion import (
@@ -242,7 +243,6 @@ def contact_sheet(training: np.ndarray, samples: np.ndarray, forget: np.ndarray,
                   ncol: int = 16):
     """The training image (blue frame), then every sample in seed order, the forget set framed
     red and the remain set light grey; each image scaled so that its height is `tile` pixels."""
-    from PIL import Image
 
 
     h, w = samples.shape[1:3]
@@ -398,8 +398,6 @@ def image_names(seeds: list[int]) -> list[str]:
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
 from retrack import layout as layouts
@@ -243,7 +245,6 @@ def train(
     done (0 before the first, then after each); returning True ends the run there, on every
     process. It may look at `denoiser` but must leave the generator stream and weights alone.
     """
-    from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=(device == "cpu"), mixed_precision=settings.mixed_precision)
     n = per_process_batch(settings, accelerator.num_processes)
@@ -300,8 +301,6 @@ def _between_steps(hook: Callable[[int], bool] | None, done: int, model, acceler
         return False
     stop = bool(hook(done)) if accelerator.is_main_process else False
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast
-
         stop = bool(broadcast(torch.tensor([int(stop)], device=accelerator.device)).item())
     model.train()  # whatever mode the hook left the model in
     return stop

@@ -19,12 +19,14 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from retrack.errors import UserError, first_line
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu", what: str = "the checkpoint") -> dict[str, Any]:
     """A torch checkpoint of tensors and plain values; a damaged or foreign file is one sentence."""
-    import torch
 
     try:
         saved = torch.load(path, map_location=map_location, weights_only=True)
@@ -51,8 +53,7 @@ def _latin1(text: str, encoding: str = "latin1") -> bytes:
 
 
 def _cifar_globals() -> dict[tuple[str, str], Any]:
-    import numpy as np
-    from numpy._core import multiarray, numeric
+    from numpy._core import multiarray, numeric  # numpy ≥ 2's module: looked up when a batch is read
 
     found: dict[tuple[str, str], Any] = {("_codecs", "encode"): _latin1}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
@@ -81,7 +82,6 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def load_cifar_batch(data: bytes) -> dict:
     """One CIFAR-10 python batch (a pickle of a dict), admitting only what that format holds."""
-    import numpy as np
 
     unpickler = _CifarUnpickler(io.BytesIO(data), encoding="bytes")
     unpickler.allowed = _cifar_globals()

@@ -22,16 +22,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import math
 import numbers
 import os
 import re
+import reprlib
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
+import yaml
 
 from retrack.errors import UserError
 from retrack.outputs import lock_output, release_output
@@ -306,7 +311,6 @@ def parse_seeds(text: Any, name: str = "--seeds") -> list[int]:
 
 def default_device(device: str | None = None) -> str:
     """`device`, or where a run goes when none is named: cuda if this machine has it, else cpu."""
-    import torch  # here, not at the top: `retrack --help` parses flags without loading torch
 
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -319,8 +323,6 @@ class Device(Check):
         return "cpu, cuda, cuda:N or mps"
 
     def __call__(self, value: Any, name: str | None = None) -> str:
-        import torch
-
         flag = name or "--device"
         if value is None:
             return default_device()
@@ -563,7 +565,6 @@ MAX_NODES = 1_000_000  # values once every alias is expanded (a "billion laughs"
 
 def excerpt(value: Any, limit: int = 80) -> str:
     """A bounded repr for messages: long strings, lists and nested values are cut, never expanded."""
-    import reprlib
 
     r = reprlib.Repr()
     r.maxlevel, r.maxtuple, r.maxlist, r.maxdict, r.maxset, r.maxfrozenset = 3, 6, 6, 6, 6, 6
@@ -598,7 +599,6 @@ def load_yaml(path: Path | str, what: str = "config") -> Any:
 def parse_yaml(text: str, what: str) -> Any:
     """YAML text → Python values (safe types only), refusing before anything is built what nests
     deeper than MAX_DEPTH or, its aliases expanded, holds more than MAX_NODES values."""
-    import yaml
 
     if len(text) > MAX_YAML_BYTES:
         raise UserError(f"{what} is longer than {MAX_YAML_BYTES >> 20} MiB.")
@@ -627,7 +627,6 @@ def parse_yaml(text: str, what: str) -> Any:
 def _check_depth(text: str, what: str) -> None:
     """Refuse nesting deeper than MAX_DEPTH from the parser's events, before any node is built (with
     libyaml's parser where there is one: the pure-Python scanner is quadratic in the depth)."""
-    import yaml
 
     depth = 0
     try:
@@ -648,7 +647,6 @@ def _expanded_size(node: Any, seen: dict[int, tuple[int, int] | None], what: str
     """(values, depth) of a YAML node with its aliases expanded. Nodes are visited in the order of
     the text, so an alias meets its anchor already counted: the recursion is only as deep as the
     text nests (checked before), and each node is counted once however often it is referred to."""
-    import yaml
 
     key = id(node)
     if key in seen:
@@ -673,8 +671,6 @@ def load_json(path: Path | str, what: str = "file") -> Any:
 
 
 def parse_json(text: str, what: str) -> Any:
-    import json
-
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

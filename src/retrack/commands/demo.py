@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from retrack.recipes.mnist_tshirt.demo import DemoConfig, format_table, run_demo
 from retrack.runrecord import check_output
@@ -27,9 +28,6 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-
     cfg = DemoConfig(out=args.out, samples=args.samples, sampling_steps=args.sampling_steps,
                      seed=args.seed, device=args.device, overwrite=args.overwrite, nll=not args.no_nll)
     check_output(Path(cfg.out), cfg.overwrite, [Path(cfg.model)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from retrack.errors import require
 from retrack.experiments import load_config, parse_shard, run_experiment
@@ -67,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
     shard_of = parse_shard(args.shard)
     cfg = load_config(args.config, sets)
     if args.no_nll:
-        from dataclasses import replace
-
         cfg = replace(cfg, metrics={k: v for k, v in cfg.metrics.items() if k != "nll"})
     methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     require(methods is None or bool(methods), "--methods is empty; name a label or method, or 'all'.")

@@ -12,6 +12,9 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
+import torch.distributed as dist
+
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                "ROLE_WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE",
                "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
@@ -37,8 +40,6 @@ def detach(procs: Processes) -> None:
     """Join a gloo group for the final barrier, then hide the launch from accelerate."""
     if procs.world <= 1:
         return
-    import torch
-    import torch.distributed as dist
 
     if not dist.is_initialized():
         # Runs take hours: the barrier must outwait the slowest share.
@@ -53,14 +54,10 @@ def detach(procs: Processes) -> None:
 
 def barrier(procs: Processes) -> None:
     if procs.world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
 def finish(procs: Processes) -> None:
     if procs.world > 1:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -16,7 +16,9 @@ import io
 from collections.abc import Mapping
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib import pyplot as plt
 
 from retrack.metrics.copies import l2_distances
 
@@ -44,10 +46,8 @@ def nearest_markdown(found: Mapping[str, Mapping[int, float]]) -> str:
 
 def draw_nearest(target: np.ndarray, strips: Mapping[str, np.ndarray], dists: Mapping[str, np.ndarray]) -> bytes:
     """PNG: one line per row: the forgotten image, then its nearest samples with their distances."""
-    import matplotlib
 
     matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
 
     n = 1 + max(len(s) for s in strips.values())
     fig, axes = plt.subplots(len(strips), n, figsize=(0.9 * n + 1.6, 1.0 * len(strips) + 0.2), dpi=100,

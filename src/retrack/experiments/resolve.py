@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from huggingface_hub import try_to_load_from_cache
 
 from retrack.data import ImageSet, load_images, parse_forget, split
 from retrack.errors import UserError, require
@@ -105,7 +106,6 @@ def _check_hub_id(repo: str, key: str) -> None:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if not offline:
         return
-    from huggingface_hub import try_to_load_from_cache
 
     for name in ("model_index.json", "config.json"):
         if isinstance(try_to_load_from_cache(repo, name), str):

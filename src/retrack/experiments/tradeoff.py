@@ -12,6 +12,11 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib import pyplot as plt
+
 from retrack.errors import require
 from retrack.experiments.metrics import Column
 
@@ -55,7 +60,6 @@ def axes_for(spec: Mapping[str, Any], columns: Sequence[Column]) -> tuple[str, l
 
 def tradeoff_points(results: Mapping[str, Sequence[Mapping[str, Any]]], x: str, y: str) -> dict[str, Any]:
     """Row label → (n, 2) array of (x, y) per run that has both values; rows without any dropped."""
-    import numpy as np
 
     points = {}
     for label, runs in results.items():
@@ -71,7 +75,6 @@ MARKERS = ("o", "s", "^", "D")
 def row_style(i: int) -> tuple[tuple[float, ...], str]:
     """Colour and marker of the i-th row: ten colours, then the same colours with another marker,
     so no two of up to 40 rows look alike."""
-    from matplotlib import colormaps
 
     return colormaps["tab10"](i % 10), MARKERS[(i // 10) % len(MARKERS)]
 
@@ -79,10 +82,8 @@ def row_style(i: int) -> tuple[tuple[float, ...], str]:
 def draw_tradeoff(results: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[Column],
                   x: str, ys: Sequence[str]) -> bytes:
     """PNG bytes: one panel per y column against x; small dots are runs, large ones row means."""
-    import matplotlib
 
     matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
 
     titles = {c.key: c.title for c in columns}
     fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.2), dpi=100, squeeze=False)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.inception import InceptionScore
 from tqdm.auto import tqdm
 
 from retrack.errors import UserError, require
@@ -55,7 +57,6 @@ def inception_network(weights: str | Path | None, output: str, flag_sentence: st
     except ImportError:
         raise UserError("Inception features need the torch-fidelity package: "
                         "pip install torch-fidelity.") from None
-    from torchmetrics.image.fid import NoTrainInceptionV3
 
     try:
         return NoTrainInceptionV3("inception-v3-compat", [output], str(weights))
@@ -105,7 +106,6 @@ class FrechetReference:
     def __init__(self, real: np.ndarray, features: nn.Module | None = None,
                  inception_weights: str | Path | None = None, batch_size: int = 64,
                  device: torch.device | str = "cpu", progress: bool = True) -> None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
 
         require(len(real) >= 2, "FID needs at least 2 real and 2 generated images.")
         self.custom = features is not None
@@ -145,7 +145,6 @@ def inception_score(
     The classifier (in eval mode) returns logits. torchmetrics shuffles before splitting with the
     global RNG; it is seeded here so the score is reproducible. With one split std is 0.
     """
-    from torchmetrics.image.inception import InceptionScore
 
     require(splits >= 1 and len(fake) >= splits,
             f"IS needs at least {splits} images (one per split).")
@@ -177,7 +176,7 @@ def clip_iqa(
     require(clip_path is not None, CLIP_NEEDS)
     require(Path(clip_path).is_dir(), f"CLIP folder {str(clip_path)!r} does not exist.")
     loader = _clip_loader(Path(clip_path))
-    from torchmetrics.multimodal.clip_iqa import CLIPImageQualityAssessment
+    from torchmetrics.multimodal.clip_iqa import CLIPImageQualityAssessment  # needs the optional [clip] extra
 
     metric = CLIPImageQualityAssessment(model_name_or_path=loader, data_range=255.0,
                                         prompts=prompts).to(device)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 from tqdm.auto import tqdm
 
 from retrack.data import to_model_range, to_uint8
@@ -118,8 +119,6 @@ class SSIMDescriptor(Descriptor):
 
     @torch.no_grad()
     def paired(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
         require(a.shape == b.shape, f"SSIM needs images of one shape, got {a.shape} and {b.shape}.")
         side = min(a.shape[1], a.shape[2])
         kernel = min(11, side if side % 2 else side - 1)

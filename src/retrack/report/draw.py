@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from retrack.backends.pixel import load_model
 from retrack.data import ImageSet, image_digest, load_images, to_model_range, to_uint8
@@ -37,7 +38,6 @@ def draw_samples(model: Path, num: int, steps: int, seed: int, device: str) -> n
 
 def draw_reconstructions(model: Path, images: np.ndarray, seed: int, device: str) -> np.ndarray:
     """Each image noised to T/4 and denoised with ancestral DDPM (the paper's memorisation probe)."""
-    import torch
 
 
     loaded = load_model(model, device)

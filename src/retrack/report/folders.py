@@ -11,6 +11,7 @@ and the ones that replace it; whatever is missing is reported as missing, never 
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,7 +60,6 @@ def _checked_record(record: dict[str, Any]) -> dict[str, Any]:
 def read_samples(path: Path) -> np.ndarray | None:
     """The uint8 (N, H, W, C) `images` of a samples .npz, or None when it is missing or damaged
     (not a zip, no such array, objects, another dtype or shape): the page then says it is missing."""
-    import zipfile
 
     try:
         loaded = np.load(path, allow_pickle=False)

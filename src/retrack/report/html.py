@@ -14,6 +14,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from PIL import Image
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
        padding: 0 1em; line-height: 1.45; }
@@ -30,7 +32,6 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 
 def png_uri(image: Any) -> str:
     """A PIL image (or uint8 H×W / H×W×C array) as a base64 PNG data URI."""
-    from PIL import Image
 
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
+
 from retrack.errors import UserError
 from retrack.report.draw import draw_samples, local_model
 from retrack.report.folders import RunFolder, read_json
@@ -65,8 +67,6 @@ def run_page(run: RunFolder, opts: ReportOptions) -> Page:
 
 
 def demo_page(path: Path, opts: ReportOptions) -> Page:
-    from PIL import Image
-
     record = read_json(path / "demo_run.json") or {}
     metrics = read_json(path / "metrics.json") or {}
     run = RunFolder.read(path / "model")

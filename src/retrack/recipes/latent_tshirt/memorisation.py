@@ -9,6 +9,8 @@ planted T-shirt (and within L2 10), and the pixel cosine that `retrack sd-sets` 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,8 +95,6 @@ def is_copy(m: dict[str, np.ndarray]) -> np.ndarray:
 
 def training_images(data_model: str) -> tuple[np.ndarray, np.ndarray]:
     """The planted T-shirt and every other training image (padded) of the recipe that built `data_model`."""
-    import json
-    from pathlib import Path
 
 
     data = json.loads((Path(data_model) / "provenance.json").read_text())["config"]["data"]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
 from retrack.errors import UserError, require
 from retrack.validation import POSITIVE_INT, SEED, Check, Float, Int, Optional, Text, Validated, load_yaml, option
 
@@ -82,7 +84,6 @@ class LatentRecipe(Validated):
 
     def check(self, where: str) -> None:
         """Every section parses and every constructor accepts its keys, before any data is built."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         self.data_spec(), self.stage("vae_training"), self.stage("unet_training")
         for name, cls in (("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):

@@ -44,7 +44,7 @@ def vocab_and_merges(words: Iterable[str] = WORDS) -> tuple[dict[str, int], list
 
 def save_tokenizer(path: Path, max_length: int):
     """Write vocab.json and merges.txt and return the CLIPTokenizer they make."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # the optional [sd] extra
 
     vocab, merges = vocab_and_merges()
     path.mkdir(parents=True, exist_ok=True)

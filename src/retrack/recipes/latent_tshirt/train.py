@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from PIL import Image
 from tqdm.auto import tqdm
 
 from retrack.errors import UserError, require
@@ -36,8 +39,7 @@ class Parts:
     """The models, the data and the generator of one build; everything a checkpoint holds."""
 
     def __init__(self, recipe: LatentRecipe, data: LatentTshirt, tokenizer, device: str):
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel  # the optional [sd] extra
 
         torch.manual_seed(recipe.seed)
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -116,8 +118,6 @@ def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def _ema(unet: torch.nn.Module, decay: float):
-    from diffusers.training_utils import EMAModel
-
     return EMAModel(unet.parameters(), decay=decay)
 
 
@@ -236,8 +236,7 @@ def reconstruction_l2(parts: Parts, idx: np.ndarray) -> np.ndarray:
 
 
 def _write(parts: Parts, recipe: LatentRecipe, out: Path, work: Path) -> None:
-    from diffusers import StableDiffusionPipeline
-    from PIL import Image
+    from diffusers import StableDiffusionPipeline  # imports transformers, the optional [sd] extra
 
     n = len(parts.data.data)
     sample = np.random.default_rng(recipe.seed).choice(n, min(256, n), replace=False)
