@@ -61,8 +61,12 @@ def _t5(seed: int, width: int = 8):
 
 def save_sdxl_pipeline(path: Path, seed: int = 0, max_length: int = 12, refiner: bool = False) -> Path:
     _quiet()
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-    from diffusers import UNet2DConditionModel
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     tokenizer = save_tiny_tokenizer(path.parent / f".{path.name}-tokenizer", max_length)
     torch.manual_seed(seed)

@@ -37,7 +37,8 @@ class SDXLDenoiser(PromptDenoiser):
     def unet_output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         ctx = self.context.to(x.dtype).expand(b, -1, -1)
-        added = {"text_embeds": self.pooled.to(x.dtype).expand(b, -1), "time_ids": self.time_ids.to(x.dtype).expand(b, -1)}
+        added = {"text_embeds": self.pooled.to(x.dtype).expand(b, -1),
+                 "time_ids": self.time_ids.to(x.dtype).expand(b, -1)}
         return self.unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
 
 

@@ -39,8 +39,7 @@ from retrack.backends.base import (
     pipeline_class,
     require_hub_reachable,
 )
-from retrack.backends.registry import FAMILIES
-from retrack.backends.registry import supported
+from retrack.backends.registry import FAMILIES, supported
 from retrack.data import ImageSet, distinct, read_image_file, to_uint8
 from retrack.errors import UserError, first_line, require
 from retrack.metrics import registry
