@@ -312,3 +312,29 @@ def test_sd3_loads_with_or_without_t5(tmp_path):
     m = _family("sd3").load(str(tmp_path / "t5"), "cpu", LoadOptions(PROMPT))
     assert m.pipeline.text_encoder_3 is not None
     assert m.sample(1, 2, "ddim", 0, 1, 7.5, False).shape == (1, 8, 8, 3)
+
+
+def test_a_hub_id_is_loaded_by_the_family_its_model_index_names(monkeypatch):
+    """Detection gives a hub id with --prompt to the first text-to-image family; its model_index.json
+    (read from the hub, here stubbed) hands it to the family that loads it."""
+    from diffusers import DiffusionPipeline
+
+    from retrack.backends import StableDiffusionModel, stable_diffusion
+
+    monkeypatch.setattr(stable_diffusion, "require_hub_reachable", lambda repo: None)
+    for pipeline, family in (("FluxPipeline", "flux"), ("StableDiffusion3Pipeline", "sd3"),
+                             ("StableDiffusionXLPipeline", "sdxl")):
+        monkeypatch.setattr(DiffusionPipeline, "load_config", lambda repo, p=pipeline: {"_class_name": p})
+        assert StableDiffusionModel._hub_family("someone/model") is _family(family)
+    monkeypatch.setattr(DiffusionPipeline, "load_config", lambda repo: {"_class_name": "StableDiffusionPipeline"})
+    assert StableDiffusionModel._hub_family("someone/model") is StableDiffusionModel
+
+
+def test_sd_sets_refuses_a_ddpm_sampler_for_a_flow_model(ws, tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / "train.png")
+    _refused(["sd-sets", "--model", ws / "flux", "--prompt", PROMPT, "--image", tmp_path / "train.png",
+              "--out", tmp_path / "sets", "--sampler", "ddpm"], "samples with its own FlowMatchEulerDiscreteScheduler",
+             capsys)
+    assert not (tmp_path / "sets").exists()

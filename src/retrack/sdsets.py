@@ -34,7 +34,7 @@ import json
 import re
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,8 @@ def resolve_sets(cfg: SetsConfig) -> Plan:
     require(family is None or family.conditioned,
             f"sd-sets samples a text-to-image StableDiffusionPipeline under a prompt, but --model "
             f"{cfg.model!r} is an unconditional pixel model (retrack audit finds what it copies).")
+    if family is not None:
+        family.check_settings(asdict(cfg), "sd-sets")
     require_sd_extra()
     if cfg.prompts is not None:
         prompts = Path(cfg.prompts)

@@ -149,6 +149,9 @@ class StableDiffusionModel(Backend):
     @classmethod
     def load(cls, model: str, device: str, options: LoadOptions = DEFAULT_LOAD) -> StableDiffusionModel:
         require_sd_extra(options.lora is not None)
+        family = cls._hub_family(model)
+        if family is not cls:
+            return family.load(model, device, options)
         with quiet_libraries():
             return cls._bind(cls._load_pipeline(model, options.flag), model, options.prompt, device, options.lora,
                              options.lora_alpha, options.seed)
@@ -201,6 +204,22 @@ class StableDiffusionModel(Backend):
 
 
     # -- how the family loads and binds its prompt (subclasses override these) ------------------
+
+    @classmethod
+    def _hub_family(cls, model: str) -> type[StableDiffusionModel]:
+        """A hub id cannot be read before it downloads, so detection gives it to the first text-to-image
+        family; its model_index.json (one small file) names the family that really loads it."""
+        if Path(model).exists():
+            return cls
+        from diffusers import DiffusionPipeline
+
+        require_hub_reachable(model)
+        try:
+            name = DiffusionPipeline.load_config(model).get("_class_name")
+        except Exception:  # noqa: BLE001 - the loader itself says what is wrong with the id
+            return cls
+        found = [f for f in FAMILIES if name in f.pipelines and issubclass(f, StableDiffusionModel)]
+        return found[0] if found else cls
 
     @classmethod
     def _bind(cls, pipe, model: str, prompt: str, device: str, lora_rank: int | None, lora_alpha: float | None,
@@ -460,6 +479,9 @@ def sample_text(model: StableDiffusionModel, num: int, steps: int = 50, sampler:
     config = own.config
     require(1 <= steps <= config.num_train_timesteps,
             f"--steps must be in 1..{config.num_train_timesteps} for this model, got {steps}.")
+    require(not model.own_sampler or sampler == "ddim",
+            f"--sampler {sampler} is a DDPM sampler; a {type(pipe).__name__} samples with its own "
+            f"{type(own).__name__} (the flow's ODE), which --sampler ddim (the default) stands for.")
     device = model.device
     out = []
     if model.own_sampler:
