@@ -338,3 +338,15 @@ def test_sd_sets_refuses_a_ddpm_sampler_for_a_flow_model(ws, tmp_path, capsys):
               "--out", tmp_path / "sets", "--sampler", "ddpm"], "samples with its own FlowMatchEulerDiscreteScheduler",
              capsys)
     assert not (tmp_path / "sets").exists()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_retracks_options_run_on_each_family(ws, tmp_path, name):
+    """λ auto with gradient surgery, min-SNR forget weighting (SNR = γ²/σ² for the flows), a forget
+    t-min, the untruncated objective, gradient checkpointing and accumulation."""
+    out = tmp_path / "o"
+    assert _unlearn(ws, name, out, "retrack", "--lam", "auto", "--surgery", "--forget-weighting", "min-snr",
+                    "--forget-t-min", "500", "--k", "all", "--gradient-checkpointing", "--grad-accum", "2") == 0
+    cfg = json.loads((out / "retrack_run.json").read_text())["config"]
+    assert cfg["k"] == "all" and cfg["surgery"] and cfg["forget_t_min"] == 500
+    assert _files(out, NETWORK[name]) != _files(ws / name, NETWORK[name])
