@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
                    help="diffusers pipeline folder, bare UNet folder, or hub id; "
-                   "a StableDiffusionPipeline with --prompt")
+                   "a text-to-image pipeline (SD, SDXL, SD3, Flux) with --prompt")
     p.add_argument("--num", required=True, help="number of images")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--steps", default=50, help="sampling steps")
@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", default=256, help="images per forward pass")
     p.add_argument("--grid", default=None, help="also write the first 64 images as a PNG grid here (.png)")
     p.add_argument("--prompt", default=None,
-                   help="text-to-image models (a StableDiffusionPipeline folder or a `unlearn --lora` output): "
-                   "the prompt; sampled by the pipeline itself with classifier-free guidance")
+                   help="text-to-image models (an SD, SDXL, SD3 or Flux pipeline folder or a `unlearn --lora` "
+                   "output): the prompt; sampled by the pipeline itself with its guidance")
     p.add_argument("--guidance", default=7.5, help="classifier-free guidance scale with --prompt")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "`retrack unlearn --prompt P --data DIR/data.npz --forget @DIR/forget.txt` takes as they are. "
         "With --prompts, one subfolder per prompt and index.json. The output appears only when complete.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="StableDiffusionPipeline folder or hub id")
+    p.add_argument("--model", required=True, help="text-to-image pipeline folder or hub id (SD, SDXL, SD3, Flux)")
     p.add_argument("--prompt", default=None, help="the prompt (with --image)")
     p.add_argument("--image", default=None, help="the training image the prompt may regurgitate (with --prompt)")
     p.add_argument("--prompts", default=None,
