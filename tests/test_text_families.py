@@ -350,3 +350,14 @@ def test_retracks_options_run_on_each_family(ws, tmp_path, name):
     cfg = json.loads((out / "retrack_run.json").read_text())["config"]
     assert cfg["k"] == "all" and cfg["surgery"] and cfg["forget_t_min"] == 500
     assert _files(out, NETWORK[name]) != _files(ws / name, NETWORK[name])
+
+
+def test_the_latent_cache_is_keyed_by_the_vaes_scaling_and_shift(ws, tmp_path):
+    from retrack.backends.stable_diffusion import cached_latents
+    from retrack.data import load_images
+
+    m, images = _load(ws, "sd3"), load_images(ws / "rgb.npz")
+    first, key = cached_latents(m.pipeline, images, tmp_path, progress=False)
+    m.pipeline.vae.register_to_config(shift_factor=0.5)
+    second, other = cached_latents(m.pipeline, images, tmp_path, progress=False)
+    assert other != key and not np.allclose(first, second)

@@ -428,10 +428,12 @@ def encode_images(pipe, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
 
 
 def cached_latents(pipe, images: ImageSet, cache_dir: Path, progress: bool = True) -> tuple[np.ndarray, str]:
-    """encode_images() through an on-disk cache keyed by the images, the VAE's weights and the
-    preprocessing, so a changed data set or VAE can never reuse stale latents. Returns the latents
-    and their key."""
-    h = hashlib.sha256(f"latents-v1|{preprocessing(pipe, images)}".encode())
+    """encode_images() through an on-disk cache keyed by the images, the VAE's weights, its scaling
+    and shift factors and the preprocessing, so a changed data set or VAE can never reuse stale
+    latents. Returns the latents and their key."""
+    vae = pipe.vae.config  # the scaling (and SD3/Flux's shift) live in the config, not the weights
+    h = hashlib.sha256(f"latents-v1|{preprocessing(pipe, images)}|{vae.scaling_factor}|"
+                       f"{getattr(vae, 'shift_factor', None)}".encode())
     h.update(images.digest().encode())
     for name, tensor in sorted(pipe.vae.state_dict().items()):
         h.update(name.encode())
