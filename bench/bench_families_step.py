@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-memory", action="store_true", help="time the step only")
     ap.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)  # path family variant
     args = ap.parse_args()
     if args.threads:
@@ -209,6 +210,8 @@ def main() -> None:
                   f"ReTrack gradient {m['gradient']:.3f} s, forward+backward on 2B={2 * args.batch_size} latents "
                   f"{fb:.3f} s, ratio {m['gradient'] / fb:.3f} (target ≤ 1.10); whole step with clip+AdamW "
                   f"{m['step']:.3f} s ({m['step'] / fb:.3f}×)")
+            if args.no_memory:
+                continue
             peaks = {}
             for variant in VARIANTS:
                 cmd = [sys.executable, __file__, "--child", str(path), family, variant, "--batch-size",
