@@ -54,7 +54,13 @@ def _unsupported(path: Path, flag: str) -> UserError:
     """Why no family claims a folder, in the terms of diffusers' layouts."""
     cls = pipeline_class(path)  # a pipeline folder (unet/ or transformer/) that no family takes
     if cls is not None and ((path / "unet").is_dir() or not (path / "config.json").is_file()):
-        return UserError(f"--model {str(path)!r} is a {cls}; supported are {supported()}.")
+        owner = next((f for f in FAMILIES if cls in f.pipelines), None)
+        if owner is None:
+            return UserError(f"--model {str(path)!r} is a {cls}; supported are {supported()}.")
+        complete = getattr(owner, "complete", None)
+        if complete is not None and not complete(path):
+            return UserError(f"--model {str(path)!r} is a {cls}; supported are {supported()}; its model_index.json "
+                             "does not list the components that pipeline needs.")
     if not (path / "unet").is_dir() and not (path / "config.json").is_file():
         return UserError(f"{flag} {str(path)!r} has neither a unet/ subfolder nor a config.json.")
     config = path / ("unet" if (path / "unet").is_dir() else "") / "config.json"

@@ -202,7 +202,6 @@ class StableDiffusionModel(Backend):
             "latent_shape": list(self.denoiser.sample_shape), "trained": "lora" if self.lora else self.network,
             "lora": self.lora, "output": LORA_FILE if self.lora else "pipeline folder"}}
 
-
     # -- how the family loads and binds its prompt (subclasses override these) ------------------
 
     @classmethod
