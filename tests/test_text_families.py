@@ -361,3 +361,14 @@ def test_the_latent_cache_is_keyed_by_the_vaes_scaling_and_shift(ws, tmp_path):
     m.pipeline.vae.register_to_config(shift_factor=0.5)
     second, other = cached_latents(m.pipeline, images, tmp_path, progress=False)
     assert other != key and not np.allclose(first, second)
+
+
+def test_a_flux_model_without_t5_is_refused(ws, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(ws / "flux", tmp_path / "flux")
+    index = json.loads((tmp_path / "flux" / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]
+    (tmp_path / "flux" / "model_index.json").write_text(json.dumps(index))
+    _refused(["sample", "--model", tmp_path / "flux", "--prompt", PROMPT, "--num", "1", "--out", tmp_path / "s.npz"],
+             "is a FluxPipeline without its text_encoder_2, which its pipeline needs", capsys)
