@@ -30,8 +30,8 @@ from retrack.validation import (
 class SampleConfig(Validated):
     """Every setting of `retrack sample`; each field is the flag of the same name."""
 
-    model: str = option(Text(), help="diffusers pipeline folder, bare UNet folder, or hub id; a "
-                        "StableDiffusionPipeline with --prompt")
+    model: str = option(Text(), help="diffusers pipeline folder, bare UNet folder, or hub id; a text-to-image "
+                        "pipeline (SD, SDXL, SD3, Flux) with --prompt")
     num: int = option(POSITIVE_INT, help="number of images")
     out: str = option(Text(), help="output .npz")
     steps: int = option(POSITIVE_INT, 50, help="sampling steps")
@@ -41,8 +41,8 @@ class SampleConfig(Validated):
     grid: str | None = option(Optional(Text()), None,
                               help="also write the first 64 images as a PNG grid here (.png)")
     prompt: str | None = option(Optional(Text()), None,
-                                help="text-to-image models (a StableDiffusionPipeline folder or a `unlearn --lora` "
-                                "output): the prompt; sampled by the pipeline itself with classifier-free guidance")
+                                help="text-to-image models (an SD, SDXL, SD3 or Flux pipeline folder or a `unlearn "
+                                "--lora` output): the prompt; sampled by the pipeline itself with its guidance")
     guidance: float = option(Float(0.0), 7.5, help="classifier-free guidance scale with --prompt")
     device: str | None = option(Optional(Device()), None, help="torch device (default: cuda if available, else cpu)")
     overwrite: bool = option(Bool(), False, help="replace an existing --out")

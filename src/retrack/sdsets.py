@@ -34,7 +34,7 @@ import json
 import re
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ COLOURS = {"training": (0, 90, 255), "forget": (230, 0, 0), "remain": (215, 215,
 class SetsConfig(Validated):
     """Every setting of `retrack sd-sets`; each field is the flag of the same name."""
 
-    model: str = option(Text(), help="StableDiffusionPipeline folder or hub id")
+    model: str = option(Text(), help="text-to-image pipeline folder or hub id (SD, SDXL, SD3, Flux)")
     out: str = option(Text(), help="output folder")
     prompt: str | None = option(Optional(Text()), None, help="the prompt (with --image)")
     image: str | None = option(Optional(Text()), None,
@@ -288,6 +288,8 @@ def resolve_sets(cfg: SetsConfig) -> Plan:
     require(family is None or family.conditioned,
             f"sd-sets samples a text-to-image StableDiffusionPipeline under a prompt, but --model "
             f"{cfg.model!r} is an unconditional pixel model (retrack audit finds what it copies).")
+    if family is not None:
+        family.check_settings(asdict(cfg), "sd-sets")
     require_sd_extra()
     if cfg.prompts is not None:
         prompts = Path(cfg.prompts)

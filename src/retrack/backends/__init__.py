@@ -4,12 +4,18 @@ A new family is one module with a Backend subclass and one `register(...)` line 
 """
 
 from retrack.backends.base import DEFAULT_LOAD, Backend, LoadOptions, MetricImages, TrainingSpace
+from retrack.backends.flux import FluxModel
 from retrack.backends.pixel import PixelModel
 from retrack.backends.registry import detect, family_of, register, supported
+from retrack.backends.sd3 import StableDiffusion3Model
+from retrack.backends.sdxl import StableDiffusionXLModel
 from retrack.backends.stable_diffusion import StableDiffusionModel
 
 register(PixelModel)
 register(StableDiffusionModel)
+register(StableDiffusionXLModel)
+register(StableDiffusion3Model)
+register(FluxModel)
 
 
 def load(model: str, device: str, options: LoadOptions = DEFAULT_LOAD) -> Backend:
@@ -17,5 +23,6 @@ def load(model: str, device: str, options: LoadOptions = DEFAULT_LOAD) -> Backen
     return detect(model, options.prompt, options.flag).load(model, device, options)
 
 
-__all__ = ["Backend", "LoadOptions", "MetricImages", "PixelModel", "StableDiffusionModel", "TrainingSpace",
-           "detect", "family_of", "load", "register", "supported"]
+__all__ = ["Backend", "FluxModel", "LoadOptions", "MetricImages", "PixelModel", "StableDiffusion3Model",
+           "StableDiffusionModel", "StableDiffusionXLModel", "TrainingSpace", "detect", "family_of", "load",
+           "register", "supported"]

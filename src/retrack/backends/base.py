@@ -204,7 +204,8 @@ def require_hub_reachable(repo: str) -> None:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     if not (constants.HF_HUB_OFFLINE or offline):
         return
-    found = try_to_load_from_cache(repo, "unet/config.json")
-    require(isinstance(found, str),
+    found = any(isinstance(try_to_load_from_cache(repo, name), str)
+                for name in ("unet/config.json", "model_index.json", "config.json"))
+    require(found,
             f"could not download the model {repo!r}: the Hugging Face Hub is offline (HF_HUB_OFFLINE) and "
             "it is not in the local cache; a local folder path works offline.")

@@ -52,13 +52,18 @@ def detect(model: str | Path, prompt: str | None = None, flag: str = "--model") 
 
 def _unsupported(path: Path, flag: str) -> UserError:
     """Why no family claims a folder, in the terms of diffusers' layouts."""
-    pipeline = (path / "unet").is_dir()
-    if not pipeline and not (path / "config.json").is_file():
+    cls = pipeline_class(path)  # a pipeline folder (unet/ or transformer/) that no family takes
+    if cls is not None and ((path / "unet").is_dir() or not (path / "config.json").is_file()):
+        owner = next((f for f in FAMILIES if cls in f.pipelines), None)
+        if owner is None:
+            return UserError(f"--model {str(path)!r} is a {cls}; supported are {supported()}.")
+        complete = getattr(owner, "complete", None)
+        if complete is not None and not complete(path):
+            return UserError(f"--model {str(path)!r} is a {cls}; supported are {supported()}; its model_index.json "
+                             "does not list the components that pipeline needs.")
+    if not (path / "unet").is_dir() and not (path / "config.json").is_file():
         return UserError(f"{flag} {str(path)!r} has neither a unet/ subfolder nor a config.json.")
-    cls = pipeline_class(path) if pipeline else None
-    if cls is not None and not any(cls in getattr(f, "pipelines", ()) for f in FAMILIES):
-        return UserError(f"--model {str(path)!r} is a {cls}; supported are {supported()}.")
-    config = path / ("unet" if pipeline else "") / "config.json"
+    config = path / ("unet" if (path / "unet").is_dir() else "") / "config.json"
     unet = config_class(config, "UNet2DModel")
     return UserError(f"{str(config)!r} holds a {unet} outside a StableDiffusionPipeline folder; only "
                      f"unconditional UNet2DModel is supported there ({supported()}).")

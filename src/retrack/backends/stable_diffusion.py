@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from retrack.backends.base import (
     pipeline_class,
     require_hub_reachable,
 )
-from retrack.backends.registry import supported
+from retrack.backends.registry import FAMILIES, detect, supported
 from retrack.data import ImageSet, distinct, read_image_file, to_uint8
 from retrack.errors import UserError, first_line, require
 from retrack.metrics import registry
@@ -77,7 +77,12 @@ class PromptDenoiser(Denoiser):
 
 @dataclass
 class StableDiffusionModel(Backend):
-    """The loaded pipeline, the Denoiser over latents, and what became of the prompt."""
+    """The loaded pipeline, the Denoiser over latents, and what became of the prompt.
+
+    The other text-to-image families (SDXL, SD3, Flux) are subclasses that change what the class
+    attributes below name and how the prompt is bound (`_denoiser`); loading, latents, LoRA,
+    sampling through the pipeline, saving and the record are this class's.
+    """
 
     name = "stable-diffusion"
     description = "StableDiffusionPipeline folders (SD 1.x/2.x, text-to-image, with --prompt)"
@@ -85,6 +90,11 @@ class StableDiffusionModel(Backend):
     pipelines = TEXT_PIPELINES
     metrics = SAMPLE_METRICS
     resizes_images = True
+    # The pipeline's trained network ("unet" or "transformer"), the modules LoRA adapts in it, and
+    # whether the pipeline samples with its own scheduler (flow matching) instead of DDIM/DDPM.
+    network: ClassVar[str] = "unet"
+    lora_targets: ClassVar[tuple[str, ...]] = LORA_TARGETS
+    own_sampler: ClassVar[bool] = False
 
     pipeline: Any
     denoiser: PromptDenoiser
@@ -95,11 +105,19 @@ class StableDiffusionModel(Backend):
 
     @classmethod
     def claims(cls, path: Path) -> bool:
-        return is_lora_folder(path) or ((path / "unet").is_dir() and pipeline_class(path) in TEXT_PIPELINES)
+        if is_lora_folder(path):
+            return lora_pipeline(path) in cls.pipelines or (
+                cls is StableDiffusionModel and not any(lora_pipeline(path) in f.pipelines for f in FAMILIES))
+        return (path / cls.network).is_dir() and pipeline_class(path) in cls.pipelines and cls.complete(path)
+
+    @classmethod
+    def complete(cls, path: Path) -> bool:
+        """Whether a folder of one of the family's pipeline classes holds what it must to load."""
+        return True
 
     @classmethod
     def check_conditioning(cls, model: str, prompt: str | None, flag: str) -> None:
-        require(prompt is not None, f"{flag} {model!r} is a text-to-image StableDiffusionPipeline; pass --prompt "
+        require(prompt is not None, f"{flag} {model!r} is a text-to-image {cls.pipelines[0]}; pass --prompt "
                                     "with the prompt it is used under.")
 
     @classmethod
@@ -130,8 +148,13 @@ class StableDiffusionModel(Backend):
 
     @classmethod
     def load(cls, model: str, device: str, options: LoadOptions = DEFAULT_LOAD) -> StableDiffusionModel:
-        return load_text_model(model, options.prompt, device, options.lora, options.lora_alpha, options.flag,
-                               options.seed)
+        require_sd_extra(options.lora is not None)
+        family = cls._hub_family(model)
+        if family is not cls:
+            return family.load(model, device, options)
+        with quiet_libraries():
+            return cls._bind(cls._load_pipeline(model, options.flag), model, options.prompt, device, options.lora,
+                             options.lora_alpha, options.seed)
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -160,6 +183,10 @@ class StableDiffusionModel(Backend):
                progress: bool) -> np.ndarray:
         return sample_text(self, num, steps, sampler, seed, batch_size, guidance, progress)
 
+    def call_kwargs(self) -> dict[str, Any]:
+        """What the pipeline's own call is given beside the prompt, steps, guidance and seeds."""
+        return {}
+
     def sample_settings(self, guidance: float) -> dict[str, Any]:
         return {"prompt": self.prompt["text"], "guidance": guidance}
 
@@ -172,71 +199,115 @@ class StableDiffusionModel(Backend):
             "base_model": str(base.resolve()) if base.exists() else self.source,
             "pipeline": type(self.pipeline).__name__, "prompt": self.prompt,
             "images": self.notes["preprocessing"], "latent_cache_key": self.notes["latent_key"],
-            "latent_shape": list(self.denoiser.sample_shape), "trained": "lora" if self.lora else "unet",
+            "latent_shape": list(self.denoiser.sample_shape), "trained": "lora" if self.lora else self.network,
             "lora": self.lora, "output": LORA_FILE if self.lora else "pipeline folder"}}
+
+    # -- how the family loads and binds its prompt (subclasses override these) ------------------
+
+    @classmethod
+    def _hub_family(cls, model: str) -> type[StableDiffusionModel]:
+        """A hub id cannot be read before it downloads, so detection gives it to the first text-to-image
+        family; its model_index.json (one small file) names the family that really loads it."""
+        if Path(model).exists():
+            return cls
+        from diffusers import DiffusionPipeline
+
+        require_hub_reachable(model)
+        try:
+            name = DiffusionPipeline.load_config(model).get("_class_name")
+        except Exception:  # noqa: BLE001 - the loader itself says what is wrong with the id
+            return cls
+        found = [f for f in FAMILIES if name in f.pipelines and issubclass(f, StableDiffusionModel)]
+        return found[0] if found else cls
+
+    @classmethod
+    def _bind(cls, pipe, model: str, prompt: str, device: str, lora_rank: int | None, lora_alpha: float | None,
+              seed: int = 0) -> StableDiffusionModel:
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+        for name, module in pipe.components.items():
+            if name != cls.network and isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
+        info = prompt_record(pipe.tokenizer, prompt)
+        denoiser = cls._denoiser(pipe, model, prompt, torch.device(device))
+        lora = add_lora(getattr(pipe, cls.network), lora_rank, lora_alpha, seed, cls.lora_targets, cls.network) \
+            if lora_rank is not None else None
+        return cls(pipe, denoiser, info, str(model), lora)
+
+    @classmethod
+    def _denoiser(cls, pipe, model: str, prompt: str, device: torch.device) -> Denoiser:
+        """The network with the prompt's conditioning bound in, as an ε-predicting Denoiser."""
+        require(hasattr(pipe.scheduler, "alphas_cumprod"),
+                f"the scheduler {type(pipe.scheduler).__name__} of {model!r} has no alphas_cumprod (ᾱ_t).")
+        with torch.no_grad():
+            context, _ = pipe.encode_prompt(prompt, device, 1, False)
+        schedule = Schedule(pipe.scheduler.alphas_cumprod.to(torch.float64))
+        return PromptDenoiser(pipe.unet, schedule, pipe.scheduler.config.prediction_type, context.float())
+
+    @classmethod
+    def _pretrained_kwargs(cls, model: str) -> dict[str, Any]:
+        """Arguments of the pipeline's from_pretrained beside the folder."""
+        return {"safety_checker": None, "requires_safety_checker": False}
+
+    @classmethod
+    def _load_pipeline(cls, model: str, flag: str):
+        if is_lora_folder(model):
+            base = lora_base(model)
+            pipe = cls._load_pipeline(base, f"the base model {base!r} of {flag}")
+            try:
+                pipe.load_lora_weights(model, weight_name=LORA_FILE)
+            except Exception as e:  # noqa: BLE001 - peft and safetensors raise many types
+                raise UserError(f"could not load the LoRA adapter of {flag} {model!r}: {first_line(e)}") from None
+            return pipe
+        # diffusers' pipeline classes import transformers (the optional [sd] extra), which logs notices.
+        import diffusers
+        from diffusers import DiffusionPipeline
+
+        local = Path(model).exists()
+        if not local:
+            require_hub_reachable(model)
+        try:
+            name = DiffusionPipeline.load_config(model).get("_class_name")
+            if name in cls.pipelines:
+                return getattr(diffusers, name).from_pretrained(model, **cls._pretrained_kwargs(model))
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - diffusers, transformers and the hub raise many types
+            where = "" if local else " (a local folder path works offline)"
+            raise UserError(f"could not load a {cls.pipelines[0]} from {model!r}{where}: {first_line(e)}") from None
+        raise UserError(f"{flag} {model!r} is a {name}; supported are {supported()}.")
 
 
 def load_text_model(model: str, prompt: str, device: str, lora_rank: int | None = None,
                     lora_alpha: float | None = None, flag: str = "--model", seed: int = 0) -> StableDiffusionModel:
-    """Load a StableDiffusionPipeline (folder or hub id) and bind `prompt` into its UNet; a new LoRA
-    adapter's random initial weights come from `seed` (the run's), not from the global RNG."""
-    require_sd_extra(lora_rank is not None)
-    with quiet_libraries():
-        return _bind(_load_pipeline(model, flag), model, prompt, device, lora_rank, lora_alpha, seed)
+    """Load a text-to-image pipeline (folder or hub id) of the family detection gives it and bind
+    `prompt` into its network; a new LoRA adapter's random initial weights come from `seed` (the
+    run's), not from the global RNG."""
+    family = detect(model, prompt, flag)
+    require(issubclass(family, StableDiffusionModel), f"{flag} {model!r} is not a text-to-image pipeline.")
+    return family.load(model, device, LoadOptions(prompt, lora_rank, lora_alpha, seed, flag))
 
 
 def with_prompt(model: StableDiffusionModel, prompt: str) -> StableDiffusionModel:
     """The same loaded pipeline under another prompt, without loading it again."""
     require(model.lora is None, "with_prompt binds a prompt into a model without a trainable LoRA adapter.")
     with quiet_libraries():
-        return _bind(model.pipeline, model.source, prompt, str(model.pipeline.unet.device), None, None)
-
-
-def _bind(pipe, model: str, prompt: str, device: str, lora_rank: int | None, lora_alpha: float | None,
-          seed: int = 0) -> StableDiffusionModel:
-    require(hasattr(pipe.scheduler, "alphas_cumprod"),
-            f"the scheduler {type(pipe.scheduler).__name__} of {model!r} has no alphas_cumprod (ᾱ_t).")
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    info = prompt_record(pipe.tokenizer, prompt)
-    with torch.no_grad():
-        context, _ = pipe.encode_prompt(prompt, torch.device(device), 1, False)
-    schedule = Schedule(pipe.scheduler.alphas_cumprod.to(torch.float64))
-    denoiser = PromptDenoiser(pipe.unet, schedule, pipe.scheduler.config.prediction_type, context.float())
-    lora = add_lora(pipe.unet, lora_rank, lora_alpha, seed) if lora_rank is not None else None
-    return StableDiffusionModel(pipe, denoiser, info, str(model), lora)
-
-
-def _load_pipeline(model: str, flag: str):
-    if is_lora_folder(model):
-        base = lora_base(model)
-        pipe = _load_pipeline(base, f"the base model {base!r} of {flag}")
-        try:
-            pipe.load_lora_weights(model, weight_name=LORA_FILE)
-        except Exception as e:  # noqa: BLE001 - peft and safetensors raise many types
-            raise UserError(f"could not load the LoRA adapter of {flag} {model!r}: {first_line(e)}") from None
-        return pipe
-    # diffusers' pipeline classes import transformers (the optional [sd] extra), which logs notices.
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
-
-    local = Path(model).exists()
-    if not local:
-        require_hub_reachable(model)
-    try:
-        cls = DiffusionPipeline.load_config(model).get("_class_name")
-        if cls in TEXT_PIPELINES:
-            return StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    except Exception as e:  # noqa: BLE001 - diffusers, transformers and the hub raise many types
-        where = "" if local else " (a local folder path works offline)"
-        raise UserError(f"could not load a StableDiffusionPipeline from {model!r}{where}: {first_line(e)}") from None
-    raise UserError(f"{flag} {model!r} is a {cls}; supported are {supported()}.")
+        return type(model)._bind(model.pipeline, model.source, prompt, str(model.device), None, None)
 
 
 def is_lora_folder(model: str | Path) -> bool:
     """A `retrack unlearn --lora` output: the adapter and the run record naming its base model."""
     return (Path(model) / LORA_FILE).is_file()
+
+
+def lora_pipeline(model: str | Path) -> str | None:
+    """The pipeline class a LoRA folder's run record names (None when it names none)."""
+    try:
+        raw = load_json(Path(model) / "retrack_run.json", "run record")
+    except UserError:
+        return None
+    found = raw.get("text_to_image", {}).get("pipeline") if isinstance(raw, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def lora_base(model: str | Path) -> str:
@@ -286,23 +357,28 @@ def prompt_record(tokenizer, prompt: str) -> dict[str, Any]:
     return record
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None, seed: int = 0) -> dict[str, Any]:
-    """Freeze the UNet and add a peft LoRA adapter on its attention projections (diffusers' layout).
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None, seed: int = 0,
+             targets: tuple[str, ...] = LORA_TARGETS, network: str = "unet") -> dict[str, Any]:
+    """Freeze the network and add a peft LoRA adapter on its attention projections (diffusers' layout).
     peft draws the adapter's A matrices from torch's global RNG: seeded here, in a fork of it, so
     the same run seed gives the same adapter in any process, and nothing else's draws change."""
     from peft import LoraConfig  # the optional [sd] extra
 
     require(rank >= 1, f"--lora must be an integer ≥ 1, got {rank}.")
+    present = [name for name, _ in unet.named_modules()]
+    found = [t for t in targets if any(n == t or n.endswith("." + t) for n in present)]
+    require(found, f"--lora found no attention projections ({', '.join(targets)}) in the {network} "
+                   f"({type(unet).__name__}); LoRA is supported on the attention of the families' own networks.")
     unet.requires_grad_(False)
     alpha = float(rank if alpha is None else alpha)
     device = next(unet.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                    target_modules=list(LORA_TARGETS)))
+                                    target_modules=found))
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    require(trainable > 0, "--lora found no attention projections (to_q, to_k, to_v, to_out.0) in the UNet.")
-    return {"rank": rank, "alpha": alpha, "target_modules": list(LORA_TARGETS), "trainable_parameters": trainable}
+    require(trainable > 0, f"--lora found no attention projections ({', '.join(targets)}) in the {network}.")
+    return {"rank": rank, "alpha": alpha, "target_modules": found, "trainable_parameters": trainable}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +387,15 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None, seed: int = 
 
 
 def resolution(pipe) -> tuple[int, int]:
-    """The pipeline's default image size: the UNet's latent size times the VAE's scale factor."""
-    size = pipe.unet.config.sample_size
+    """The pipeline's default image size: the network's latent size times the VAE's scale factor
+    (Flux's transformer has no size: its VAE's `sample_size`, in pixels, rounded down to what its
+    2×2 latent packing takes)."""
+    net = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    size = net.config.get("sample_size")
+    if size is None:
+        step = pipe.vae_scale_factor * 2
+        px = int(pipe.vae.config.sample_size) // step * step
+        return px, px
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(h) * pipe.vae_scale_factor, int(w) * pipe.vae_scale_factor
 
@@ -342,10 +425,12 @@ def encode_images(pipe, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
 
 
 def cached_latents(pipe, images: ImageSet, cache_dir: Path, progress: bool = True) -> tuple[np.ndarray, str]:
-    """encode_images() through an on-disk cache keyed by the images, the VAE's weights and the
-    preprocessing, so a changed data set or VAE can never reuse stale latents. Returns the latents
-    and their key."""
-    h = hashlib.sha256(f"latents-v1|{preprocessing(pipe, images)}".encode())
+    """encode_images() through an on-disk cache keyed by the images, the VAE's weights, its scaling
+    and shift factors and the preprocessing, so a changed data set or VAE can never reuse stale
+    latents. Returns the latents and their key."""
+    vae = pipe.vae.config  # the scaling (and SD3/Flux's shift) live in the config, not the weights
+    h = hashlib.sha256(f"latents-v1|{preprocessing(pipe, images)}|{vae.scaling_factor}|"
+                       f"{getattr(vae, 'shift_factor', None)}".encode())
     h.update(images.digest().encode())
     for name, tensor in sorted(pipe.vae.state_dict().items()):
         h.update(name.encode())
@@ -393,16 +478,26 @@ def sample_text(model: StableDiffusionModel, num: int, steps: int = 50, sampler:
     config = own.config
     require(1 <= steps <= config.num_train_timesteps,
             f"--steps must be in 1..{config.num_train_timesteps} for this model, got {steps}.")
-    device = pipe.unet.device
+    require(not model.own_sampler or sampler == "ddim",
+            f"--sampler {sampler} is a DDPM sampler; a {type(pipe).__name__} samples with its own "
+            f"{type(own).__name__} (the flow's ODE), which --sampler ddim (the default) stands for.")
+    device = model.device
     out = []
-    pipe.scheduler = make_scheduler(config, sampler, config.prediction_type)
+    if model.own_sampler:
+        pipe.scheduler = type(own).from_config(config)  # the pipeline's own solver, fresh state
+    else:
+        pipe.scheduler = make_scheduler(config, sampler, config.prediction_type)
+    tokenizers = [t for name, t in pipe.components.items() if name.startswith("tokenizer") and t is not None]
     try:
-        with quiet_libraries(), _tokenizer_state(pipe.tokenizer):
+        with quiet_libraries(), contextlib.ExitStack() as stack:
+            for tokenizer in tokenizers:
+                stack.enter_context(_tokenizer_state(tokenizer))
             for start in tqdm(range(0, num, batch_size), desc=f"sample ({sampler}, {steps} steps)",
                               disable=not progress, dynamic_ncols=True):
                 n = min(batch_size, num - start)
                 images = pipe([model.prompt["text"]] * n, num_inference_steps=steps, guidance_scale=guidance,
-                              generator=sample_generators(seed, start, n, device), output_type="np").images
+                              generator=sample_generators(seed, start, n, device), output_type="np",
+                              **model.call_kwargs()).images
                 out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
     finally:
         pipe.scheduler = own
@@ -439,13 +534,15 @@ def save_text_model(model: StableDiffusionModel, out: Path) -> None:
 
 
 def _save_lora(model: StableDiffusionModel, out: Path) -> None:
-    from diffusers import StableDiffusionPipeline  # imports transformers, the optional [sd] extra
     from peft.utils import get_peft_model_state_dict
 
-    unet = model.pipeline.unet
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    name = model.network
+    net = getattr(model.pipeline, name)
+    layers = get_peft_model_state_dict(net)
+    if name == "unet":  # diffusers' UNet LoRA scripts write the UNet's keys converted, its transformers' as peft's
+        layers = convert_state_dict_to_diffusers(layers)
     # The adapter's config (rank, α) travels in the file's metadata, so load_lora_weights restores
     # the trained scale α/rank instead of assuming α = rank.
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, weight_name=LORA_FILE,
-                                              safe_serialization=True,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    type(model.pipeline).save_lora_weights(out, weight_name=LORA_FILE, safe_serialization=True,
+                                           **{f"{name}_lora_layers": layers,
+                                              f"{name}_lora_adapter_metadata": net.peft_config["default"].to_dict()})
