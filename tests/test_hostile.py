@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_pipeline
 from retrack.cli import main
+from retrack.errors import UserError
+from retrack.experiments import load_config, run_experiment
+from test_experiments import MNIST, install_stubs, mnist_overrides
 
 TINY_UNET = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
              "layers_per_block": 1, "down_block_types": ["DownBlock2D", "DownBlock2D"],
@@ -406,3 +410,65 @@ def test_pretrain_data_that_the_unet_cannot_take_leaves_no_training_folder(tmp_p
     refused(["pretrain", "--config", recipe, "--out", tmp_path / "p", "--device", "cpu"], capsys,
             "the recipe's data holds 3-channel images but its unet: takes in_channels=1, out_channels=1; set both "
             "to 3.", tmp_path)
+
+
+def test_a_store_header_whose_image_count_overflows_is_one_sentence(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 8, 8), np.uint8))
+    assert main(["prepare-data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "st"), "--quiet"]) == 0
+    capsys.readouterr()
+    header = json.loads((tmp_path / "st" / "header.json").read_text())
+    for shape, said in (([10**30, 8, 8, 1], "10000000...(31 digits)×8×8×1"),
+                        ([2**62, 8, 8, 1], "4611686018427387904×8×8×1 = 295147905179352825856"),
+                        ([2**40, 2**40, 8, 1], "1099511627776×1099511627776×8×1")):
+        (tmp_path / "st" / "header.json").write_text(json.dumps({**header, "shape": shape}))
+        refused(["prepare-data", tmp_path / "st", "--out", tmp_path / "again"], capsys, said, tmp_path)
+        refused(["audit", "--model", tmp_path / "none", "--data", tmp_path / "st"], capsys, "the store is damaged")
+
+
+def test_damaged_experiment_records_leave_their_runs_pending(tmp_path, monkeypatch, capsys):
+    install_stubs(monkeypatch)
+    save_pipeline(tmp_path / "model")
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    over = mnist_overrides(tmp_path / "model", tmp_path / "d.npz", tmp_path / "exp")
+    cfg = load_config(MNIST, over)
+    run_experiment(cfg)
+    exp = tmp_path / "exp"
+    (exp / "vanilla" / "seed1" / "metrics.json").write_text("{")  # cut short
+    copies = json.loads((exp / "vanilla" / "seed0" / "metrics.json").read_text())
+    (exp / "vanilla" / "seed0" / "metrics.json").write_text(json.dumps({**copies, "seed": "zero"}))
+    (exp / "retrack" / "seed0" / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)
+    np.savez(exp / "retrack" / "seed1" / "samples.npz", images=np.zeros((2, 4, 4, 1), np.uint8))  # foreign shape
+    (exp / "pretrained" / "seed0" / "samples.npz").write_bytes(b"PK\x03\x04 damaged")
+    args = ["experiment", MNIST, "--merge", *[a for o in over for a in ("--set", o)]]
+    refused(args, capsys, "3 of 16 runs have not finished under", exp)
+    run_experiment(cfg, only_merge=True, partial=True)  # the views leave the damaged samples out
+    assert (exp / "summary.md").is_file()
+    (exp / "retrack" / "seed1" / "fingerprint.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match=r"1 finished run\(s\).*retrack/seed1, changed: no readable fingerprint"):
+        run_experiment(cfg)
+    assert sorted(run_experiment(cfg, force=True).ran) == ["retrack/seed0", "retrack/seed1", "vanilla/seed0",
+                                                           "vanilla/seed1"]
+
+
+def test_a_damaged_unet_config_or_run_record_is_one_sentence(small, capsys):
+    w = small
+    exp = w / "exp.yaml"
+    exp.write_text(json.dumps({"model": str(w / "model"), "data": str(w / "d.npz"), "methods": {"retrack": {}},
+                               "seeds": [0], "targets": {"indices": [0]}, "metrics": ["copies"],
+                               "out": str(w / "out" / "e")}))
+    unet = w / "model" / "unet" / "config.json"
+    saved = unet.read_text()
+    for text, message in (("[" * 100_000, "nests its values too deep to be read"),
+                          (json.dumps({**json.loads(saved), "in_channels": 1e999}), "is not a UNet config"),
+                          ('{"sample_size": [8], "in_channels": 1}', "is not a UNet config")):
+        unet.write_text(text)
+        refused(["experiment", exp, "--dry-run"], capsys, message, w)
+    unet.write_text(saved)
+    assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
+    record = w / "out" / "run" / "retrack_run.json"
+    for text, message in (('{"config": [1]}', "names no model it started from; pass --pretrained-model PATH"),
+                          ("{", "is not valid JSON")):
+        record.write_text(text)
+        refused(["evaluate", "--model", w / "out" / "run", "--data", w / "d.npz", "--forget", "0",
+                 "--metrics", "changed", "--num-samples", "2", "--steps", "2", "--device", "cpu",
+                 "--out", w / "out" / "e.json", "--copy-threshold", "2.86"], capsys, message, w)

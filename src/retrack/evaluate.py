@@ -49,6 +49,7 @@ from retrack.validation import (
     Text,
     Validated,
     default_device,
+    load_json,
     option,
 )
 
@@ -293,10 +294,11 @@ class MetricRun:
         double the cost of each run. A missing, foreign or damaged entry is simply redrawn."""
         path = self._cache_path(model)
         if path is not None:
-            try:
-                cached = np.load(path, allow_pickle=False)
-                if cached.dtype == np.uint8 and len(cached) == self.cfg.num_samples:
-                    return cached
+            try:  # the header first (a memory map): a forged shape allocates nothing
+                cached = np.load(path, mmap_mode="r", allow_pickle=False)
+                if isinstance(cached, np.ndarray) and cached.dtype == np.uint8 and cached.ndim == 4 \
+                        and len(cached) == self.cfg.num_samples:
+                    return np.array(cached)
             except Exception:  # noqa: BLE001 - an unreadable entry only costs a redraw
                 pass
         images = self.draw(model)
@@ -354,7 +356,11 @@ def _pretrained_of(model: Any) -> str:
     require(record is not None and record.is_file(),
             "changed needs --pretrained-model PATH (the model before unlearning): the model under "
             "test has no retrack_run.json naming it.")
-    source = json.loads(record.read_text())["config"]["model"]
+    saved = load_json(record, "run record")
+    config = saved.get("config") if isinstance(saved, dict) else None
+    source = config.get("model") if isinstance(config, dict) else None
+    require(isinstance(source, str) and source != "",
+            f"changed: the run record {str(record)!r} names no model it started from; pass --pretrained-model PATH.")
     require(Path(source).exists(), f"changed: the pretrained model {source!r} named in {str(record)!r} "
                                    "does not exist here; pass --pretrained-model PATH.")
     return source

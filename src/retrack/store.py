@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -150,12 +151,21 @@ def read_header(path: Path) -> dict:
     return header
 
 
+def _count_text(n: int) -> str:
+    text = str(n)
+    return text if len(text) <= 24 else f"{text[:8]}...({len(text)} digits)"
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "×".join(_count_text(s) for s in shape)
+
+
 def open_store(path: Path) -> tuple[np.memmap, dict]:
     """The store's images as a read-only memmap, and its header (sizes checked, bytes not rehashed)."""
     header = read_header(path)
     shape = tuple(header["shape"])
     size = (path / PAYLOAD).stat().st_size
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # Python ints: a forged count cannot overflow into a small number
     require(size == expected, f"{str(path / PAYLOAD)!r} holds {size} bytes but its header says "
-                              f"{'×'.join(map(str, shape))} = {expected}; the store is damaged.")
+                              f"{_shape_text(shape)} = {_count_text(expected)}; the store is damaged.")
     return np.memmap(path / PAYLOAD, dtype=np.uint8, mode="r", shape=shape), header
