@@ -308,3 +308,46 @@ def test_evaluate_prompt_counts_copies_among_the_pipelines_samples(sd, tmp_path)
     copies = json.loads(out.read_text())["copies"]
     assert copies["fraction"] == 0.5
     assert copies["settings"]["prompt"] == PROMPT and copies["settings"]["guidance"] == 7.5
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["unet", "lora"])
+def test_report_draws_a_text_to_image_runs_samples_through_its_pipeline(sd, tmp_path, lora):
+    from report_pages import decode, parse_report
+    from retrack.backends.stable_diffusion import load_text_model, sample_text
+    from retrack.grid import grid_image
+    from retrack.report import write_report
+    from retrack.report.sections import scale_for
+
+    out = tmp_path / "o"
+    assert _unlearn(sd, out, "vanilla", "--lr", "0.1", *(["--lora", "2"] if lora else [])) == 0
+    text = write_report(out, tmp_path / "r.html", samples=2, sampling_steps=2, reconstruction=True).read_text()
+    page = parse_report(text)
+    assert {"samples-before", "samples-after"} <= set(page.figures)
+    for tag, model in (("before", sd / "sd"), ("after", out)):
+        drawn = sample_text(load_text_model(str(model), PROMPT, "cpu"), 2, steps=2, seed=0, progress=False)
+        assert np.array_equal(decode(page.figures[f"samples-{tag}"]),
+                              np.asarray(grid_image(drawn, scale=scale_for(drawn))))
+    assert "Not drawn" not in text and "UNet2DModel" not in text and "through the pipeline under the prompt" in text
+    assert "is a text-to-image model, and this probe noises pixel images" in text
+
+
+def test_a_lora_record_naming_itself_as_its_base_is_one_sentence(sd, tmp_path, capsys):
+    from retrack.cli import main
+
+    out = tmp_path / "o"
+    assert _unlearn(sd, out, "vanilla", "--lora", "2") == 0
+    capsys.readouterr()
+    record = json.loads((out / "retrack_run.json").read_text())
+    for base in (out, tmp_path / "other"):  # itself, or a loop of two adapters
+        record["text_to_image"]["base_model"] = str(base)
+        (out / "retrack_run.json").write_text(json.dumps(record))
+        if base != out:
+            (base / "pytorch_lora_weights.safetensors").parent.mkdir(exist_ok=True)
+            (base / "pytorch_lora_weights.safetensors").write_bytes((out / "pytorch_lora_weights.safetensors")
+                                                                    .read_bytes())
+            (base / "retrack_run.json").write_text(json.dumps({"text_to_image": {"base_model": str(out)}}))
+        assert main(["sample", "--model", str(out), "--prompt", PROMPT, "--num", "1", "--steps", "2", "--quiet",
+                     "--device", "cpu", "--out", str(tmp_path / "s.npz")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "but that is a LoRA adapter too" in err, err
+        assert not (tmp_path / "s.npz").exists()

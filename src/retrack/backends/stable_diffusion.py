@@ -246,6 +246,11 @@ def lora_base(model: str | Path) -> str:
     raw = load_json(record, "run record")
     base = raw.get("text_to_image", {}).get("base_model") if isinstance(raw, dict) else None
     require(isinstance(base, str), f"{str(record)!r} does not name the base model of the LoRA adapter.")
+    # retrack never trains an adapter on an adapter, so a base that is one (the folder itself, or
+    # a loop of records) is a damaged or edited record: followed, it would never end.
+    require(not is_lora_folder(base), f"{str(record)!r} names {base!r} as the base model of the LoRA adapter, "
+                                      "but that is a LoRA adapter too; it must name a StableDiffusionPipeline "
+                                      "folder.")
     return base
 
 
