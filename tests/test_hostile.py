@@ -472,3 +472,17 @@ def test_a_damaged_unet_config_or_run_record_is_one_sentence(small, capsys):
         refused(["evaluate", "--model", w / "out" / "run", "--data", w / "d.npz", "--forget", "0",
                  "--metrics", "changed", "--num-samples", "2", "--steps", "2", "--device", "cpu",
                  "--out", w / "out" / "e.json", "--copy-threshold", "2.86"], capsys, message, w)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "unlearn"])
+def test_a_feature_network_that_cannot_take_the_images_is_one_sentence(tmp_path, capsys, command):
+    save_pipeline(tmp_path / "m16", size=16)
+    np.savez(tmp_path / "d16.npz", images=np.random.default_rng(0).integers(0, 256, (20, 16, 16), dtype=np.uint8))
+    common = ["--model", tmp_path / "m16", "--data", tmp_path / "d16.npz", "--forget", "0", "--fid-features", "mnist",
+              "--copy-threshold", "5", "--device", "cpu", "--quiet", "--out", tmp_path / "out.json"]
+    args = ([command, *common, "--metrics", "fid", "--num-samples", "4", "--steps", "2"] if command == "evaluate" else
+            [command, *common, "--eval-metrics", "fid", "--eval-every", "1", "--eval-samples", "4", "--eval-steps",
+             "2", "--steps", "1", "--batch-size", "4", "--cache-dir", tmp_path / "cache"])
+    refused(args, capsys, "--fid-features 'mnist' cannot take the 1×16×16 (C×H×W) images measured here (digit "
+            "classifier expects (N, 1|3, 28, 28) images, got (2, 1, 16, 16)); pass a network made for them.")
+    assert not (tmp_path / "out.json").exists()

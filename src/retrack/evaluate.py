@@ -206,6 +206,15 @@ def _check_instruments(cfg: EvaluateConfig) -> None:
                 "TorchScript file.")
 
 
+def check_instruments_take(cfg: EvaluateConfig, tools: Instruments, images: ImageSet) -> None:
+    """A custom FID feature network or IS classifier (e.g. --fid-features mnist, made for 28×28)
+    tried on two blank images of the measured size: one that cannot take them is refused now."""
+    for flag, spec, module in (("--fid-features", cfg.fid_features, tools.fid_features),
+                               ("--classifier", cfg.classifier, tools.classifier)):
+        if module is not None:
+            quality.check_takes(module, images.shape, f"{flag} {spec!r}", cfg.device)
+
+
 def copy_threshold_for(cfg: EvaluateConfig, images: ImageSet) -> EvaluateConfig:
     """The paper's L2 threshold 10 holds for 28×28 grey images only; elsewhere it must be given,
     or every sample of a smaller image would count as a copy (and none of a larger one)."""
@@ -423,6 +432,7 @@ def run_evaluate(model: str | Path | Backend, data: str | Path | ImageSet, forge
     require(loaded.resizes_images or images.shape == want,
             f"the data's images are {images.shape} (C, H, W) but the model takes {want}.")
     found = metric_images(loaded, images, parts, cfg)
+    check_instruments_take(cfg, tools, found.pixels)
     cfg = copy_threshold_for(cfg, found.pixels)
     run = MetricRun(cfg, loaded, found.targets, found.remain, tools, progress, target_name=found.name)
     companions = {registry.get(m).companion for m in cfg.metrics}

@@ -12,7 +12,15 @@ from accelerate import PartialState
 from retrack.backends import Backend, LoadOptions, detect
 from retrack.data import ImageSet, Split, load_images, parse_forget, split
 from retrack.errors import require
-from retrack.evaluate import EvaluateConfig, Instruments, copy_threshold_for, load_instruments, measure, metric_images
+from retrack.evaluate import (
+    EvaluateConfig,
+    Instruments,
+    check_instruments_take,
+    copy_threshold_for,
+    load_instruments,
+    measure,
+    metric_images,
+)
 from retrack.monitor import CURVES_FILE, Monitor, draw_curves, merge_log
 from retrack.neighbours import cached_nearest_neighbours
 from retrack.objectives.base import Objective
@@ -100,6 +108,7 @@ def _monitor(cfg: UnlearnConfig, ecfg: EvaluateConfig, tools: Instruments, model
     ev = cfg.evaluation
     require(ev.steps <= T, f"--eval-steps must be in 1..{T} for this model, got {ev.steps}.")
     found = metric_images(model, images, parts, ecfg)
+    check_instruments_take(ecfg, tools, found.pixels)
     ecfg = copy_threshold_for(ecfg, found.pixels)
     return Monitor(int(ev.every), cfg.steps,
                    lambda: measure(ecfg, model, found.targets, found.remain, tools, False, found.name),
