@@ -302,7 +302,8 @@ def test_evaluate_prompt_counts_copies_among_the_pipelines_samples(sd, tmp_path)
     threshold = float(np.sort(nearest)[1] + 1e-6)  # exactly two of the four samples fall below it
     out = tmp_path / "m.json"
     assert main(["evaluate", "--model", str(sd / "sd"), "--prompt", PROMPT, "--data", str(sd / "rgb.npz"),
-                 "--forget", "0,1", "--metrics", "copies", "--copy-threshold", str(threshold), "--num-samples", "4",
+                 "--forget", "0,1", "--metrics", "copies", "--copy-rule", "l2", "--copy-threshold", str(threshold),
+                 "--num-samples", "4",
                  "--steps", "2", "--seed", "1", "--batch-size", "3", "--quiet", "--device", "cpu",
                  "--out", str(out)]) == 0
     copies = json.loads(out.read_text())["copies"]
@@ -351,3 +352,14 @@ def test_a_lora_record_naming_itself_as_its_base_is_one_sentence(sd, tmp_path, c
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err and "but that is a LoRA adapter too" in err, err
         assert not (tmp_path / "s.npz").exists()
+
+
+def test_evaluate_prompt_defaults_to_the_descriptor_copy_rule(sd, tmp_path):
+    from retrack.cli import main
+
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(sd / "sd"), "--prompt", PROMPT, "--data", str(sd / "rgb.npz"),
+                 "--forget", "0,1", "--metrics", "copies", "--num-samples", "2", "--steps", "2", "--quiet",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    copies = json.loads(out.read_text())["copies"]
+    assert (copies["rule"], copies["threshold"]) == ("pixel_cosine", 0.95)  # the descriptor rule, not L2

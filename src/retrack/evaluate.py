@@ -123,9 +123,9 @@ class EvaluateConfig(Validated):
                                "at every timestep) or score-sde (the score-SDE code's VP-SDE, β linear from T·β_1 to "
                                "T·β_T, label t·(T−1); for comparison with figures computed that way)")
     t_start: int | None = option(Optional(POSITIVE_INT), None, help="reconstruction start timestep (default T/4)")
-    copy_rule: str = option(Choice("l2", "descriptor"), "l2",
-                            help="l2: L2 over [0,1] pixels below the threshold (paper); descriptor: --descriptor "
-                            "similarity above it")
+    copy_rule: str | None = option(Optional(Choice("l2", "descriptor")), None,
+                                   help="l2: L2 over [0,1] pixels below the threshold (paper; the default for pixel "
+                                   "models); descriptor: --descriptor similarity above it (the default with --prompt)")
     copy_threshold: float | None = option(Optional(Float()), None,
                                           help="copy threshold (default 10 for l2, the paper's value for 1x28x28 "
                                           "images: other sizes must set it; descriptor rule: 0.5 for sscd, 0.95 for "
@@ -178,6 +178,10 @@ def resolved(cfg: EvaluateConfig, family: type[Backend] | None = None) -> Evalua
             family_of(cfg.reference_model, "--reference-model")
         if companion == "pretrained" and cfg.pretrained_model is not None:
             family_of(cfg.pretrained_model, "--pretrained-model")
+    if cfg.copy_rule is None:  # the family's own rule, as the evaluation during fine-tuning uses
+        rule = family.eval_defaults(None)["copy_rule"] if family is not None else \
+            ("descriptor" if cfg.prompt is not None else "l2")
+        cfg = replace(cfg, copy_rule=rule)
     if cfg.copy_rule == "l2" and cfg.copy_threshold is not None:
         require(cfg.copy_threshold >= 0, f"--copy-threshold is an L2 distance for --copy-rule l2 and must be "
                                          f"≥ 0, got {cfg.copy_threshold}.")
