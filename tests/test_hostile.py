@@ -486,3 +486,22 @@ def test_a_feature_network_that_cannot_take_the_images_is_one_sentence(tmp_path,
     refused(args, capsys, "--fid-features 'mnist' cannot take the 1×16×16 (C×H×W) images measured here (digit "
             "classifier expects (N, 1|3, 28, 28) images, got (2, 1, 16, 16)); pass a network made for them.")
     assert not (tmp_path / "out.json").exists()
+
+
+def test_run_records_hold_final_paths_and_a_shell_quoted_command(small, monkeypatch):
+    import shlex
+    import sys
+
+    from retrack.runrecord import environment_record
+
+    w = small
+    typed = ["retrack", "unlearn", "--prompt", "a photo of a t shirt", "--out", "it's here"]
+    monkeypatch.setattr(sys, "argv", typed)
+    assert shlex.split(environment_record({})["command"]) == typed
+    assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
+    assert main(["sample", "--model", str(w / "out" / "run"), "--num", "2", "--steps", "2", "--out",
+                 str(w / "out" / "s.npz"), "--device", "cpu", "--quiet"]) == 0
+    for record in [*(w / "out").rglob("*.json")]:
+        text = record.read_text()
+        assert ".partial" not in text and f"{w / 'out'}/." not in text, record
+    assert json.loads((w / "out" / "run" / "retrack_run.json").read_text())["config"]["out"] == str(w / "out" / "run")

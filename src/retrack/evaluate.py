@@ -15,7 +15,7 @@ import hashlib
 import json
 import sys
 import types
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,15 +210,6 @@ def _check_instruments(cfg: EvaluateConfig) -> None:
                 "TorchScript file.")
 
 
-def check_instruments_take(cfg: EvaluateConfig, tools: Instruments, images: ImageSet) -> None:
-    """A custom FID feature network or IS classifier (e.g. --fid-features mnist, made for 28×28)
-    tried on two blank images of the measured size: one that cannot take them is refused now."""
-    for flag, spec, module in (("--fid-features", cfg.fid_features, tools.fid_features),
-                               ("--classifier", cfg.classifier, tools.classifier)):
-        if module is not None:
-            quality.check_takes(module, images.shape, f"{flag} {spec!r}", cfg.device)
-
-
 def copy_threshold_for(cfg: EvaluateConfig, images: ImageSet) -> EvaluateConfig:
     """The paper's L2 threshold 10 holds for 28×28 grey images only; elsewhere it must be given,
     or every sample of a smaller image would count as a copy (and none of a larger one)."""
@@ -243,6 +234,7 @@ class Instruments:
     fid_features: torch.nn.Module | None = None  # None: Inception from --inception
     classifier: torch.nn.Module | None = None  # None: Inception from --inception
     fid_reference: Any = None  # metrics.quality.FrechetReference of the remain set, made on first use
+    checked: set[str] = field(default_factory=set)  # the custom networks tried on the measured image size
 
 
 def _module(spec: str, device: str, flag: str, kind: str) -> torch.nn.Module:
@@ -289,6 +281,18 @@ class MetricRun:
         c = self.cfg
         return {"seed": c.seed, "num_samples": c.num_samples, "steps": c.steps,
                 "sampler": c.sampler, **self.loaded.sample_settings(c.guidance)}
+
+    def instrument(self, name: str) -> torch.nn.Module | None:
+        """A custom FID feature network or IS classifier (`name`: fid_features or classifier),
+        tried once on two blank images of the measured size before any sample is drawn for it: one
+        that cannot take them (--fid-features mnist is made for 28×28) is one sentence."""
+        module = getattr(self.tools, name)
+        if module is not None and name not in self.tools.checked:
+            flag = {"fid_features": "--fid-features", "classifier": "--classifier"}[name]
+            _, h, w, c = self.targets.shape
+            quality.check_takes(module, (c, h, w), f"{flag} {getattr(self.cfg, name)!r}", self.cfg.device)
+            self.tools.checked.add(name)
+        return module
 
     def samples(self) -> np.ndarray:
         if self._samples is None:
@@ -436,7 +440,6 @@ def run_evaluate(model: str | Path | Backend, data: str | Path | ImageSet, forge
     require(loaded.resizes_images or images.shape == want,
             f"the data's images are {images.shape} (C, H, W) but the model takes {want}.")
     found = metric_images(loaded, images, parts, cfg)
-    check_instruments_take(cfg, tools, found.pixels)
     cfg = copy_threshold_for(cfg, found.pixels)
     run = MetricRun(cfg, loaded, found.targets, found.remain, tools, progress, target_name=found.name)
     companions = {registry.get(m).companion for m in cfg.metrics}

@@ -15,7 +15,6 @@ from retrack.errors import require
 from retrack.evaluate import (
     EvaluateConfig,
     Instruments,
-    check_instruments_take,
     copy_threshold_for,
     load_instruments,
     measure,
@@ -108,7 +107,6 @@ def _monitor(cfg: UnlearnConfig, ecfg: EvaluateConfig, tools: Instruments, model
     ev = cfg.evaluation
     require(ev.steps <= T, f"--eval-steps must be in 1..{T} for this model, got {ev.steps}.")
     found = metric_images(model, images, parts, ecfg)
-    check_instruments_take(ecfg, tools, found.pixels)
     ecfg = copy_threshold_for(ecfg, found.pixels)
     return Monitor(int(ev.every), cfg.steps,
                    lambda: measure(ecfg, model, found.targets, found.remain, tools, False, found.name),

@@ -24,7 +24,7 @@ from retrack.neighbours import nearest_neighbours
 from retrack.recipes.mnist_tshirt import build_mnist_tshirt
 from retrack.recipes.mnist_tshirt.evaluation import evaluate_model
 from retrack.report import write_report
-from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+from retrack.runrecord import atomic_directory, check_output, environment_record, final_paths, write_json, write_text
 from retrack.validation import POSITIVE_INT, SEED, Bool, Choice, Device, Float, Int, Text, Validated, option
 
 HERE = Path(__file__).resolve().parent
@@ -110,7 +110,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         metrics = {"before": before, "after": after}
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "demo_run.json", environment_record(cfg, seed=cfg.seed))
+        record = tmp / "model" / "retrack_run.json"  # unlearn() wrote it inside the staging folder
+        write_json(record, final_paths(json.loads(record.read_text()), tmp, out))
         write_report(tmp, reconstruction=True, seed=cfg.seed, device=cfg.device)
+        report = tmp / "report.html"
+        write_text(report, final_paths(report.read_text(encoding="utf-8"), tmp, out))
         shutil.rmtree(tmp / "cache", ignore_errors=True)
     return metrics
 
