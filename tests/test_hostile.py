@@ -505,3 +505,26 @@ def test_run_records_hold_final_paths_and_a_shell_quoted_command(small, monkeypa
         text = record.read_text()
         assert ".partial" not in text and f"{w / 'out'}/." not in text, record
     assert json.loads((w / "out" / "run" / "retrack_run.json").read_text())["config"]["out"] == str(w / "out" / "run")
+
+
+def test_device_and_quiet_mean_the_same_in_every_command():
+    from retrack.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in COMMANDS:
+        flags = {f: a for a in sub.choices[name]._actions for f in a.option_strings}
+        if name not in ("prepare-data", "experiment"):  # prepare-data computes nothing; experiment: its config's
+            assert flags["--device"].default is None and "cuda if available" in flags["--device"].help, name
+        if name != "experiment":  # progress bars inside each run only with --progress
+            assert flags["--quiet"].const is True and flags["--quiet"].help.startswith("no progress bar"), name
+
+
+def test_report_and_pretrain_take_quiet(small, capsys):
+    w = small
+    assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(w / "out" / "run"), "--samples", "2", "--sampling-steps", "2", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    recipe = _pretrain_recipe(w)
+    assert main(["pretrain", "--config", str(recipe), "--out", str(w / "p"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

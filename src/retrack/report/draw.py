@@ -31,14 +31,14 @@ def local_model(spec: Any, base: Path | None = None) -> Path | None:
 
 
 def draw_samples(model: Path, num: int, steps: int, seed: int, device: str, prompt: str | None = None,
-                 guidance: float = DEFAULT_GUIDANCE) -> np.ndarray:
+                 guidance: float = DEFAULT_GUIDANCE, progress: bool = False) -> np.ndarray:
     """`num` DDIM samples with per-sample seeds: the same seed gives the same noise to any model.
 
     Drawn by the model's own family: a pixel UNet by the DDIM sampler, a text-to-image pipeline (or
     a LoRA adapter on one) through the pipeline under the run's prompt, as `retrack sample` draws."""
 
     loaded = load(str(model), device, LoadOptions(prompt=prompt if is_text_to_image(model) else None))
-    return loaded.sample(num, steps, "ddim", seed, 64, guidance, False)
+    return loaded.sample(num, steps, "ddim", seed, 64, guidance, progress)
 
 
 def is_text_to_image(model: Path) -> bool:

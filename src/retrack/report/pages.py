@@ -29,9 +29,10 @@ def _samples_section(page: Page, run: RunFolder, before: Path | None, opts: Repo
         return
     prompt, guidance = _prompt(run.config)
     try:
-        old = draw_samples(before, opts.samples, opts.sampling_steps, seed, opts.device, prompt, guidance) \
-            if before else None
-        new = draw_samples(run.path, opts.samples, opts.sampling_steps, seed, opts.device, prompt, guidance)
+        old = draw_samples(before, opts.samples, opts.sampling_steps, seed, opts.device, prompt, guidance,
+                           opts.progress) if before else None
+        new = draw_samples(run.path, opts.samples, opts.sampling_steps, seed, opts.device, prompt, guidance,
+                           opts.progress)
     except UserError as e:  # e.g. the text-to-image extra not installed, or a base model moved away
         page.text(f"Not drawn: {e}", note=True)
         return
