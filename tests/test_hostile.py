@@ -17,6 +17,7 @@ import torch
 
 from conftest import save_pipeline
 from retrack.cli import main
+from retrack.data import load_images
 from retrack.errors import UserError
 from retrack.experiments import load_config, run_experiment
 from test_experiments import MNIST, install_stubs, mnist_overrides
@@ -528,3 +529,25 @@ def test_report_and_pretrain_take_quiet(small, capsys):
     recipe = _pretrain_recipe(w)
     assert main(["pretrain", "--config", str(recipe), "--out", str(w / "p"), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_the_conversion_of_16_bit_files_is_recorded(small, capsys):
+    from PIL import Image
+
+    w = small
+    folder = w / "sixteen"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 65536, (8, 8), dtype=np.uint16)).save(folder / f"{i:02d}.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "12.png")  # 8-bit: kept
+    assert main(["unlearn", "--model", str(w / "model"), "--data", str(folder), "--forget", "0", "--out",
+                 str(w / "out" / "u"), "--steps", "1", "--batch-size", "4", "--k", "2", "--quiet", "--device", "cpu",
+                 "--cache-dir", str(w / "cache")]) == 0
+    record = json.loads((w / "out" / "u" / "retrack_run.json").read_text())
+    mode = next(iter(record["data"]["conversion"]["modes"]))
+    assert mode.startswith("I") and record["data"]["conversion"] == {"modes": {mode: 12}}
+    assert main(["prepare-data", str(folder), "--out", str(w / "out" / "store"), "--quiet"]) == 0
+    assert json.loads((w / "out" / "store" / "header.json").read_text())["conversion"] == {"modes": {mode: 12}}
+    assert load_images(w / "out" / "store").conversion == {"modes": {mode: 12}}
+    assert load_images(w / "d.npz").conversion == {}  # nothing converted: nothing recorded

@@ -363,3 +363,28 @@ def test_evaluate_prompt_defaults_to_the_descriptor_copy_rule(sd, tmp_path):
                  "--device", "cpu", "--out", str(out)]) == 0
     copies = json.loads(out.read_text())["copies"]
     assert (copies["rule"], copies["threshold"]) == ("pixel_cosine", 0.95)  # the descriptor rule, not L2
+
+
+def test_unlearn_prompt_resizes_a_folder_of_mixed_sizes_and_channels_like_the_pipeline(sd, tmp_path):
+    from PIL import Image
+
+    from retrack.backends.stable_diffusion import pixel_images
+    from retrack.data import load_images, read_image_file
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / "4.png")  # grey, larger
+    Image.fromarray(rng.integers(0, 256, (10, 6, 3), dtype=np.uint8)).save(folder / "5.png")  # another shape
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    out = tmp_path / "o"
+    assert _unlearn(sd, out, "vanilla", data=str(folder)) == 0
+    data = json.loads((out / "retrack_run.json").read_text())["data"]
+    assert data["conversion"] == {"resized": {"to": [8, 8], "rgb": True, "resample": "lanczos", "files": 2}}
+    pipe = _load(sd).pipeline
+    fitted = load_images(folder, (8, 8)).images
+    for i, f in enumerate(sorted(folder.iterdir())):  # each file as the pipeline's own processor sees it
+        np.testing.assert_array_equal(fitted[i], pixel_images(pipe, read_image_file(f)[None])[0])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

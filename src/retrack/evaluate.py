@@ -431,7 +431,11 @@ def run_evaluate(model: str | Path | Backend, data: str | Path | ImageSet, forge
                  cfg: EvaluateConfig, progress: bool = True,
                  save_samples: str | Path | None = None) -> dict[str, Any]:
     """The expensive part, on a resolved config: instruments, data, model, then each metric."""
-    images = data if isinstance(data, ImageSet) else load_images(data)
+    if isinstance(data, ImageSet):
+        images = data
+    else:  # a folder of mixed sizes, for a family that resizes, as its pipeline resizes them
+        source = model.source if isinstance(model, Backend) else str(model)
+        images = load_images(data, family_for(model, cfg.prompt).image_size(source))
     parts = split(images, parse_forget(forget, images))
     tools = load_instruments(cfg)
     loaded = model if isinstance(model, Backend) else load(str(model), cfg.device, LoadOptions(prompt=cfg.prompt))

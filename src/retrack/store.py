@@ -112,7 +112,7 @@ def read_rows(images: np.ndarray | Rows, start: int, stop: int) -> np.ndarray:
 
 
 def write_store(chunks: Iterable[np.ndarray], shape: tuple[int, int, int, int], out: Path,
-                source: str) -> dict:
+                source: str, modes: dict[str, int] | None = None) -> dict:
     """Write (N, H, W, C) uint8 rows arriving in chunks into a store at `out`; returns the header.
 
     Written into a temporary folder beside `out` and renamed at the end, so an interrupted
@@ -133,6 +133,8 @@ def write_store(chunks: Iterable[np.ndarray], shape: tuple[int, int, int, int], 
         require(written == shape[0], f"expected {shape[0]} images, got {written}.")
         header = {"format": FORMAT, "version": VERSION, "shape": list(shape), "dtype": "uint8",
                   "layout": "NHWC", "digest": digest.hexdigest(), "source": source}
+        if modes:  # filled while the chunks were read: the files converted to 8 bits, by source mode
+            header["conversion"] = {"modes": dict(modes)}
         (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
     return header
 

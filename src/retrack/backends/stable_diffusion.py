@@ -129,6 +129,22 @@ class StableDiffusionModel(Backend):
         return {"eval_metrics": metrics, "eval_samples": 16, "copy_rule": "descriptor"}
 
     @classmethod
+    def image_size(cls, model: str) -> tuple[int, int] | None:
+        """The pipeline's image size (the UNet's sample size times the VAE's scale factor) from its
+        config files; a LoRA folder's from its base; None for a hub id not on disk."""
+        path = Path(lora_base(model) if is_lora_folder(model) else model)
+        unet, vae = path / "unet" / "config.json", path / "vae" / "config.json"
+        if not (unet.is_file() and vae.is_file()):
+            return None
+        try:
+            size = load_json(unet, "UNet config")["sample_size"]
+            h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+            scale = 2 ** (len(load_json(vae, "VAE config")["block_out_channels"]) - 1)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None  # loading the pipeline then says what is wrong with it
+        return int(h) * scale, int(w) * scale
+
+    @classmethod
     def load(cls, model: str, device: str, options: LoadOptions = DEFAULT_LOAD) -> StableDiffusionModel:
         return load_text_model(model, options.prompt, device, options.lora, options.lora_alpha, options.flag,
                                options.seed)
