@@ -48,9 +48,7 @@ def _samples_section(page: Page, run: RunFolder, before: Path | None, opts: Repo
 
 def _prompt(cfg: dict[str, Any]) -> tuple[str | None, float]:
     """The prompt a text-to-image run was unlearned under, and its evaluation's guidance."""
-    prompt = cfg.get("prompt")
-    evaluation = cfg.get("evaluation")
-    guidance = evaluation.get("guidance") if isinstance(evaluation, dict) else None
+    prompt, guidance = cfg.get("prompt"), cfg.get("eval_guidance")  # the record's settings, by key
     ok = isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and 0 <= guidance < float("inf")
     return (prompt if isinstance(prompt, str) and prompt else None), (float(guidance) if ok else DEFAULT_GUIDANCE)
 
