@@ -46,6 +46,11 @@ def test_demo_writes_everything_it_promises(tiny_mnist_model, tmp_path, capsys):
         with Image.open(out / f"{name.replace('-', '_')}.png") as im:
             assert np.array_equal(decode(page.figures[name])[..., 0], np.asarray(im.convert("L")))
     assert decode(page.figures["reconstruction"]).shape == ((3 * 30 + 2) * 3, 32 * 3)  # 1 T-shirt, 3 rows
+    # The records and the page name the final folder, never the staging one it was written in.
+    record = json.loads((out / "model" / "retrack_run.json").read_text())
+    assert ".partial" not in json.dumps(record) and ".partial" not in (out / "report.html").read_text()
+    assert record["config"]["out"] == str(out / "model") and record["config"]["forget"] == f"@{out}/data/forget.txt"
+    assert (out / "data" / "mnist_tshirt.npz").samefile(record["data"]["source"])
 
 
 def test_demo_refuses_existing_output(tiny_mnist_model, tmp_path):

@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_pipeline
 from retrack.cli import main
+from retrack.data import load_images
+from retrack.errors import UserError
+from retrack.experiments import load_config, run_experiment
+from test_experiments import MNIST, install_stubs, mnist_overrides
 
 TINY_UNET = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
              "layers_per_block": 1, "down_block_types": ["DownBlock2D", "DownBlock2D"],
@@ -406,3 +411,143 @@ def test_pretrain_data_that_the_unet_cannot_take_leaves_no_training_folder(tmp_p
     refused(["pretrain", "--config", recipe, "--out", tmp_path / "p", "--device", "cpu"], capsys,
             "the recipe's data holds 3-channel images but its unet: takes in_channels=1, out_channels=1; set both "
             "to 3.", tmp_path)
+
+
+def test_a_store_header_whose_image_count_overflows_is_one_sentence(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 8, 8), np.uint8))
+    assert main(["prepare-data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "st"), "--quiet"]) == 0
+    capsys.readouterr()
+    header = json.loads((tmp_path / "st" / "header.json").read_text())
+    for shape, said in (([10**30, 8, 8, 1], "10000000...(31 digits)×8×8×1"),
+                        ([2**62, 8, 8, 1], "4611686018427387904×8×8×1 = 295147905179352825856"),
+                        ([2**40, 2**40, 8, 1], "1099511627776×1099511627776×8×1")):
+        (tmp_path / "st" / "header.json").write_text(json.dumps({**header, "shape": shape}))
+        refused(["prepare-data", tmp_path / "st", "--out", tmp_path / "again"], capsys, said, tmp_path)
+        refused(["audit", "--model", tmp_path / "none", "--data", tmp_path / "st"], capsys, "the store is damaged")
+
+
+def test_damaged_experiment_records_leave_their_runs_pending(tmp_path, monkeypatch, capsys):
+    install_stubs(monkeypatch)
+    save_pipeline(tmp_path / "model")
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    over = mnist_overrides(tmp_path / "model", tmp_path / "d.npz", tmp_path / "exp")
+    cfg = load_config(MNIST, over)
+    run_experiment(cfg)
+    exp = tmp_path / "exp"
+    (exp / "vanilla" / "seed1" / "metrics.json").write_text("{")  # cut short
+    copies = json.loads((exp / "vanilla" / "seed0" / "metrics.json").read_text())
+    (exp / "vanilla" / "seed0" / "metrics.json").write_text(json.dumps({**copies, "seed": "zero"}))
+    (exp / "retrack" / "seed0" / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)
+    np.savez(exp / "retrack" / "seed1" / "samples.npz", images=np.zeros((2, 4, 4, 1), np.uint8))  # foreign shape
+    (exp / "pretrained" / "seed0" / "samples.npz").write_bytes(b"PK\x03\x04 damaged")
+    args = ["experiment", MNIST, "--merge", *[a for o in over for a in ("--set", o)]]
+    refused(args, capsys, "3 of 16 runs have not finished under", exp)
+    run_experiment(cfg, only_merge=True, partial=True)  # the views leave the damaged samples out
+    assert (exp / "summary.md").is_file()
+    (exp / "retrack" / "seed1" / "fingerprint.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match=r"1 finished run\(s\).*retrack/seed1, changed: no readable fingerprint"):
+        run_experiment(cfg)
+    assert sorted(run_experiment(cfg, force=True).ran) == ["retrack/seed0", "retrack/seed1", "vanilla/seed0",
+                                                           "vanilla/seed1"]
+
+
+def test_a_damaged_unet_config_or_run_record_is_one_sentence(small, capsys):
+    w = small
+    exp = w / "exp.yaml"
+    exp.write_text(json.dumps({"model": str(w / "model"), "data": str(w / "d.npz"), "methods": {"retrack": {}},
+                               "seeds": [0], "targets": {"indices": [0]}, "metrics": ["copies"],
+                               "out": str(w / "out" / "e")}))
+    unet = w / "model" / "unet" / "config.json"
+    saved = unet.read_text()
+    for text, message in (("[" * 100_000, "nests its values too deep to be read"),
+                          (json.dumps({**json.loads(saved), "in_channels": 1e999}), "is not a UNet config"),
+                          ('{"sample_size": [8], "in_channels": 1}', "is not a UNet config")):
+        unet.write_text(text)
+        refused(["experiment", exp, "--dry-run"], capsys, message, w)
+    unet.write_text(saved)
+    assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
+    record = w / "out" / "run" / "retrack_run.json"
+    for text, message in (('{"config": [1]}', "names no model it started from; pass --pretrained-model PATH"),
+                          ("{", "is not valid JSON")):
+        record.write_text(text)
+        refused(["evaluate", "--model", w / "out" / "run", "--data", w / "d.npz", "--forget", "0",
+                 "--metrics", "changed", "--num-samples", "2", "--steps", "2", "--device", "cpu",
+                 "--out", w / "out" / "e.json", "--copy-threshold", "2.86"], capsys, message, w)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "unlearn"])
+def test_a_feature_network_that_cannot_take_the_images_is_one_sentence(tmp_path, capsys, command):
+    save_pipeline(tmp_path / "m16", size=16)
+    np.savez(tmp_path / "d16.npz", images=np.random.default_rng(0).integers(0, 256, (20, 16, 16), dtype=np.uint8))
+    common = ["--model", tmp_path / "m16", "--data", tmp_path / "d16.npz", "--forget", "0", "--fid-features", "mnist",
+              "--copy-threshold", "5", "--device", "cpu", "--quiet", "--out", tmp_path / "out.json"]
+    args = ([command, *common, "--metrics", "fid", "--num-samples", "4", "--steps", "2"] if command == "evaluate" else
+            [command, *common, "--eval-metrics", "fid", "--eval-every", "1", "--eval-samples", "4", "--eval-steps",
+             "2", "--steps", "1", "--batch-size", "4", "--cache-dir", tmp_path / "cache"])
+    refused(args, capsys, "--fid-features 'mnist' cannot take the 1×16×16 (C×H×W) images measured here (digit "
+            "classifier expects (N, 1|3, 28, 28) images, got (2, 1, 16, 16)); pass a network made for them.")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_run_records_hold_final_paths_and_a_shell_quoted_command(small, monkeypatch):
+    import shlex
+    import sys
+
+    from retrack.runrecord import environment_record
+
+    w = small
+    typed = ["retrack", "unlearn", "--prompt", "a photo of a t shirt", "--out", "it's here"]
+    monkeypatch.setattr(sys, "argv", typed)
+    assert shlex.split(environment_record({})["command"]) == typed
+    assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
+    assert main(["sample", "--model", str(w / "out" / "run"), "--num", "2", "--steps", "2", "--out",
+                 str(w / "out" / "s.npz"), "--device", "cpu", "--quiet"]) == 0
+    for record in [*(w / "out").rglob("*.json")]:
+        text = record.read_text()
+        assert ".partial" not in text and f"{w / 'out'}/." not in text, record
+    assert json.loads((w / "out" / "run" / "retrack_run.json").read_text())["config"]["out"] == str(w / "out" / "run")
+
+
+def test_device_and_quiet_mean_the_same_in_every_command():
+    from retrack.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in COMMANDS:
+        flags = {f: a for a in sub.choices[name]._actions for f in a.option_strings}
+        if name not in ("prepare-data", "experiment"):  # prepare-data computes nothing; experiment: its config's
+            assert flags["--device"].default is None and "cuda if available" in flags["--device"].help, name
+        if name != "experiment":  # progress bars inside each run only with --progress
+            assert flags["--quiet"].const is True and flags["--quiet"].help.startswith("no progress bar"), name
+
+
+def test_report_and_pretrain_take_quiet(small, capsys):
+    w = small
+    assert main([str(a) for a in _unlearn(w, w / "out" / "run")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(w / "out" / "run"), "--samples", "2", "--sampling-steps", "2", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    recipe = _pretrain_recipe(w)
+    assert main(["pretrain", "--config", str(recipe), "--out", str(w / "p"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_the_conversion_of_16_bit_files_is_recorded(small, capsys):
+    from PIL import Image
+
+    w = small
+    folder = w / "sixteen"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 65536, (8, 8), dtype=np.uint16)).save(folder / f"{i:02d}.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "12.png")  # 8-bit: kept
+    assert main(["unlearn", "--model", str(w / "model"), "--data", str(folder), "--forget", "0", "--out",
+                 str(w / "out" / "u"), "--steps", "1", "--batch-size", "4", "--k", "2", "--quiet", "--device", "cpu",
+                 "--cache-dir", str(w / "cache")]) == 0
+    record = json.loads((w / "out" / "u" / "retrack_run.json").read_text())
+    mode = next(iter(record["data"]["conversion"]["modes"]))
+    assert mode.startswith("I") and record["data"]["conversion"] == {"modes": {mode: 12}}
+    assert main(["prepare-data", str(folder), "--out", str(w / "out" / "store"), "--quiet"]) == 0
+    assert json.loads((w / "out" / "store" / "header.json").read_text())["conversion"] == {"modes": {mode: 12}}
+    assert load_images(w / "out" / "store").conversion == {"modes": {mode: 12}}
+    assert load_images(w / "d.npz").conversion == {}  # nothing converted: nothing recorded

@@ -302,9 +302,89 @@ def test_evaluate_prompt_counts_copies_among_the_pipelines_samples(sd, tmp_path)
     threshold = float(np.sort(nearest)[1] + 1e-6)  # exactly two of the four samples fall below it
     out = tmp_path / "m.json"
     assert main(["evaluate", "--model", str(sd / "sd"), "--prompt", PROMPT, "--data", str(sd / "rgb.npz"),
-                 "--forget", "0,1", "--metrics", "copies", "--copy-threshold", str(threshold), "--num-samples", "4",
+                 "--forget", "0,1", "--metrics", "copies", "--copy-rule", "l2", "--copy-threshold", str(threshold),
+                 "--num-samples", "4",
                  "--steps", "2", "--seed", "1", "--batch-size", "3", "--quiet", "--device", "cpu",
                  "--out", str(out)]) == 0
     copies = json.loads(out.read_text())["copies"]
     assert copies["fraction"] == 0.5
     assert copies["settings"]["prompt"] == PROMPT and copies["settings"]["guidance"] == 7.5
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["unet", "lora"])
+def test_report_draws_a_text_to_image_runs_samples_through_its_pipeline(sd, tmp_path, lora):
+    from report_pages import decode, parse_report
+    from retrack.backends.stable_diffusion import load_text_model, sample_text
+    from retrack.grid import grid_image
+    from retrack.report import write_report
+    from retrack.report.sections import scale_for
+
+    out = tmp_path / "o"
+    assert _unlearn(sd, out, "vanilla", "--lr", "0.1", *(["--lora", "2"] if lora else [])) == 0
+    text = write_report(out, tmp_path / "r.html", samples=2, sampling_steps=2, reconstruction=True).read_text()
+    page = parse_report(text)
+    assert {"samples-before", "samples-after"} <= set(page.figures)
+    for tag, model in (("before", sd / "sd"), ("after", out)):
+        drawn = sample_text(load_text_model(str(model), PROMPT, "cpu"), 2, steps=2, seed=0, progress=False)
+        assert np.array_equal(decode(page.figures[f"samples-{tag}"]),
+                              np.asarray(grid_image(drawn, scale=scale_for(drawn))))
+    assert "Not drawn" not in text and "UNet2DModel" not in text and "through the pipeline under the prompt" in text
+    assert "is a text-to-image model, and this probe noises pixel images" in text
+
+
+def test_a_lora_record_naming_itself_as_its_base_is_one_sentence(sd, tmp_path, capsys):
+    from retrack.cli import main
+
+    out = tmp_path / "o"
+    assert _unlearn(sd, out, "vanilla", "--lora", "2") == 0
+    capsys.readouterr()
+    record = json.loads((out / "retrack_run.json").read_text())
+    for base in (out, tmp_path / "other"):  # itself, or a loop of two adapters
+        record["text_to_image"]["base_model"] = str(base)
+        (out / "retrack_run.json").write_text(json.dumps(record))
+        if base != out:
+            (base / "pytorch_lora_weights.safetensors").parent.mkdir(exist_ok=True)
+            (base / "pytorch_lora_weights.safetensors").write_bytes((out / "pytorch_lora_weights.safetensors")
+                                                                    .read_bytes())
+            (base / "retrack_run.json").write_text(json.dumps({"text_to_image": {"base_model": str(out)}}))
+        assert main(["sample", "--model", str(out), "--prompt", PROMPT, "--num", "1", "--steps", "2", "--quiet",
+                     "--device", "cpu", "--out", str(tmp_path / "s.npz")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "but that is a LoRA adapter too" in err, err
+        assert not (tmp_path / "s.npz").exists()
+
+
+def test_evaluate_prompt_defaults_to_the_descriptor_copy_rule(sd, tmp_path):
+    from retrack.cli import main
+
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--model", str(sd / "sd"), "--prompt", PROMPT, "--data", str(sd / "rgb.npz"),
+                 "--forget", "0,1", "--metrics", "copies", "--num-samples", "2", "--steps", "2", "--quiet",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    copies = json.loads(out.read_text())["copies"]
+    assert (copies["rule"], copies["threshold"]) == ("pixel_cosine", 0.95)  # the descriptor rule, not L2
+
+
+def test_unlearn_prompt_resizes_a_folder_of_mixed_sizes_and_channels_like_the_pipeline(sd, tmp_path):
+    from PIL import Image
+
+    from retrack.backends.stable_diffusion import pixel_images
+    from retrack.data import load_images, read_image_file
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / "4.png")  # grey, larger
+    Image.fromarray(rng.integers(0, 256, (10, 6, 3), dtype=np.uint8)).save(folder / "5.png")  # another shape
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    out = tmp_path / "o"
+    assert _unlearn(sd, out, "vanilla", data=str(folder)) == 0
+    data = json.loads((out / "retrack_run.json").read_text())["data"]
+    assert data["conversion"] == {"resized": {"to": [8, 8], "rgb": True, "resample": "lanczos", "files": 2}}
+    pipe = _load(sd).pipeline
+    fitted = load_images(folder, (8, 8)).images
+    for i, f in enumerate(sorted(folder.iterdir())):  # each file as the pipeline's own processor sees it
+        np.testing.assert_array_equal(fitted[i], pixel_images(pipe, read_image_file(f)[None])[0])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

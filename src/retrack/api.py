@@ -32,7 +32,8 @@ def prepare_data(data: str, out: str, overwrite: bool = False, progress: bool = 
     """
     out_path = Path(out)
     check_output(out_path, overwrite, [Path(data)] if Path(data).exists() else [], flag="--out")
-    shape, chunks = image_chunks(data)
+    modes: dict[str, int] = {}
+    shape, chunks = image_chunks(data, modes=modes)
     bar = tqdm(total=shape[0], desc="prepare-data", unit="img", disable=not progress, dynamic_ncols=True)
 
     def counted():
@@ -40,6 +41,6 @@ def prepare_data(data: str, out: str, overwrite: bool = False, progress: bool = 
             bar.update(len(rows))
             yield rows
 
-    header = write_store(counted(), shape, out_path, str(data))
+    header = write_store(counted(), shape, out_path, str(data), modes)
     bar.close()
     return header

@@ -37,6 +37,9 @@ class ImageSet:
     images: np.ndarray
     source: str
     known_digest: str | None = field(default=None, compare=False, repr=False)
+    # What loading did to the files, for the run record: {"modes": {source mode: files converted
+    # to 8 bits}, "resized": {...}}; empty when every file was 8-bit grey or RGB and kept as it was.
+    conversion: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         require(self.images.ndim == 4, f"images must be (N,H,W,C), got shape {self.images.shape}")
@@ -95,14 +98,19 @@ def distinct(images: np.ndarray) -> np.ndarray:
     return images[sorted(seen.values())]
 
 
-def load_images(path: str | Path) -> ImageSet:
+def load_images(path: str | Path, fit: tuple[int, int] | None = None) -> ImageSet:
     """Load a folder of images, an .npz with `images`, a torchvision-style dataset folder, or a
-    store written by `retrack prepare-data` (memory-mapped, not read into RAM)."""
+    store written by `retrack prepare-data` (memory-mapped, not read into RAM).
+
+    `fit` (H, W): a folder whose files differ in size or channels is converted as a text-to-image
+    pipeline's image processor converts each file (RGB, then Lanczos to H×W) instead of refused.
+    """
     p = Path(path)
     require(p.exists(), f"data path {str(p)!r} does not exist.")
     if is_store(p):
         images, header = open_store(p)
-        return ImageSet(images, str(p), header["digest"])
+        conversion = header.get("conversion")
+        return ImageSet(images, str(p), header["digest"], conversion if isinstance(conversion, dict) else {})
     if p.is_file():
         require(p.suffix == ".npz", f"data file {str(p)!r} is not an .npz (expected an 'images' array).")
         return _load_npz(p)
@@ -114,14 +122,32 @@ def load_images(path: str | Path) -> ImageSet:
         return ImageSet(_load_cifar(cifar), str(p))
     files = _image_files(p)
     require(bool(files), f"data folder {str(p)!r} holds no png/jpg images, IDX files or CIFAR-10 batches.")
-    images = [read_image_file(f) for f in files]
+    modes: dict[str, int] = {}
+    images = [read_image_file(f, modes) for f in files]
     odd = next((f for f, im in zip(files, images, strict=False) if im.shape != images[0].shape), None)
-    require(odd is None, f"image {str(odd)!r} differs in size or channels from {str(files[0])!r}.")
-    return ImageSet(np.stack(images), str(p))
+    conversion: dict = {"modes": modes} if modes else {}
+    if odd is not None and fit is not None:
+        fitted = [fit_image(im, fit) for im in images]
+        conversion["resized"] = {"to": [int(fit[0]), int(fit[1])], "rgb": True, "resample": "lanczos",
+                                 "files": sum(im.shape != f.shape for im, f in zip(images, fitted, strict=True))}
+        images = fitted
+    else:
+        require(odd is None, f"image {str(odd)!r} differs in size or channels from {str(files[0])!r}.")
+    return ImageSet(np.stack(images), str(p), conversion=conversion)
 
 
-def image_chunks(path: str | Path, rows: int = 256) -> tuple[tuple[int, int, int, int], Iterator[np.ndarray]]:
-    """The images at `path` as (N, H, W, C) and an iterator over chunks of rows, for conversion.
+def fit_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One (H, W, C) uint8 image as a StableDiffusionPipeline's image processor sees it: RGB, then
+    resized with Lanczos (its default resample) to `size` (H, W); an RGB image of that size is kept."""
+    im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert("RGB")
+    h, w = size
+    return np.asarray(im if im.size == (w, h) else im.resize((w, h), resample=Image.LANCZOS))
+
+
+def image_chunks(path: str | Path, rows: int = 256,
+                 modes: dict[str, int] | None = None) -> tuple[tuple[int, int, int, int], Iterator[np.ndarray]]:
+    """The images at `path` as (N, H, W, C) and an iterator over chunks of rows, for conversion;
+    `modes` counts, as the chunks are read, the files of each mode converted to 8 bits.
 
     A folder of image files is read `rows` files at a time, so converting it never holds it
     whole (CelebA-HQ 256 is 5.9 GB); every other format is read as load_images reads it.
@@ -133,11 +159,11 @@ def image_chunks(path: str | Path, rows: int = 256) -> tuple[tuple[int, int, int
     if not files:
         images = load_images(p).images
         return tuple(images.shape), iter_rows(images)
-    first = read_image_file(files[0])
+    first = read_image_file(files[0])  # counted with its chunk
 
     def chunks() -> Iterator[np.ndarray]:
         for start in range(0, len(files), rows):
-            batch = [read_image_file(f) for f in files[start : start + rows]]
+            batch = [read_image_file(f, modes) for f in files[start : start + rows]]
             odd = next((f for f, im in zip(files[start:], batch, strict=False) if im.shape != first.shape), None)
             require(odd is None, f"image {str(odd)!r} differs in size or channels from {str(files[0])!r}.")
             yield np.stack(batch)
@@ -171,9 +197,13 @@ def _load_npz(p: Path) -> ImageSet:
     return ImageSet(_nhwc(images), str(p))
 
 
-def read_image_file(f: Path) -> np.ndarray:
+def read_image_file(f: Path, modes: dict[str, int] | None = None) -> np.ndarray:
+    """One image file as uint8 (H, W, 1 or 3); `modes` counts the files converted from another
+    mode than 8-bit grey or RGB (16-bit, float, palette, alpha, ...)."""
     try:
         with Image.open(f) as im:
+            if modes is not None and im.mode not in ("L", "RGB"):
+                modes[im.mode] = modes.get(im.mode, 0) + 1
             arr = image_to_uint8(im, f)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"could not read image {str(f)!r}: {_first_line(e)}.") from None

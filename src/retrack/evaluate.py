@@ -15,7 +15,7 @@ import hashlib
 import json
 import sys
 import types
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from retrack.validation import (
     Text,
     Validated,
     default_device,
+    load_json,
     option,
 )
 
@@ -122,9 +123,9 @@ class EvaluateConfig(Validated):
                                "at every timestep) or score-sde (the score-SDE code's VP-SDE, β linear from T·β_1 to "
                                "T·β_T, label t·(T−1); for comparison with figures computed that way)")
     t_start: int | None = option(Optional(POSITIVE_INT), None, help="reconstruction start timestep (default T/4)")
-    copy_rule: str = option(Choice("l2", "descriptor"), "l2",
-                            help="l2: L2 over [0,1] pixels below the threshold (paper); descriptor: --descriptor "
-                            "similarity above it")
+    copy_rule: str | None = option(Optional(Choice("l2", "descriptor")), None,
+                                   help="l2: L2 over [0,1] pixels below the threshold (paper; the default for pixel "
+                                   "models); descriptor: --descriptor similarity above it (the default with --prompt)")
     copy_threshold: float | None = option(Optional(Float()), None,
                                           help="copy threshold (default 10 for l2, the paper's value for 1x28x28 "
                                           "images: other sizes must set it; descriptor rule: 0.5 for sscd, 0.95 for "
@@ -177,6 +178,10 @@ def resolved(cfg: EvaluateConfig, family: type[Backend] | None = None) -> Evalua
             family_of(cfg.reference_model, "--reference-model")
         if companion == "pretrained" and cfg.pretrained_model is not None:
             family_of(cfg.pretrained_model, "--pretrained-model")
+    if cfg.copy_rule is None:  # the family's own rule, as the evaluation during fine-tuning uses
+        rule = family.eval_defaults(None)["copy_rule"] if family is not None else \
+            ("descriptor" if cfg.prompt is not None else "l2")
+        cfg = replace(cfg, copy_rule=rule)
     if cfg.copy_rule == "l2" and cfg.copy_threshold is not None:
         require(cfg.copy_threshold >= 0, f"--copy-threshold is an L2 distance for --copy-rule l2 and must be "
                                          f"≥ 0, got {cfg.copy_threshold}.")
@@ -229,6 +234,7 @@ class Instruments:
     fid_features: torch.nn.Module | None = None  # None: Inception from --inception
     classifier: torch.nn.Module | None = None  # None: Inception from --inception
     fid_reference: Any = None  # metrics.quality.FrechetReference of the remain set, made on first use
+    checked: set[str] = field(default_factory=set)  # the custom networks tried on the measured image size
 
 
 def _module(spec: str, device: str, flag: str, kind: str) -> torch.nn.Module:
@@ -276,6 +282,18 @@ class MetricRun:
         return {"seed": c.seed, "num_samples": c.num_samples, "steps": c.steps,
                 "sampler": c.sampler, **self.loaded.sample_settings(c.guidance)}
 
+    def instrument(self, name: str) -> torch.nn.Module | None:
+        """A custom FID feature network or IS classifier (`name`: fid_features or classifier),
+        tried once on two blank images of the measured size before any sample is drawn for it: one
+        that cannot take them (--fid-features mnist is made for 28×28) is one sentence."""
+        module = getattr(self.tools, name)
+        if module is not None and name not in self.tools.checked:
+            flag = {"fid_features": "--fid-features", "classifier": "--classifier"}[name]
+            _, h, w, c = self.targets.shape
+            quality.check_takes(module, (c, h, w), f"{flag} {getattr(self.cfg, name)!r}", self.cfg.device)
+            self.tools.checked.add(name)
+        return module
+
     def samples(self) -> np.ndarray:
         if self._samples is None:
             self._samples = self.draw(self.loaded)
@@ -293,10 +311,11 @@ class MetricRun:
         double the cost of each run. A missing, foreign or damaged entry is simply redrawn."""
         path = self._cache_path(model)
         if path is not None:
-            try:
-                cached = np.load(path, allow_pickle=False)
-                if cached.dtype == np.uint8 and len(cached) == self.cfg.num_samples:
-                    return cached
+            try:  # the header first (a memory map): a forged shape allocates nothing
+                cached = np.load(path, mmap_mode="r", allow_pickle=False)
+                if isinstance(cached, np.ndarray) and cached.dtype == np.uint8 and cached.ndim == 4 \
+                        and len(cached) == self.cfg.num_samples:
+                    return np.array(cached)
             except Exception:  # noqa: BLE001 - an unreadable entry only costs a redraw
                 pass
         images = self.draw(model)
@@ -354,7 +373,11 @@ def _pretrained_of(model: Any) -> str:
     require(record is not None and record.is_file(),
             "changed needs --pretrained-model PATH (the model before unlearning): the model under "
             "test has no retrack_run.json naming it.")
-    source = json.loads(record.read_text())["config"]["model"]
+    saved = load_json(record, "run record")
+    config = saved.get("config") if isinstance(saved, dict) else None
+    source = config.get("model") if isinstance(config, dict) else None
+    require(isinstance(source, str) and source != "",
+            f"changed: the run record {str(record)!r} names no model it started from; pass --pretrained-model PATH.")
     require(Path(source).exists(), f"changed: the pretrained model {source!r} named in {str(record)!r} "
                                    "does not exist here; pass --pretrained-model PATH.")
     return source
@@ -408,7 +431,11 @@ def run_evaluate(model: str | Path | Backend, data: str | Path | ImageSet, forge
                  cfg: EvaluateConfig, progress: bool = True,
                  save_samples: str | Path | None = None) -> dict[str, Any]:
     """The expensive part, on a resolved config: instruments, data, model, then each metric."""
-    images = data if isinstance(data, ImageSet) else load_images(data)
+    if isinstance(data, ImageSet):
+        images = data
+    else:  # a folder of mixed sizes, for a family that resizes, as its pipeline resizes them
+        source = model.source if isinstance(model, Backend) else str(model)
+        images = load_images(data, family_for(model, cfg.prompt).image_size(source))
     parts = split(images, parse_forget(forget, images))
     tools = load_instruments(cfg)
     loaded = model if isinstance(model, Backend) else load(str(model), cfg.device, LoadOptions(prompt=cfg.prompt))

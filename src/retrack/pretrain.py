@@ -141,7 +141,7 @@ def _saved_step(ckpt: Path) -> int:
 
 
 def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int | None = None,
-             extend: bool = False) -> Path:
+             extend: bool = False, progress: bool = True) -> Path:
     """Train (or resume, or extend) and write a DDPM pipeline folder holding the EMA weights.
 
     The learning rate is constant after warm-up, so extending a finished run to more steps gives
@@ -168,7 +168,7 @@ def pretrain(recipe: PretrainRecipe, out: Path, device: str = "cpu", steps: int 
     require(run.state["step"] <= total,
             f"the checkpoint {str(run.ckpt)!r} already holds {run.state['step']} steps, more than the {total} "
             f"asked; pass --steps {run.state['step']} or more, or delete {str(run.ckpt.parent)!r} to start over.")
-    run.train(data.as_tensor(device), total)
+    run.train(data.as_tensor(device), total, progress)
     _write_pipeline(run, out, data, device)
     return out
 
@@ -231,10 +231,10 @@ class _TrainingRun:
                 f"delete {str(self.ckpt.parent)!r} to start over.")
         self.state = {**saved["state"], "recipe": identity}
 
-    def train(self, images: torch.Tensor, total: int) -> None:
+    def train(self, images: torch.Tensor, total: int, progress: bool = True) -> None:
         recipe, state = self.recipe, self.state
         abar = DDPMScheduler(**recipe.scheduler).alphas_cumprod.to(images.device)
-        bar = tqdm(total=total, initial=state["step"], desc="pretrain", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=state["step"], desc="pretrain", dynamic_ncols=True, disable=not progress)
         t_start = time.time() - state["seconds"]
         while state["step"] < total:
             loss = self._step(images, abar)

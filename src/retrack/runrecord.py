@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -56,9 +57,23 @@ def environment_record(config: Any, **extra: Any) -> dict[str, Any]:
         "versions": versions(),
         "threads": threads(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),  # pastes back into a shell as it was typed
         **_jsonable(extra),
     }
+
+
+def final_paths(value: Any, staging: Path, final: Path) -> Any:
+    """`value` (a record) with every path inside `staging`, the folder an output is written in
+    before its rename, naming the same file under `final`: a record read later never points into
+    a folder that is gone."""
+    if isinstance(value, dict):
+        return {k: final_paths(v, staging, final) for k, v in value.items()}
+    if isinstance(value, list):
+        return [final_paths(v, staging, final) for v in value]
+    if isinstance(value, str):  # a staging folder's name is unique, so it is replaced wherever it appears
+        for old, new in ((str(staging.resolve()), str(final.resolve())), (str(staging), str(final))):
+            value = value.replace(old, new)
+    return value
 
 
 def tree_sha256(folder: Path) -> str:

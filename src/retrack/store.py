@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -111,7 +112,7 @@ def read_rows(images: np.ndarray | Rows, start: int, stop: int) -> np.ndarray:
 
 
 def write_store(chunks: Iterable[np.ndarray], shape: tuple[int, int, int, int], out: Path,
-                source: str) -> dict:
+                source: str, modes: dict[str, int] | None = None) -> dict:
     """Write (N, H, W, C) uint8 rows arriving in chunks into a store at `out`; returns the header.
 
     Written into a temporary folder beside `out` and renamed at the end, so an interrupted
@@ -132,6 +133,8 @@ def write_store(chunks: Iterable[np.ndarray], shape: tuple[int, int, int, int], 
         require(written == shape[0], f"expected {shape[0]} images, got {written}.")
         header = {"format": FORMAT, "version": VERSION, "shape": list(shape), "dtype": "uint8",
                   "layout": "NHWC", "digest": digest.hexdigest(), "source": source}
+        if modes:  # filled while the chunks were read: the files converted to 8 bits, by source mode
+            header["conversion"] = {"modes": dict(modes)}
         (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
     return header
 
@@ -150,12 +153,21 @@ def read_header(path: Path) -> dict:
     return header
 
 
+def _count_text(n: int) -> str:
+    text = str(n)
+    return text if len(text) <= 24 else f"{text[:8]}...({len(text)} digits)"
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "×".join(_count_text(s) for s in shape)
+
+
 def open_store(path: Path) -> tuple[np.memmap, dict]:
     """The store's images as a read-only memmap, and its header (sizes checked, bytes not rehashed)."""
     header = read_header(path)
     shape = tuple(header["shape"])
     size = (path / PAYLOAD).stat().st_size
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)  # Python ints: a forged count cannot overflow into a small number
     require(size == expected, f"{str(path / PAYLOAD)!r} holds {size} bytes but its header says "
-                              f"{'×'.join(map(str, shape))} = {expected}; the store is damaged.")
+                              f"{_shape_text(shape)} = {_count_text(expected)}; the store is damaged.")
     return np.memmap(path / PAYLOAD, dtype=np.uint8, mode="r", shape=shape), header

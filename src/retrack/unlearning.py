@@ -12,7 +12,14 @@ from accelerate import PartialState
 from retrack.backends import Backend, LoadOptions, detect
 from retrack.data import ImageSet, Split, load_images, parse_forget, split
 from retrack.errors import require
-from retrack.evaluate import EvaluateConfig, Instruments, copy_threshold_for, load_instruments, measure, metric_images
+from retrack.evaluate import (
+    EvaluateConfig,
+    Instruments,
+    copy_threshold_for,
+    load_instruments,
+    measure,
+    metric_images,
+)
 from retrack.monitor import CURVES_FILE, Monitor, draw_curves, merge_log
 from retrack.neighbours import cached_nearest_neighbours
 from retrack.objectives.base import Objective
@@ -54,9 +61,9 @@ def unlearn(model: str, data: str, forget: str | list[int], out: str, progress: 
 
 def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     """The expensive part, on a resolved config."""
-    images = load_images(cfg.data)
-    parts = split(images, parse_forget(cfg.forget, images))
     family = detect(cfg.model, cfg.prompt)
+    images = load_images(cfg.data, family.image_size(cfg.model))  # mixed sizes: as the pipeline resizes them
+    parts = split(images, parse_forget(cfg.forget, images))
     evaluation = _evaluation_setup(cfg)  # the instruments load before the model: a bad file costs seconds
     model = family.load(cfg.model, cfg.device, LoadOptions(cfg.prompt, cfg.lora, cfg.lora_alpha, cfg.seed))
     space = model.training_space(images, Path(cfg.cache_dir) if cfg.cache_dir else None, progress)
@@ -120,7 +127,7 @@ def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Obje
         processes=process_count(),
         data={"source": images.source, "digest": images.digest(), "size": len(images),
               "forget_indices": parts.forget, "forget_size": len(parts.forget),
-              "remain_size": len(parts.remain)},
+              "remain_size": len(parts.remain), **({"conversion": images.conversion} if images.conversion else {})},
         neighbours=table,
         final_terms=log[-1] if log else {},
         **extra,

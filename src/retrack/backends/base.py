@@ -115,6 +115,12 @@ class Backend(abc.ABC):
         (eval_metrics, eval_samples, copy_rule); `eval_clip` names a local CLIP if one is given."""
 
     @classmethod
+    def image_size(cls, model: str) -> tuple[int, int] | None:
+        """(H, W) a family that resizes training images brings every image of a mixed folder to,
+        read from the model's config files without loading weights (None: the images must agree)."""
+        return None
+
+    @classmethod
     @abc.abstractmethod
     def load(cls, model: str, device: str, options: LoadOptions) -> Backend:
         """The model from a local folder or hub id, on `device`, with `options` bound in."""

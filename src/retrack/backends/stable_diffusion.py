@@ -147,6 +147,22 @@ class StableDiffusionModel(Backend):
         return {"eval_metrics": metrics, "eval_samples": 16, "copy_rule": "descriptor"}
 
     @classmethod
+    def image_size(cls, model: str) -> tuple[int, int] | None:
+        """The pipeline's image size (the UNet's sample size times the VAE's scale factor) from its
+        config files; a LoRA folder's from its base; None for a hub id not on disk."""
+        path = Path(lora_base(model) if is_lora_folder(model) else model)
+        unet, vae = path / "unet" / "config.json", path / "vae" / "config.json"
+        if not (unet.is_file() and vae.is_file()):
+            return None
+        try:
+            size = load_json(unet, "UNet config")["sample_size"]
+            h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+            scale = 2 ** (len(load_json(vae, "VAE config")["block_out_channels"]) - 1)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None  # loading the pipeline then says what is wrong with it
+        return int(h) * scale, int(w) * scale
+
+    @classmethod
     def load(cls, model: str, device: str, options: LoadOptions = DEFAULT_LOAD) -> StableDiffusionModel:
         require_sd_extra(options.lora is not None)
         family = cls._hub_family(model)
@@ -210,7 +226,7 @@ class StableDiffusionModel(Backend):
         family; its model_index.json (one small file) names the family that really loads it."""
         if Path(model).exists():
             return cls
-        from diffusers import DiffusionPipeline
+        from diffusers import DiffusionPipeline  # its pipeline classes import transformers, the optional [sd] extra
 
         require_hub_reachable(model)
         try:
@@ -317,6 +333,11 @@ def lora_base(model: str | Path) -> str:
     raw = load_json(record, "run record")
     base = raw.get("text_to_image", {}).get("base_model") if isinstance(raw, dict) else None
     require(isinstance(base, str), f"{str(record)!r} does not name the base model of the LoRA adapter.")
+    # retrack never trains an adapter on an adapter, so a base that is one (the folder itself, or
+    # a loop of records) is a damaged or edited record: followed, it would never end.
+    require(not is_lora_folder(base), f"{str(record)!r} names {base!r} as the base model of the LoRA adapter, "
+                                      "but that is a LoRA adapter too; it must name a StableDiffusionPipeline "
+                                      "folder.")
     return base
 
 

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--sampling-steps", default=50, help="DDIM steps per sample")
     p.add_argument("--seed", default=0, help="seed of unlearning and sampling")
     p.add_argument("--no-nll", action="store_true", help="skip the T-shirt's NLL (an ODE solve)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(out=args.out, samples=args.samples, sampling_steps=args.sampling_steps,
                      seed=args.seed, device=args.device, overwrite=args.overwrite, nll=not args.no_nll)
     check_output(Path(cfg.out), cfg.overwrite, [Path(cfg.model)])
-    metrics = run_demo(cfg)
+    metrics = run_demo(cfg, progress=not args.quiet)
     print()
     print(format_table(metrics))
     b, a = metrics["before"], metrics["after"]

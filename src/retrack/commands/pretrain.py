@@ -14,7 +14,7 @@ from retrack.recipes.latent_flow.train import build_flow_model
 from retrack.recipes.latent_tshirt.recipe import KIND, LatentRecipe, recipe_kind
 from retrack.recipes.latent_tshirt.train import build_latent_model
 from retrack.runrecord import check_output
-from retrack.validation import POSITIVE_INT, Device, Optional
+from retrack.validation import POSITIVE_INT, Device, Optional, default_device
 
 
 def register(sub: argparse._SubParsersAction, help: str) -> None:
@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
     p.add_argument("--extend", action="store_true",
                    help="train the finished model in --out longer, to --steps, from its kept checkpoint; the "
                    "learning rate is constant after warm-up, so this equals training --steps at once")
-    p.add_argument("--device", default="cpu", type=Device(), help="torch device (default: cpu)")
+    p.add_argument("--device", default=None, type=Optional(Device()),
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     check_recipe_data(recipe.data)
     require(not args.extend or args.steps is not None, "--extend needs --steps: the total number of steps to "
             "train to.")
-    out = pretrain(recipe, Path(args.out), args.device, args.steps, extend=args.extend)
+    out = pretrain(recipe, Path(args.out), default_device(args.device), args.steps, extend=args.extend,
+                   progress=not args.quiet)
     print(f"wrote {out}")
     return 0
 
@@ -59,6 +62,7 @@ def run_latent(args: argparse.Namespace) -> int:
     require(not Path(args.out).exists(), f"--out {args.out!r} exists; choose another --out.")
     check_output(Path(args.out), overwrite=False)
     with quiet_libraries():
-        out = (build_flow_model if flow else build_latent_model)(recipe, Path(args.out), args.device, args.steps)
+        out = (build_flow_model if flow else build_latent_model)(recipe, Path(args.out), default_device(args.device),
+                                                                 args.steps, progress=not args.quiet)
     print(f"wrote {out}")
     return 0

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction, help: str) -> None:
                    "model evaluations per image and model)")
     p.add_argument("--max-forget", type=Int(min=1), default=4, help="distinct forget images shown")
     p.add_argument("--max-neighbours", type=Int(min=0), default=10, help="neighbours shown per forget image")
-    p.add_argument("--device", default="cpu", help="torch device for samples and reconstructions")
+    p.add_argument("--device", default=None, help="torch device for samples and reconstructions (default: cuda "
+                   "if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.set_defaults(func=run)
 
@@ -38,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
     path = write_report(args.folder, args.out, args.overwrite, samples=args.samples,
                         sampling_steps=args.sampling_steps, seed=args.seed,
                         reconstruction=args.reconstruction, max_forget=args.max_forget,
-                        max_neighbours=args.max_neighbours, device=args.device)
+                        max_neighbours=args.max_neighbours, device=args.device, progress=not args.quiet)
     print(f"wrote {path}")
     return 0

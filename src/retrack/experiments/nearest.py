@@ -72,15 +72,20 @@ def draw_nearest(target: np.ndarray, strips: Mapping[str, np.ndarray], dists: Ma
     return buf.getvalue()
 
 
-def load_samples(path: Path) -> np.ndarray | None:
-    """A run's saved samples (samples.npz) or a cached companion's (.npy); None when absent."""
+def load_samples(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """A run's saved samples (samples.npz) or a cached companion's (.npy): uint8 (N, H, W, C) images,
+    of `shape` (H, W, C) where given; None when absent or damaged (the views then leave them out)."""
     try:
         if path.suffix == ".npz":
-            with np.load(path) as z:
-                return z["images"]
-        return np.load(path, allow_pickle=False)
-    except (OSError, KeyError, ValueError):
+            with np.load(path, allow_pickle=False) as z:
+                images = z["images"]
+        else:
+            images = np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+    except Exception:  # noqa: BLE001 - not a zip, truncated, objects: a damaged file is left out
         return None
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
+        return None
+    return images if shape is None or tuple(images.shape[1:]) == tuple(shape) else None
 
 
 def nearest_outputs(samples: Mapping[str, Mapping[int, np.ndarray]], target: np.ndarray) -> tuple[str, bytes]:

@@ -29,7 +29,7 @@ from retrack.experiments.plan import RunSpec, plan
 from retrack.experiments.tradeoff import axes_for
 from retrack.runrecord import tree_sha256
 from retrack.unlearn_config import UnlearnSettings, resolve_method
-from retrack.validation import check_overlap
+from retrack.validation import check_overlap, load_json
 
 FINGERPRINT_VERSION = 1
 # Evaluate settings that name a weight file unless they hold one of these built-in names.
@@ -128,11 +128,11 @@ def _check_shape(model: str, images: ImageSet) -> None:
     for cfg_path in (Path(model) / "unet" / "config.json", Path(model) / "config.json"):
         if cfg_path.is_file():
             try:
-                cfg = json.loads(cfg_path.read_text())
+                cfg = load_json(cfg_path, "model:")
                 size = cfg["sample_size"]
                 h, w = (size, size) if isinstance(size, int) else tuple(size)
                 want = (int(cfg["in_channels"]), int(h), int(w))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, OverflowError, IndexError):
                 raise UserError(f"model: {str(cfg_path)!r} is not a UNet config.") from None
             require(want == images.shape, f"data: its images are {'×'.join(map(str, images.shape))} "
                                           f"(C×H×W) but the model takes {'×'.join(map(str, want))}.")

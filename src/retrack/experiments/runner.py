@@ -1,6 +1,7 @@
 """Run (or resume) an experiment's share of runs, and merge finished runs into one table.
 
-A run is finished when its metrics.json exists; its fingerprint.json holds the hash of the
+A run is finished when its metrics.json exists and reads as a record (a damaged one leaves the run
+pending, so it is run again); its fingerprint.json holds the hash of the
 settings it was computed from. A finished run whose fingerprint no longer matches the config is
 stale: it is refused (one sentence, nothing run) unless `force`, which reruns it. The table and
 experiment.json are built only from runs whose fingerprints match the config they describe.
@@ -29,7 +30,7 @@ from retrack.experiments.tables import write_summary
 from retrack.experiments.tradeoff import TRADEOFF_FILE, axes_for, draw_tradeoff
 from retrack.metrics.reference import scaled_l2_threshold
 from retrack.runrecord import environment_record, write_bytes, write_json, write_text
-from retrack.validation import default_device
+from retrack.validation import default_device, load_json
 
 FINISHED, FINGERPRINT = "metrics.json", "fingerprint.json"
 
@@ -46,7 +47,7 @@ def status(res: Resolved, runs: list[RunSpec]) -> Status:
     finished, stale, pending = [], [], []
     for run in runs:
         folder = out / run.name
-        if not (folder / FINISHED).is_file():
+        if _read_record(folder, res) is None:
             pending.append(run)
             continue
         saved = _read_fingerprint(folder)
@@ -54,7 +55,7 @@ def status(res: Resolved, runs: list[RunSpec]) -> Status:
                                                                                res.fingerprints[run.name]):
             finished.append(run)
         elif not saved:
-            stale.append((run, ["no fingerprint.json (made by an older runner?)"]))
+            stale.append((run, ["no readable fingerprint.json (made by an older runner, or damaged)"]))
         else:
             stale.append((run, _changed(saved.get("settings"), res.fingerprints[run.name])))
     return Status(finished, stale, pending)
@@ -142,7 +143,7 @@ def merge(res: Resolved, runs: list[RunSpec], partial: bool = False) -> str:
     for run in runs:
         results.setdefault(run.label, [])
         if run.name in done:
-            records[run.name] = json.loads((out / run.name / FINISHED).read_text())
+            records[run.name] = _read_record(out / run.name, res)
             results[run.label].append(records[run.name])
     results = {k: v for k, v in results.items() if v}
     md = write_summary(out, results, columns(res))
@@ -180,8 +181,9 @@ def _write_sample_views(res: Resolved, out: Path, finished: list[RunSpec]) -> No
 
     target = res.runs[0].target
     samples: dict[str, dict[int, Any]] = {}
+    shape = tuple(res.data.images.shape[1:])
     for run in (r for r in finished if r.target == target):
-        images = load_samples(out / run.name / "samples.npz")
+        images = load_samples(out / run.name / "samples.npz", shape)
         if images is not None:
             samples.setdefault(run.label, {})[run.seed] = images
     if not samples:
@@ -190,7 +192,7 @@ def _write_sample_views(res: Resolved, out: Path, finished: list[RunSpec]) -> No
     forgotten = res.data.images[res.fingerprints[mine.name]["forget"][0]]
     if res.reference_model is not None:
         for seed in sorted({r.seed for r in finished}):
-            images = load_samples(_reference_cache(res, out, seed))
+            images = load_samples(_reference_cache(res, out, seed), shape)
             if images is not None:
                 samples.setdefault(REFERENCE_ROW, {})[seed] = images
     md, png = nearest_outputs(samples, forgotten)
@@ -229,10 +231,29 @@ def columns(res: Resolved) -> list[Column]:
 
 def _read_fingerprint(folder: Path) -> dict[str, Any]:
     try:
-        saved = json.loads((folder / FINGERPRINT).read_text())
-        return saved if isinstance(saved, dict) else {}
-    except (OSError, ValueError):
+        saved = load_json(folder / FINGERPRINT, "fingerprint")
+    except UserError:
         return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _read_record(folder: Path, res: Resolved) -> dict[str, Any] | None:
+    """A finished run's metrics.json, or None where it is missing or damaged (not a mapping, a
+    column that is not a number, no integer seed): such a run counts as not finished."""
+    if not (folder / FINISHED).is_file():
+        return None
+    try:
+        record = load_json(folder / FINISHED, "metrics")
+    except UserError:
+        return None
+    if not isinstance(record, dict) or type(record.get("seed")) is not int \
+            or not isinstance(record.get("details", {}), dict):
+        return None
+    for col in columns(res):
+        value = record.get(col.key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return None
+    return record
 
 
 def _same_settings(old: Any, new: dict[str, Any]) -> bool:

@@ -52,6 +52,7 @@ def similarity(run: Any) -> dict[str, Any]:
 
 
 def fid(run: Any) -> dict[str, Any]:
+    features = run.instrument("fid_features")
     c, kept = run.cfg, run.kept()
     found = {"real": "remain", "num_real": len(run.remain), "num_generated": len(kept),
              "excluded_copies": int(run.copies().is_copy.sum()), "features": c.fid_features or "inception",
@@ -59,18 +60,19 @@ def fid(run: Any) -> dict[str, Any]:
     if len(kept) < 2:
         return {"value": None, "undefined": _too_few(run, "FID", 2), **found}
     if run.tools.fid_reference is None:  # the remain set's features, once for every evaluation
-        run.tools.fid_reference = quality.FrechetReference(run.remain, run.tools.fid_features, c.inception,
+        run.tools.fid_reference = quality.FrechetReference(run.remain, features, c.inception,
                                                    c.batch_size, c.device, run.progress)
     return {"value": run.tools.fid_reference(kept, run.progress), **found}
 
 
 def inception(run: Any) -> dict[str, Any]:
+    classifier = run.instrument("classifier")
     c, kept = run.cfg, run.kept()
     found = {"splits": c.is_splits, "num_generated": len(kept), "excluded_copies": int(run.copies().is_copy.sum()),
              "classifier": c.classifier or "inception", "settings": run.sample_settings()}
     if len(kept) < c.is_splits:
         return {"mean": None, "std": None, "undefined": _too_few(run, "IS", c.is_splits), **found}
-    mean, std = quality.inception_score(kept, run.tools.classifier, c.inception, c.is_splits,
+    mean, std = quality.inception_score(kept, classifier, c.inception, c.is_splits,
                                 c.batch_size, c.device, c.seed, run.progress)
     return {"mean": mean, "std": std, **found}
 
@@ -95,8 +97,8 @@ def clipiqa(run: Any) -> dict[str, Any]:
 def fid_reference(run: Any) -> dict[str, Any]:
     """FID between this model's samples and the retrained model's, every sample kept: a T-shirt
     the retrained model never draws counts against the model under test."""
-    c = run.cfg
-    value = quality.frechet_distance(run.companion_samples(run.reference), run.samples(), run.tools.fid_features,
+    c, features = run.cfg, run.instrument("fid_features")
+    value = quality.frechet_distance(run.companion_samples(run.reference), run.samples(), features,
                              c.inception, c.batch_size, c.device, run.progress)
     return {"value": value, "real": "reference model's samples", "reference_model": c.reference_model,
             "num_generated": c.num_samples, "features": c.fid_features or "inception",

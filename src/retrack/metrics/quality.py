@@ -22,7 +22,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.inception import InceptionScore
 from tqdm.auto import tqdm
 
-from retrack.errors import UserError, require
+from retrack.errors import UserError, first_line, require
 
 INCEPTION_HINT = "torch-fidelity's pt_inception-2015-12-05 weights file"
 FID_NEEDS = f"FID needs Inception weights: pass --inception PATH ({INCEPTION_HINT})."
@@ -46,6 +46,18 @@ def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         yield module
     finally:
         module.train(was)
+
+
+def check_takes(module: nn.Module, shape: tuple[int, ...], flag: str, device: torch.device | str = "cpu") -> None:
+    """Refuse, before any long work, a feature network or classifier (a custom one: Inception
+    resizes anything) that cannot take uint8 images of `shape` (C, H, W)."""
+    x = torch.zeros((2, *shape), dtype=torch.uint8, device=device)
+    try:
+        with _eval_mode(module), torch.no_grad():
+            module(x)
+    except Exception as e:  # noqa: BLE001 - a network's own check raises any type
+        raise UserError(f"{flag} cannot take the {'×'.join(map(str, shape))} (C×H×W) images measured here "
+                        f"({first_line(e)}); pass a network made for them.") from None
 
 
 def inception_network(weights: str | Path | None, output: str, flag_sentence: str) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,13 @@ from retrack.report.html import Page
 from retrack.report.options import ReportOptions
 from retrack.report.pages import demo_page, run_page
 from retrack.runrecord import write_text
-from retrack.validation import check_output, existing_dir
+from retrack.validation import check_output, default_device, existing_dir
 
 REPORT_NAME = "report.html"
 
 
 def build_page(folder: Path, opts: ReportOptions) -> Page:
+    opts = replace(opts, device=default_device(opts.device))  # as every command: cuda if available
     kind = kind_of(folder)
     if kind == "run":
         run = RunFolder.read(folder)

@@ -12,10 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrack.backends import LoadOptions, family_of, load
 from retrack.backends.pixel import load_model
 from retrack.data import ImageSet, image_digest, load_images, to_model_range, to_uint8
 from retrack.errors import UserError
-from retrack.sampling import reconstruct, sample
+from retrack.sampling import reconstruct
+
+DEFAULT_GUIDANCE = 7.5  # the pipelines' and `retrack sample`'s classifier-free guidance
 
 
 def local_model(spec: Any, base: Path | None = None) -> Path | None:
@@ -28,12 +31,24 @@ def local_model(spec: Any, base: Path | None = None) -> Path | None:
     return None
 
 
-def draw_samples(model: Path, num: int, steps: int, seed: int, device: str) -> np.ndarray:
-    """`num` DDIM samples with per-sample seeds: the same seed gives the same noise to any model."""
+def draw_samples(model: Path, num: int, steps: int, seed: int, device: str, prompt: str | None = None,
+                 guidance: float = DEFAULT_GUIDANCE, progress: bool = False) -> np.ndarray:
+    """`num` DDIM samples with per-sample seeds: the same seed gives the same noise to any model.
 
-    loaded = load_model(model, device)
-    return sample(loaded.denoiser, dict(loaded.scheduler.config), num, steps, "ddim", seed,
-                  batch_size=64, progress=False)
+    Drawn by the model's own family: a pixel UNet by the DDIM sampler, a text-to-image pipeline (or
+    a LoRA adapter on one) through the pipeline under the run's prompt, as `retrack sample` draws."""
+
+    loaded = load(str(model), device, LoadOptions(prompt=prompt if is_text_to_image(model) else None))
+    return loaded.sample(num, steps, "ddim", seed, 64, guidance, progress)
+
+
+def is_text_to_image(model: Path) -> bool:
+    """Whether a local model folder is of a family sampled under a prompt."""
+    try:
+        family = family_of(model)
+    except UserError:  # no family claims it: loading it says why, where that is shown
+        return False
+    return family is not None and family.conditioned
 
 
 def draw_reconstructions(model: Path, images: np.ndarray, seed: int, device: str) -> np.ndarray:

@@ -17,4 +17,5 @@ class ReportOptions(Validated):
     reconstruction: bool = option(Bool(), False)  # noise the forget images to T/4 and denoise, per model
     max_forget: int = option(Int(min=1), 4)  # distinct forget images shown
     max_neighbours: int = option(Int(min=0), 10)
-    device: str = option(Device(), "cpu")
+    device: str | None = option(Optional(Device()), None)  # None: cuda if available, else cpu
+    progress: bool = option(Bool(), False)  # progress bars while drawing (the command's default; --quiet: none)

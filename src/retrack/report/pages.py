@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from retrack.errors import UserError
-from retrack.report.draw import draw_samples, local_model
+from retrack.report.draw import DEFAULT_GUIDANCE, draw_samples, is_text_to_image, local_model
 from retrack.report.folders import RunFolder, read_json
 from retrack.report.html import Page
 from retrack.report.options import ReportOptions
@@ -28,18 +29,30 @@ def _samples_section(page: Page, run: RunFolder, before: Path | None, opts: Repo
     if opts.samples == 0:
         page.text("Not drawn (--samples 0).", note=True)
         return
+    prompt, guidance = _prompt(run.config)
     try:
-        old = draw_samples(before, opts.samples, opts.sampling_steps, seed, opts.device) if before else None
-        new = draw_samples(run.path, opts.samples, opts.sampling_steps, seed, opts.device)
-    except UserError as e:  # e.g. a text-to-image pipeline, which this sampler does not draw
+        old = draw_samples(before, opts.samples, opts.sampling_steps, seed, opts.device, prompt, guidance,
+                           opts.progress) if before else None
+        new = draw_samples(run.path, opts.samples, opts.sampling_steps, seed, opts.device, prompt, guidance,
+                           opts.progress)
+    except UserError as e:  # e.g. the text-to-image extra not installed, or a base model moved away
         page.text(f"Not drawn: {e}", note=True)
         return
     if before is None:
         page.text(f"The input model {run.config.get('model')!r} is not a local folder: no 'before' "
                   "samples.", note=True)
+    how = f" through the pipeline under the prompt {prompt!r} (guidance {guidance:g})" \
+        if prompt is not None and is_text_to_image(run.path) else ""
     before_after_grids(page, "samples", old, new,
-                       f"{opts.samples} DDIM samples ({opts.sampling_steps} steps), the same "
+                       f"{opts.samples} DDIM samples ({opts.sampling_steps} steps){how}, the same "
                        f"per-sample seeds (seed {seed}) for the input and the unlearned model")
+
+
+def _prompt(cfg: dict[str, Any]) -> tuple[str | None, float]:
+    """The prompt a text-to-image run was unlearned under, and its evaluation's guidance."""
+    prompt, guidance = cfg.get("prompt"), cfg.get("eval_guidance")  # the record's settings, by key
+    ok = isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and 0 <= guidance < float("inf")
+    return (prompt if isinstance(prompt, str) and prompt else None), (float(guidance) if ok else DEFAULT_GUIDANCE)
 
 
 def run_page(run: RunFolder, opts: ReportOptions) -> Page:

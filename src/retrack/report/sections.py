@@ -9,7 +9,13 @@ import numpy as np
 
 from retrack.errors import UserError
 from retrack.grid import grid_image
-from retrack.report.draw import distinct_rows, draw_reconstructions, forget_and_neighbours, locate_data
+from retrack.report.draw import (
+    distinct_rows,
+    draw_reconstructions,
+    forget_and_neighbours,
+    is_text_to_image,
+    locate_data,
+)
 from retrack.report.figures import curves, image_rows
 from retrack.report.folders import split_log
 from retrack.report.html import Page
@@ -117,6 +123,11 @@ def reconstruction_section(page: Page, record: dict[str, Any], roots: list[Path]
     forget = np.asarray((record.get("data") or {}).get("forget_indices") or [], dtype=np.int64)
     if images is None or forget.size == 0 or not models:
         page.text(f"Not shown: {where if images is None else 'no forget images or models'}.", note=True)
+        return
+    drawn = [label for label, path in models if is_text_to_image(path)]
+    if drawn:
+        page.text(f"Not shown: the {drawn[0]} is a text-to-image model, and this probe noises pixel images "
+                  "(it is run on pixel-space models only).", note=True)
         return
     originals = images.images[forget][distinct_rows(images.images[forget], opts.max_forget)]
     try:

@@ -79,7 +79,8 @@ class Parts:
                                         tokenizer_2=self.tokenizer, text_encoder_3=None, tokenizer_3=None)
 
 
-def build_flow_model(recipe: FlowRecipe, out: Path, device: str = "cpu", steps: int | None = None) -> Path:
+def build_flow_model(recipe: FlowRecipe, out: Path, device: str = "cpu", steps: int | None = None,
+                     progress: bool = True) -> Path:
     """Train (or resume) both stages and write a StableDiffusion3Pipeline folder."""
     check_output(out, overwrite=False)
     spec = recipe.data_spec()
@@ -93,10 +94,10 @@ def build_flow_model(recipe: FlowRecipe, out: Path, device: str = "cpu", steps: 
     ckpt = work / "state.pt"
     _resume(parts, ckpt, work)
     if parts.state["stage"] == "vae":
-        _train(parts, "vae", vae_spec, recipe.checkpoint_every, ckpt)
+        _train(parts, "vae", vae_spec, recipe.checkpoint_every, ckpt, progress=progress)
         _start_flow_stage(parts, flow_spec, ckpt)
     latents, contexts = _latents(parts), _contexts(parts)
-    _train(parts, "transformer", flow_spec, recipe.checkpoint_every, ckpt, latents, contexts)
+    _train(parts, "transformer", flow_spec, recipe.checkpoint_every, ckpt, latents, contexts, progress)
     parts.ema.copy_to(parts.transformer.parameters())
     require(all(torch.isfinite(p).all() for p in parts.transformer.parameters()),
             "the trained transformer holds NaN or infinite values; lower lr in the recipe (nothing was written).")
@@ -178,13 +179,14 @@ def _contexts(parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(parts: Parts, stage: str, spec: StageSpec, every: int, ckpt: Path,
-           latents: torch.Tensor | None = None, contexts: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+           latents: torch.Tensor | None = None, contexts: tuple[torch.Tensor, torch.Tensor] | None = None,
+           progress: bool = True) -> None:
     model = parts.vae if stage == "vae" else parts.transformer
     model.train()
     if parts.opt is None:
         parts.opt = _optimizer(model, spec.lr)
     st = parts.state
-    bar = tqdm(total=spec.steps, initial=st["step"], desc=stage, dynamic_ncols=True)
+    bar = tqdm(total=spec.steps, initial=st["step"], desc=stage, dynamic_ncols=True, disable=not progress)
     t0 = time.time() - st["seconds"][stage]
     while st["step"] < spec.steps:
         for g in parts.opt.param_groups:

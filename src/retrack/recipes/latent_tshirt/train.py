@@ -63,7 +63,8 @@ class Parts:
         return (x / 127.5 - 1).expand(-1, 3, -1, -1).to(self.device)
 
 
-def build_latent_model(recipe: LatentRecipe, out: Path, device: str = "cpu", unet_steps: int | None = None) -> Path:
+def build_latent_model(recipe: LatentRecipe, out: Path, device: str = "cpu", unet_steps: int | None = None,
+                       progress: bool = True) -> Path:
     """Train (or resume) both stages and write a StableDiffusionPipeline folder."""
     check_output(out, overwrite=False)
     spec = recipe.data_spec()
@@ -78,10 +79,10 @@ def build_latent_model(recipe: LatentRecipe, out: Path, device: str = "cpu", une
     ckpt = work / "state.pt"
     _resume(parts, ckpt, work)
     if parts.state["stage"] == "vae":
-        _train(parts, "vae", vae_spec, recipe.checkpoint_every, ckpt)
+        _train(parts, "vae", vae_spec, recipe.checkpoint_every, ckpt, progress=progress)
         _start_unet_stage(parts, unet_spec, ckpt)
     latents, contexts = _latents(parts), _contexts(parts)
-    _train(parts, "unet", unet_spec, recipe.checkpoint_every, ckpt, latents, contexts)
+    _train(parts, "unet", unet_spec, recipe.checkpoint_every, ckpt, latents, contexts, progress)
     parts.ema.copy_to(parts.unet.parameters())
     require(all(torch.isfinite(p).all() for p in parts.unet.parameters()),
             "the trained UNet holds NaN or infinite values; lower lr in the recipe (nothing was written).")
@@ -160,13 +161,13 @@ def _contexts(parts: Parts) -> torch.Tensor:
 
 
 def _train(parts: Parts, stage: str, spec: StageSpec, every: int, ckpt: Path,
-           latents: torch.Tensor | None = None, contexts: torch.Tensor | None = None) -> None:
+           latents: torch.Tensor | None = None, contexts: torch.Tensor | None = None, progress: bool = True) -> None:
     model = parts.vae if stage == "vae" else parts.unet
     model.train()
     if parts.opt is None:
         parts.opt = _optimizer(model, spec.lr)
     st = parts.state
-    bar = tqdm(total=spec.steps, initial=st["step"], desc=f"{stage}", dynamic_ncols=True)
+    bar = tqdm(total=spec.steps, initial=st["step"], desc=f"{stage}", dynamic_ncols=True, disable=not progress)
     t0 = time.time() - st["seconds"][stage]
     while st["step"] < spec.steps:
         for g in parts.opt.param_groups:

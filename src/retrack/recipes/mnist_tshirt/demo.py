@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,21 @@ from retrack.neighbours import nearest_neighbours
 from retrack.recipes.mnist_tshirt import build_mnist_tshirt
 from retrack.recipes.mnist_tshirt.evaluation import evaluate_model
 from retrack.report import write_report
-from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
-from retrack.validation import POSITIVE_INT, SEED, Bool, Choice, Device, Float, Int, Text, Validated, option
+from retrack.runrecord import atomic_directory, check_output, environment_record, final_paths, write_json, write_text
+from retrack.validation import (
+    POSITIVE_INT,
+    SEED,
+    Bool,
+    Choice,
+    Device,
+    Float,
+    Int,
+    Optional,
+    Text,
+    Validated,
+    default_device,
+    option,
+)
 
 HERE = Path(__file__).resolve().parent
 SHIPPED_MODEL = HERE / "model"
@@ -50,7 +63,7 @@ class DemoConfig(Validated):
     batch_size: int = option(POSITIVE_INT, 128)
     lr: float = option(Float(0.0, min_open=True), 5e-5)
     model: str = option(Text(), str(SHIPPED_MODEL))
-    device: str = option(Device(), "cpu")
+    device: str | None = option(Optional(Device()), None)  # None: cuda if available, else cpu
     overwrite: bool = option(Bool(), False)
     nll: bool = option(Bool(), True)
 
@@ -82,9 +95,10 @@ def neighbours_figure(tshirt: np.ndarray, remain: np.ndarray, k: int, path: Path
     save_grid(np.concatenate([tshirt[None], remain[idx[0]]]), path, ncol=k + 1, scale=4)
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     """Everything `retrack demo` does; returns the metrics written to metrics.json."""
 
+    cfg = replace(cfg, device=default_device(cfg.device))
     out = Path(cfg.out)
     require(Path(cfg.model).is_dir(), f"model {cfg.model!r} does not exist.")
     check_output(out, cfg.overwrite, [Path(cfg.model)])
@@ -92,13 +106,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         data = write_data(tmp)
         tshirt, remain = data.tshirt, data.remain
         measure = dict(samples=cfg.samples, steps=cfg.sampling_steps, sampler=cfg.sampler, seed=cfg.seed,
-                       nll=cfg.nll, device=cfg.device)
+                       nll=cfg.nll, device=cfg.device, progress=progress)
         print("1/4 evaluating the shipped model")
         before, samples_before = evaluate_model(cfg.model, tshirt, remain, **measure)
         print("2/4 unlearning the T-shirt with ReTrack as published (the default method of retrack unlearn)")
         unlearn(cfg.model, str(data.data_path), f"@{data.forget_path}", str(tmp / "model"), method="retrack",
                 steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, k=cfg.k, lam=cfg.lam,
-                seed=cfg.seed, device=cfg.device, cache_dir=str(tmp / "cache"))
+                seed=cfg.seed, device=cfg.device, cache_dir=str(tmp / "cache"), progress=progress)
         print("3/4 evaluating the unlearned model")
         after, samples_after = evaluate_model(str(tmp / "model"), tshirt, remain, **measure)
         print("4/4 writing figures")
@@ -110,7 +124,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         metrics = {"before": before, "after": after}
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "demo_run.json", environment_record(cfg, seed=cfg.seed))
+        record = tmp / "model" / "retrack_run.json"  # unlearn() wrote it inside the staging folder
+        write_json(record, final_paths(json.loads(record.read_text()), tmp, out))
         write_report(tmp, reconstruction=True, seed=cfg.seed, device=cfg.device)
+        report = tmp / "report.html"
+        write_text(report, final_paths(report.read_text(encoding="utf-8"), tmp, out))
         shutil.rmtree(tmp / "cache", ignore_errors=True)
     return metrics
 

@@ -52,11 +52,11 @@ def tshirt_nll(denoiser: torch.nn.Module, tshirt: np.ndarray, seed: int = 0, pro
 
 def evaluate_model(model: str, tshirt: np.ndarray, remain: np.ndarray, samples: int, steps: int = 50,
                    sampler: str = "ddim", seed: int = 0, nll: bool = True,
-                   device: str = "cpu") -> tuple[dict[str, float], np.ndarray]:
+                   device: str = "cpu", progress: bool = True) -> tuple[dict[str, float], np.ndarray]:
     """Sample a model with a fixed seed and measure it: (metrics, uint8 samples)."""
 
     loaded = load_model(model, device)
-    images = sample(loaded.denoiser, loaded.scheduler.config, samples, steps, sampler, seed)
+    images = sample(loaded.denoiser, loaded.scheduler.config, samples, steps, sampler, seed, progress=progress)
     metrics = sample_metrics(images, tshirt, remain)
     if nll:
         metrics["nll"] = tshirt_nll(loaded.denoiser, tshirt, seed=seed)
