@@ -15,7 +15,7 @@ from retrack import __version__
 from retrack.errors import UserError
 
 COMMANDS = ("unlearn", "sample", "evaluate", "audit", "sd_sets", "pretrain", "demo", "experiment", "prepare_data",
-            "report")
+            "report", "verify")
 
 
 class _Parser(argparse.ArgumentParser):
