@@ -196,3 +196,27 @@ def test_bad_attack_settings_are_one_sentence():
         membership_scores(d, _images(0, 1), ("loss",), AttackSettings(loss_timesteps=(1000,)))
     with pytest.raises(UserError, match="unknown attack"):
         membership_scores(d, _images(0, 1), ("lira",))
+
+
+# ---------------------------------------------------------------------------------------------
+# As evaluate metrics, evaluation during fine-tuning and experiment columns
+# ---------------------------------------------------------------------------------------------
+
+
+def test_membership_metrics_are_registered_evaluate_metrics(tiny_model, tiny_data):
+    from retrack.backends import load
+    from retrack.evaluate import evaluate
+    from retrack.metrics import registry
+
+    for name in ("membership_loss", "membership_secmi", "membership_pia"):
+        assert name in registry.during_training() and registry.stop_metrics()[name] == "above"
+        assert registry.get(name).better == "higher" and not registry.get(name).samples
+    res = evaluate(tiny_model, tiny_data, "3,7", ["membership_loss", "membership_pia"], progress=False,
+                   device="cpu", seed=2, batch_size=5)
+    images = np.load(tiny_data)["images"][[3, 7], ..., None]
+    want = membership_scores(load(str(tiny_model), "cpu").denoiser, images, ("loss", "pia"),
+                             AttackSettings(seed=2, batch_size=5))
+    np.testing.assert_allclose(res["membership_loss"]["per_image"], want["loss"], rtol=1e-6)
+    np.testing.assert_allclose(res["membership_pia"]["per_image"], want["pia"], rtol=1e-6)
+    assert res["membership_loss"]["mean"] == pytest.approx(float(want["loss"].mean()))
+    assert res["membership_loss"]["settings"] == {"seed": 2, "loss": {"timesteps": [100], "draws": 4}}

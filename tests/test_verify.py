@@ -218,3 +218,26 @@ def test_verify_relearns_the_model_and_the_retrained_model(world, tmp_path):
         assert sig["steps"][0] == 0 and sig["values"][0] == pytest.approx(v["attacks"]["loss"]["forget"][who][0])
         assert r[who]["settings"]["batch_size"] == 8
     assert "Relearning:" in v["summary"]
+
+
+def test_the_report_shows_a_verdict_found_beside_the_run(world, tmp_path):
+    from retrack.report.html import Page
+    from retrack.report.verdict import find_verdict, verdict_section
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert find_verdict(run) is None
+    result, v = _verify(world, "retrained", tmp_path / "run-verify", "--attacks", "loss,pia", "--relearn-steps", 2,
+                        "--eval-every", 1, "--relearn-batch-size", 4)
+    assert result.returncode == 0, result.stderr
+    page = Page("run")
+    verdict_section(page, run)  # the sibling names another model: nothing shown
+    assert "Membership" not in page.html()
+    path = tmp_path / "run-verify" / "verdict.json"
+    path.write_text(json.dumps({**v, "model": str(run)}))
+    assert find_verdict(run)[0] == path
+    verdict_section(page, run)
+    html = page.html()
+    assert v["summary"].split(";")[0] in html and "forgotten" in html
+    assert "AUC members vs non-members (pretrained)" in html and "back at step" in html
+    assert html.count("<img") >= 1  # the relearning curves

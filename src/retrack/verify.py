@@ -19,6 +19,7 @@ model is fine-tuned on the remain set only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from retrack.data import ForgetSpec, ImageSet, check_forget_file, image_digest, 
 from retrack.errors import require
 from retrack.metrics import calibration
 from retrack.metrics.membership import ATTACKS, DESCRIPTIONS, AttackSettings, membership_scores
+from retrack.neighbours import default_cache_dir, save_cached_array
 from retrack.relearn import Signal, relearn
 from retrack.runrecord import atomic_directory, environment_record, tree_sha256, write_json
 from retrack.trainer import TrainSettings
@@ -106,6 +108,7 @@ class VerifyConfig(Validated):
     relearn_fraction: float = option(Float(0.0, 1.0, min_open=True), 0.9)
     relearn_lr: float | None = option(Optional(Float(0.0, min_open=True)), None)
     relearn_batch_size: int | None = option(Optional(POSITIVE_INT), None)
+    relearn_reference: bool = option(Bool(), True)  # also relearn the retrained model, when given
     relearn_samples: int = option(POSITIVE_INT, 256)  # copies: samples per evaluation
     relearn_sampling_steps: int = option(POSITIVE_INT, 50)
     device: str | None = option(Optional(Device()), None)
@@ -189,11 +192,46 @@ def _fmt(shape: tuple[int, ...]) -> str:
 
 
 def score_model(model: Backend, images: Images, cfg: VerifyConfig, progress: bool, name: str) -> dict[str, dict]:
-    """{set: {attack: scores}} for the forget images, members and non-members under one model."""
+    """{set: {attack: scores}} for the forget images, members and non-members under one model.
+
+    Scores of a local model folder are cached by the folder's content, the images and the attack
+    settings: verifying several unlearned models against the same pretrained and retrained models
+    scores those once."""
     s = cfg.attack_settings
-    return {part: membership_scores(model.denoiser, getattr(images, part), cfg.attacks, s, progress,
-                                    f"{name}: {part}")
-            for part in ("forget", "members", "nonmembers")}
+    weights = tree_sha256(Path(model.source)) if Path(model.source).is_dir() else None
+    out = {}
+    for part in ("forget", "members", "nonmembers"):
+        rows = getattr(images, part)
+        path = None if weights is None else _cache_path(weights, rows, cfg, str(model.device))
+        cached = _read_scores(path, len(rows), len(cfg.attacks))
+        if cached is None:
+            found = membership_scores(model.denoiser, rows, cfg.attacks, s, progress, f"{name}: {part}")
+            if path is not None:
+                save_cached_array(path, np.stack([found[a] for a in cfg.attacks], axis=1))
+        else:
+            found = {a: cached[:, j] for j, a in enumerate(cfg.attacks)}
+        out[part] = found
+    return out
+
+
+def _cache_path(weights: str, rows: np.ndarray, cfg: VerifyConfig, device: str) -> Path:
+    h = hashlib.sha256(json.dumps({"v": 1, "weights": weights, "attacks": cfg.attacks, "device": device,
+                                   "settings": cfg.attack_settings.record(cfg.attacks),
+                                   "shape": list(rows.shape)}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(rows).data)
+    return default_cache_dir().parent / "membership" / f"scores-{h.hexdigest()[:32]}.npy"
+
+
+def _read_scores(path: Path | None, n: int, attacks: int) -> np.ndarray | None:
+    """A cached (n, attacks) float64 array, or None (missing, damaged or foreign: recomputed)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        found = np.load(path, allow_pickle=False)
+    except Exception:  # noqa: BLE001 - a damaged entry only costs recomputation
+        return None
+    ok = found.dtype == np.float64 and found.shape == (n, attacks) and bool(np.isfinite(found).all())
+    return found if ok else None
 
 
 def judge(scores: dict[str, dict[str, dict[str, np.ndarray]]], images: Images, cfg: VerifyConfig) -> dict[str, Any]:
@@ -358,7 +396,7 @@ def run_relearning(cfg: VerifyConfig, loaded: dict[str, Backend], images: Images
     remain = torch.from_numpy(np.ascontiguousarray(images.remain.transpose(0, 3, 1, 2)))
     out: dict[str, Any] = {"pretrained_levels": levels, **provenance}
     for who in ("model", "reference"):
-        if who not in loaded:
+        if who not in loaded or (who == "reference" and not cfg.relearn_reference):
             continue
         model = loaded[who]
         signals = _signals(cfg, model, loaded["pretrained"], images, levels)

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "pretrained model's value")
     p.add_argument("--relearn-lr", default=None, help="relearning learning rate (default: the unlearning run's)")
     p.add_argument("--relearn-batch-size", default=None, help="relearning batch (default: the unlearning run's)")
+    p.add_argument("--relearn-reference", default="true",
+                   help="also relearn the --reference-model (false: only the model, e.g. when the retrained "
+                   "model's relearning is already known from an earlier verification)")
     p.add_argument("--relearn-samples", default=256, help="relearning with copies: samples per evaluation")
     p.add_argument("--relearn-sampling-steps", default=50, help="relearning with copies: DDIM steps")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
