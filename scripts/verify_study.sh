@@ -2,7 +2,8 @@
 # `retrack verify` on the shipped MNIST models: the pretrained model, the retrained model and every
 # method of the options study (seed 0), each with relearning. Resumable: a finished unlearning run
 # or verdict is kept. One job at a time, one torch thread per process unless THREADS says otherwise.
-#   bash scripts/verify_study.sh tshirt|boot [RUNS=runs/verify-study]
+#   bash scripts/verify_study.sh tshirt|boot   (env: RUNS=runs/verify-study, ONLY="retrack siss": these
+#   methods only, RELEARN_STEPS=50, HELDOUT=200 held-out images, THREADS=1)
 set -euo pipefail
 name=${1:?tshirt or boot}
 runs=${RUNS:-runs/verify-study}
@@ -30,6 +31,7 @@ verify pretrained "$P"
 verify retrained "$R" --relearn-reference false
 while IFS='|' read -r label flags; do
   [ -n "$label" ] || continue
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $label "* ]]; then continue; fi
   model=$out/models/$label
   if [ ! -f "$model/retrack_run.json" ]; then
     echo "== unlearn $label ($(date -u +%T))"
@@ -40,12 +42,12 @@ while IFS='|' read -r label flags; do
 done <<'METHODS'
 vanilla|--method vanilla
 retrack|--method retrack --k 10 --lam 0.005
-retrack-surgery|--method retrack --k 10 --lam 0.005 --surgery
-retrack-t-min-10|--method retrack --k 10 --lam 0.005 --forget-t-min 10
-retrack-surgery-t-min-10|--method retrack --k 10 --lam 0.005 --surgery --forget-t-min 10
 siss|--method siss --lam 0.5 --s 5.0
 neggrad|--method neggrad
 erasediff|--method erasediff --eta 0.001
+retrack-surgery|--method retrack --k 10 --lam 0.005 --surgery
+retrack-t-min-10|--method retrack --k 10 --lam 0.005 --forget-t-min 10
+retrack-surgery-t-min-10|--method retrack --k 10 --lam 0.005 --surgery --forget-t-min 10
 retrack-min-snr|--method retrack --k 10 --lam 0.005 --forget-weighting min-snr --snr-gamma 5.0
 retrack-auto|--method retrack --k 10 --lam auto --lam-ratio 1.0
 retrack-min-snr-100-steps|--method retrack --k 10 --lam 0.005 --forget-weighting min-snr --snr-gamma 5.0 --steps 100

@@ -217,7 +217,10 @@ def test_verify_relearns_the_model_and_the_retrained_model(world, tmp_path):
         sig = r[who]["signals"]["membership_loss"]
         assert sig["steps"][0] == 0 and sig["values"][0] == pytest.approx(v["attacks"]["loss"]["forget"][who][0])
         assert r[who]["settings"]["batch_size"] == 8
-    assert "Relearning:" in v["summary"]
+        after = r[who]["after"]
+        assert after["attack"] == "loss" and len(after["images"]) == 1
+        assert 0 < after["images"][0]["p_member"] <= 1 and after["images"][0]["member"] in (True, False)
+    assert "Relearning:" in v["summary"] and "flagged as a member again by loss" in v["summary"]
 
 
 def test_the_report_shows_a_verdict_found_beside_the_run(world, tmp_path):

@@ -317,6 +317,12 @@ def _relearn_sentence(relearning: dict[str, Any]) -> str:
         if never:
             text += f" ({', '.join(never)} not within {rec['steps_done']} steps)" if back else \
                 f" within {rec['steps_done']} steps"
+        after = rec.get("after")
+        if after:
+            flagged = sum(t["member"] for t in after["images"])
+            text += (f", after which {flagged} of {len(after['images'])} forget image"
+                     f"{'s' if len(after['images']) != 1 else ''} {'is' if flagged == 1 else 'are'} flagged as a "
+                     f"member again by {after['attack']}")
         out.append(text)
     return ("Relearning: " + "; ".join(out) + ".") if out else ""
 
@@ -404,7 +410,18 @@ def run_relearning(cfg: VerifyConfig, loaded: dict[str, Backend], images: Images
         out[who] = relearn(model.denoiser, remain, settings, cfg.eval_every, signals, cfg.relearn_fraction,
                            cfg.device, progress)
         out[who]["seconds"] = round(time.perf_counter() - start, 1)
+        out[who]["after"] = after_relearning(cfg, model, images)
     return out
+
+
+def after_relearning(cfg: VerifyConfig, model: Backend, images: Images) -> dict[str, Any]:
+    """The first attack's test of each forget image under the relearned model, among the
+    non-members' scores under the same model: is it flagged as a member again?"""
+    attack, s = cfg.attacks[0], cfg.attack_settings
+    forget = membership_scores(model.denoiser, images.forget, (attack,), s)[attack]
+    null = membership_scores(model.denoiser, images.nonmembers, (attack,), s)[attack]
+    level = cfg.alpha / len(cfg.attacks)
+    return {"attack": attack, "images": [calibration.test_image(x, null, level) for x in forget]}
 
 
 # ---------------------------------------------------------------------------------------------
