@@ -18,6 +18,7 @@ from retrack.sdsets import SetsConfig
 from retrack.training_eval import TrainingEvaluation
 from retrack.unlearn_config import UnlearnConfig, UnlearnSettings, config_of
 from retrack.validation import config_from_args, flag_of, setting_fields
+from retrack.verify import VerifyConfig
 
 REQUIRED = ["--model", "m", "--data", "d.npz", "--forget", "0", "--out", "o"]
 
@@ -32,6 +33,7 @@ def _flags(command: str) -> dict[str, argparse.Action]:
     ("unlearn", UnlearnConfig, {"--quiet"}),
     ("sample", SampleConfig, {"--quiet"}),
     ("sd-sets", SetsConfig, {"--quiet"}),
+    ("verify", VerifyConfig, {"--quiet"}),
     ("evaluate", EvaluateConfig, {"--model", "--data", "--forget", "--out", "--overwrite", "--quiet"}),
 ])
 def test_every_setting_is_exactly_one_flag_and_every_flag_a_setting(command, cls, extra):
@@ -121,7 +123,8 @@ def test_only_the_command_run_declares_its_flags():
 
 
 @pytest.mark.parametrize(("command", "page"), [("unlearn", "unlearn.md"), ("evaluate", "evaluate.md"),
-                                               ("sample", "sample.md"), ("sd-sets", "sd-sets.md")])
+                                               ("sample", "sample.md"), ("sd-sets", "sd-sets.md"),
+                                               ("verify", "verify.md")])
 def test_every_flag_is_in_its_reference_page(command, page):
     text = (Path(__file__).parents[1] / "docs" / "commands" / page).read_text()
     missing = [flag for flag in _flags(command) if f"`{flag}" not in text]

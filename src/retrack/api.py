@@ -1,5 +1,5 @@
-"""The public entry points, with the same names as the CLI flags: unlearn(), sample(), evaluate()
-and prepare_data(). Each lives with the run it starts; this module only gathers them.
+"""The public entry points, with the same names as the CLI flags: unlearn(), sample(), evaluate(),
+verify() and prepare_data(). Each lives with the run it starts; this module only gathers them.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from retrack.runrecord import check_output
 from retrack.store import write_store
 from retrack.unlearn_config import UnlearnConfig, resolve_method, resolve_unlearn, unlearn_recipe
 from retrack.unlearning import RUN_RECORD, STEP_LOG, run_unlearn, unlearn
+from retrack.verify import verify
 
 __all__ = ["RUN_RECORD", "STEP_LOG", "SampleConfig", "UnlearnConfig", "evaluate", "prepare_data", "resolve_method",
-           "resolve_sample", "resolve_unlearn", "run_sample", "run_unlearn", "sample", "unlearn", "unlearn_recipe"]
+           "resolve_sample", "resolve_unlearn", "run_sample", "run_unlearn", "sample", "unlearn", "unlearn_recipe",
+           "verify"]
 
 
 def prepare_data(data: str, out: str, overwrite: bool = False, progress: bool = True) -> dict:

@@ -28,6 +28,7 @@ COMMANDS = {
     "experiment": ("experiment", "run a paper-style comparison from a YAML config (resumable)"),
     "prepare-data": ("prepare_data", "convert images once into a memory-mapped store"),
     "report": ("report", "write one self-contained HTML page for a run, demo or experiment folder"),
+    "verify": ("verify", "check that forgotten images are really gone (membership inference, relearning)"),
 }
 
 

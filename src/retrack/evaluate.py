@@ -81,7 +81,8 @@ HELP_METRICS = ("comma-separated: nll (bits/dim of the forget images), reconstru
                 "set), is, clipiqa; against a model retrained without the forget images (--reference-model): "
                 "fid_reference (FID between the two models' samples), nll_reference (the forget images' NLL under "
                 "it: the target); changed (fraction of samples of the same seeds that differ visibly from the "
-                "pretrained model's)")
+                "pretrained model's); membership_loss, membership_secmi, membership_pia (the forget images' mean "
+                "membership score, higher = less like a training image; calibrated verdicts: retrack verify)")
 
 
 @dataclass(frozen=True)

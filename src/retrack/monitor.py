@@ -83,7 +83,7 @@ class Monitor:
         if not self.due(done):
             return False
         start = time.perf_counter()
-        with _evaluating(self.module):
+        with evaluating(self.module):
             results = self.measure()
         values = {name: registry.get(name).value(r) for name, r in results.items()}
         details = {name: {k: v for k, v in r.items() if k != "settings"} for name, r in results.items()}
@@ -96,7 +96,7 @@ class Monitor:
 
 
 @contextlib.contextmanager
-def _evaluating(module: torch.nn.Module) -> Iterator[None]:
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode and a forked global RNG (CPU and the module's GPU), both restored afterwards."""
     was = module.training
     device = next(module.parameters()).device

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 # Module-qualified calls, so a metric's implementation can be swapped (or patched in tests) where it lives.
-from retrack.metrics import likelihood, quality, reference
+from retrack.metrics import likelihood, membership, quality, reference
 from retrack.metrics import similarity as descriptors
 
 
@@ -115,3 +115,20 @@ def changed(run: Any) -> dict[str, Any]:
     before = run.companion_samples(run.pretrained)
     out = reference.changed_samples(run.samples(), before, run.find_copies(before).is_copy, c.visible_rms)
     return {**out, "pretrained_model": c.pretrained_model, "settings": run.sample_settings()}
+
+
+def membership_score(attack: str):
+    """The forget images' mean membership score under one attack (metrics/membership.py; lower =
+    more like a training image), at the attack's default settings: a forgetting metric like NLL
+    that rises as a model forgets. Its calibration against held-out images is `retrack verify`'s."""
+
+    def measure(run: Any) -> dict[str, Any]:
+        c = run.cfg
+        settings = membership.AttackSettings(seed=c.seed, batch_size=c.batch_size)
+        scores = membership.membership_scores(run.loaded.denoiser, run.targets, (attack,), settings,
+                                              run.progress, f"membership ({attack})")[attack]
+        return {"mean": float(scores.mean()), "per_image": scores.tolist(), "attack": membership.DESCRIPTIONS[attack],
+                "lower_is_member": True, "settings": settings.record((attack,))}
+
+    measure.__name__ = f"membership_{attack}"
+    return measure

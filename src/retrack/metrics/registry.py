@@ -105,6 +105,12 @@ for _spec in (
                companion="reference", title="FID to retrained ↓"),
     MetricSpec("nll_reference", measures.nll_reference, "mean", "NLL under the retrained model", samples=False,
                companion="reference", title="NLL retrained"),
+    MetricSpec("membership_loss", measures.membership_score("loss"), "mean",
+               "denoising loss of forget images (membership)", "higher", "above", samples=False, title="MI loss ↑"),
+    MetricSpec("membership_secmi", measures.membership_score("secmi"), "mean",
+               "SecMI t-error of forget images (membership)", "higher", "above", samples=False, title="MI SecMI ↑"),
+    MetricSpec("membership_pia", measures.membership_score("pia"), "mean",
+               "PIA score of forget images (membership)", "higher", "above", samples=False, title="MI PIA ↑"),
     MetricSpec("changed", measures.changed, "value", "samples visibly changed", "lower", companion="pretrained",
                title="Changed ↓", percent=True, copies=True),
 ):

@@ -20,6 +20,7 @@ from retrack.report.sections import (
     provenance_section,
     reconstruction_section,
 )
+from retrack.report.verdict import verdict_section
 
 
 def _samples_section(page: Page, run: RunFolder, before: Path | None, opts: ReportOptions,
@@ -72,6 +73,7 @@ def run_page(run: RunFolder, opts: ReportOptions) -> Page:
     neighbours_section(page, "neighbours", record, roots, opts.max_forget, opts.max_neighbours)
     models = ([("input model", before)] if before else []) + [("unlearned model", run.path)]
     reconstruction_section(page, record, roots, models, opts, seed)
+    verdict_section(page, run.path)
     page.heading("Loss over steps")
     curves_section(page, "curves", run.log, cfg.get("method", "run"))
     config_section(page, "config", {**cfg, "objective": record.get("objective")}, "Resolved config")

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# `retrack verify` on the shipped MNIST models: the pretrained model, the retrained model and every
+# method of the options study (seed 0), each with relearning. Resumable: a finished unlearning run
+# or verdict is kept. One job at a time, one torch thread per process unless THREADS says otherwise.
+#   bash scripts/verify_study.sh tshirt|boot   (env: RUNS=runs/verify-study, ONLY="retrack siss": these
+#   methods only, RELEARN_STEPS=50, HELDOUT=200 held-out images, THREADS=1)
+set -euo pipefail
+name=${1:?tshirt or boot}
+runs=${RUNS:-runs/verify-study}
+py=${PYTHON:-python}
+export OMP_NUM_THREADS=${THREADS:-1}
+data=$runs/data
+[ -f "$data/${name}_heldout.npz" ] || "$py" scripts/heldout_sets.py --out "$data" --num "${HELDOUT:-200}"
+recipes=src/retrack/recipes/mnist_$name
+P=$recipes/model
+R=$recipes/retrained
+D=$data/mnist_$name.npz
+F=@$data/mnist_${name}_forget.txt
+H=$data/${name}_heldout.npz
+out=$runs/$name
+mkdir -p "$out/models"
+common=(--pretrained "$P" --data "$D" --forget "$F" --heldout "$H" --reference-model "$R" --quiet
+        --relearn-steps "${RELEARN_STEPS:-50}" --eval-every 10)
+verify() {  # label model [flags]
+  local label=$1 model=$2; shift 2
+  [ -f "$out/$label/verdict.json" ] && return
+  echo "== verify $label ($(date -u +%T))"
+  "$py" -m retrack verify --model "$model" "${common[@]}" --out "$out/$label" "$@"
+}
+verify pretrained "$P"
+verify retrained "$R" --relearn-reference false
+while IFS='|' read -r label flags; do
+  [ -n "$label" ] || continue
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $label "* ]]; then continue; fi
+  model=$out/models/$label
+  if [ ! -f "$model/retrack_run.json" ]; then
+    echo "== unlearn $label ($(date -u +%T))"
+    # shellcheck disable=SC2086
+    "$py" -m retrack unlearn --model "$P" --data "$D" --forget "$F" --out "$model" --seed 0 --quiet --overwrite $flags
+  fi
+  verify "$label" "$model" --relearn-reference false
+done <<'METHODS'
+vanilla|--method vanilla
+retrack|--method retrack --k 10 --lam 0.005
+siss|--method siss --lam 0.5 --s 5.0
+neggrad|--method neggrad
+erasediff|--method erasediff --eta 0.001
+retrack-surgery|--method retrack --k 10 --lam 0.005 --surgery
+retrack-t-min-10|--method retrack --k 10 --lam 0.005 --forget-t-min 10
+retrack-surgery-t-min-10|--method retrack --k 10 --lam 0.005 --surgery --forget-t-min 10
+retrack-min-snr|--method retrack --k 10 --lam 0.005 --forget-weighting min-snr --snr-gamma 5.0
+retrack-auto|--method retrack --k 10 --lam auto --lam-ratio 1.0
+retrack-min-snr-100-steps|--method retrack --k 10 --lam 0.005 --forget-weighting min-snr --snr-gamma 5.0 --steps 100
+METHODS
+echo "== done $name ($(date -u +%T))"

@@ -1,0 +1,79 @@
+"""The table of a `retrack verify` study: one row per verdict.json under a folder.
+
+    python scripts/verify_table.py runs/verify-study/tshirt --out results/verify_tshirt
+
+Copies each verdict.json to OUT/<label>.json and writes OUT/summary.md: per model, the verdict,
+each attack's percentile and p-value of the forget image among the non-members, the model − retrained
+difference's percentile, each attack's AUC (members vs non-members), and relearning (the step at
+which the membership score came back to the pretrained level, if it did).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+ORDER = ("pretrained", "retrained", "vanilla", "retrack", "retrack-surgery", "retrack-t-min-10",
+         "retrack-surgery-t-min-10", "siss", "neggrad", "erasediff", "retrack-min-snr", "retrack-auto",
+         "retrack-min-snr-100-steps")
+
+
+def row(label: str, v: dict) -> str:
+    im = v["images"][0]
+    cells = [label, f"**{im['verdict']}**"]
+    for a in v["attacks"]:
+        t = im["model"][a]
+        cells.append(f"{t['percentile']:.1f}% (p {t['p_member']:.3f}){' ✱' if t['member'] else ''}")
+    diff = im.get("model_minus_reference") or {}
+    cells.append(", ".join(f"{diff[a]['percentile']:.0f}%" for a in v["attacks"]) if diff else "—")
+    cells.append(", ".join(f"{v['attacks'][a]['auc']['model']:.3f}" for a in v["attacks"]))
+    r = (v.get("relearning") or {}).get("model")
+    if r:
+        s = next(iter(r["signals"].values()))
+        back = "never" if s["returned_at"] is None else f"step {s['returned_at']}"
+        cells.append(f"{s['start']:.4g} → {s['values'][-1]:.4g} (level {s['pretrained_level']:.4g}); {back} "
+                     f"of {r['steps_done']}")
+    else:
+        cells.append("—")
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    root, out = Path(args.folder), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    found = {p.parent.name: p for p in root.glob("*/verdict.json")}
+    labels = [x for x in ORDER if x in found] + sorted(set(found) - set(ORDER))
+    verdicts = {}
+    for label in labels:
+        shutil.copy(found[label], out / f"{label}.json")
+        verdicts[label] = json.loads(found[label].read_text())
+    first = next(iter(verdicts.values()))
+    attacks = list(first["attacks"])
+    lines = [f"Non-members: {first['nonmembers']['n']} held-out images ({Path(first['nonmembers']['source']).name}); "
+             f"members for the AUC: {first['members']['n']} remain images; α = {first['alpha']}, each attack at "
+             f"{first['level']:.4g} (Bonferroni). Percentile: share of non-members the model finds at least as "
+             "familiar as the forget image (✱: flagged as a member). Relearning: the "
+             f"{next(iter((first.get('relearning') or {}).get('pretrained_levels', {'membership': 0})))} signal "
+             "(first attack's score of the forget image) while fine-tuning on the remain set.", "",
+             "| model | verdict | " + " | ".join(f"{a}: percentile (p)" for a in attacks)
+             + " | model − retrained, percentile | AUC " + "/".join(attacks) + " | relearning |",
+             "|---" * (5 + len(attacks)) + "|"]
+    lines += [row(label, v) for label, v in verdicts.items()]
+    twin = (verdicts.get("pretrained", {}).get("relearning") or {}).get("reference")
+    if twin:
+        s = next(iter(twin["signals"].values()))
+        back = "never" if s["returned_at"] is None else f"step {s['returned_at']}"
+        lines += ["", f"Relearning the retrained model the same way: {s['start']:.4g} → {s['values'][-1]:.4g} "
+                      f"(pretrained level {s['pretrained_level']:.4g}); back: {back} of {twin['steps_done']}."]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
