@@ -103,8 +103,8 @@ class UnlearnSettings(Validated):
         "are encoded once by the VAE and cached); longer than the tokenizer takes: truncated as the pipeline "
         "does, with a warning")
     lora: int | None = option(Optional(POSITIVE_INT), None,
-                              help="text-to-image models: train a LoRA adapter of this rank on the UNet's "
-                              "attention projections instead of the whole UNet; writes "
+                              help="text-to-image models: train a LoRA adapter of this rank on the attention "
+                              "projections of the UNet (or transformer) instead of the whole network; writes "
                               "pytorch_lora_weights.safetensors")
     lora_alpha: float | None = option(Optional(Float(0.0, min_open=True)), None,
                                       help="LoRA α; None means the rank (scale α/rank = 1)")
@@ -139,7 +139,7 @@ class UnlearnConfig(UnlearnSettings):
     `eval_every`)."""
 
     model: str = option(Text(), help="diffusers pipeline folder (unet/ + scheduler/), bare UNet2DModel folder, "
-                        "or hub id; a StableDiffusionPipeline (SD 1.x/2.x) with --prompt")
+                        "or hub id; a text-to-image pipeline (SD 1.x/2.x, SDXL, SD3, Flux) with --prompt")
     data: str = option(Text(), help="training images: a folder of png/jpg, an .npz with an 'images' uint8 "
                        "array (N,H,W) or (N,H,W,C), or a torchvision-style MNIST/Fashion-MNIST/CIFAR-10 folder")
     forget: str = option(ForgetSpec(), help="images to forget: comma-separated indices into --data, @FILE with "
