@@ -35,8 +35,12 @@ def row(label: str, v: dict) -> str:
         back = "never" if s["returned_at"] is None else f"step {s['returned_at']}"
         cells.append(f"{s['start']:.4g} → {s['values'][-1]:.4g} (level {s['pretrained_level']:.4g}); {back} "
                      f"of {r['steps_done']}")
+        after = r.get("after")
+        cells.append("—" if not after else
+                     f"{after['images'][0]['percentile']:.1f}% (p {after['images'][0]['p_member']:.3f})"
+                     + (" ✱" if after["images"][0]["member"] else ""))
     else:
-        cells.append("—")
+        cells += ["—", "—"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -62,8 +66,9 @@ def main() -> None:
              f"{next(iter((first.get('relearning') or {}).get('pretrained_levels', {'membership': 0})))} signal "
              "(first attack's score of the forget image) while fine-tuning on the remain set.", "",
              "| model | verdict | " + " | ".join(f"{a}: percentile (p)" for a in attacks)
-             + " | model − retrained, percentile | AUC " + "/".join(attacks) + " | relearning |",
-             "|---" * (5 + len(attacks)) + "|"]
+             + " | model − retrained, percentile | AUC " + "/".join(attacks) + " | relearning: loss score, back"
+             " at | after relearning: loss percentile (p) |",
+             "|---" * (6 + len(attacks)) + "|"]
     lines += [row(label, v) for label, v in verdicts.items()]
     twin = (verdicts.get("pretrained", {}).get("relearning") or {}).get("reference")
     if twin:
@@ -71,6 +76,10 @@ def main() -> None:
         back = "never" if s["returned_at"] is None else f"step {s['returned_at']}"
         lines += ["", f"Relearning the retrained model the same way: {s['start']:.4g} → {s['values'][-1]:.4g} "
                       f"(pretrained level {s['pretrained_level']:.4g}); back: {back} of {twin['steps_done']}."]
+        if twin.get("after"):
+            t = twin["after"]["images"][0]
+            lines[-1] += (f" Afterwards the forget image's loss sits at percentile {t['percentile']:.1f} of the "
+                          f"non-members (p {t['p_member']:.3f}){', flagged' if t['member'] else ''}.")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

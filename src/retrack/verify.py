@@ -382,9 +382,8 @@ def _relearn_sentence(relearning: dict[str, Any]) -> str:
                 f" within {rec['steps_done']} steps"
         after = rec.get("after")
         if after:
-            flagged = sum(t["member"] for t in after["images"])
-            text += (f", after which {flagged} of {len(after['images'])} forget image"
-                     f"{'s' if len(after['images']) != 1 else ''} {'is' if flagged == 1 else 'are'} flagged as a "
+            flagged, n = sum(t["member"] for t in after["images"]), len(after["images"])
+            text += (f", after which {flagged} of {n} forget image{'s are' if n != 1 else ' is'} flagged as a "
                      f"member again by {after['attack']}")
         out.append(text)
     return ("Relearning: " + "; ".join(out) + ".") if out else ""

@@ -1,6 +1,6 @@
 """The membership and relearning section of a run's report, from a `retrack verify` verdict.json
-found beside the run: in the run folder itself, or in a sibling folder whose verdict names this run
-as its --model."""
+found beside the run: in the run folder itself, or in a folder next to it or next to its parent
+whose verdict names this run as its --model."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ VERDICT_FILE = "verdict.json"  # retrack.verify.VERDICT_FILE (the report reads f
 
 
 def find_verdict(run: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The verdict of `run`: RUN/verdict.json, else the first SIBLING/verdict.json naming RUN."""
+    """The verdict of `run`: RUN/verdict.json, else the first verdict.json one folder below RUN's
+    parent or grandparent that names RUN as its --model."""
     own = read_json(run / VERDICT_FILE)
     if isinstance(own, dict) and "images" in own:
         return run / VERDICT_FILE, own
     target = run.resolve()
-    for path in sorted(run.parent.glob(f"*/{VERDICT_FILE}")):
+    near = sorted(run.parent.glob(f"*/{VERDICT_FILE}")) + sorted(run.parent.parent.glob(f"*/{VERDICT_FILE}"))
+    for path in near:
         found = read_json(path)
         if isinstance(found, dict) and "images" in found and _same(found.get("model"), target, path.parent):
             return path, found
