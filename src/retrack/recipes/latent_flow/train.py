@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,20 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from tqdm.auto import tqdm
 
 from retrack.errors import UserError, require
 from retrack.recipes.latent_flow.recipe import FlowRecipe
 from retrack.recipes.latent_tshirt.data import PROMPTS, LatentTshirt, build_latent_tshirt
 from retrack.recipes.latent_tshirt.recipe import StageSpec
 from retrack.recipes.latent_tshirt.tokenizer import save_tokenizer
-from retrack.recipes.latent_tshirt.train import _posterior_means, _vae_loss, reconstruction_l2, tree_sha256
+from retrack.recipes.latent_tshirt.train import (
+    _optimizer,
+    _posterior_means,
+    _vae_loss,
+    reconstruction_l2,
+    train_stage,
+    tree_sha256,
+)
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
 
 UNCOND = len(PROMPTS)  # index of the empty prompt among the encoded contexts
@@ -134,10 +139,6 @@ def _resume(parts: Parts, ckpt: Path, work: Path) -> None:
                         f"another recipe or is damaged: delete {str(work)!r} to start over.") from None
 
 
-def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-
-
 def _ema(model: torch.nn.Module, decay: float):
 
     return EMAModel(model.parameters(), decay=decay)
@@ -182,33 +183,8 @@ def _train(parts: Parts, stage: str, spec: StageSpec, every: int, ckpt: Path,
            latents: torch.Tensor | None = None, contexts: tuple[torch.Tensor, torch.Tensor] | None = None,
            progress: bool = True) -> None:
     model = parts.vae if stage == "vae" else parts.transformer
-    model.train()
-    if parts.opt is None:
-        parts.opt = _optimizer(model, spec.lr)
-    st = parts.state
-    bar = tqdm(total=spec.steps, initial=st["step"], desc=stage, dynamic_ncols=True, disable=not progress)
-    t0 = time.time() - st["seconds"][stage]
-    while st["step"] < spec.steps:
-        for g in parts.opt.param_groups:
-            g["lr"] = spec.lr * min(1.0, (st["step"] + 1) / max(1, spec.warmup_steps))
-        loss = _vae_loss(parts, spec) if stage == "vae" else _flow_loss(parts, spec, latents, contexts)
-        if not torch.isfinite(loss):
-            raise UserError(f"the {stage} loss became {loss.item()} at step {st['step']}; lower its lr in the recipe.")
-        parts.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        parts.opt.step()
-        if stage == "transformer":
-            parts.ema.step(parts.transformer.parameters())
-        st["step"] += 1
-        st["loss_ema"] = loss.item() if st["loss_ema"] is None else 0.99 * st["loss_ema"] + 0.01 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{st['loss_ema']:.4f}")
-        if st["step"] % every == 0 or st["step"] == spec.steps:
-            st["log"][stage].append({"step": st["step"], "loss_ema": st["loss_ema"]})
-            st["seconds"][stage] = time.time() - t0
-            _save_checkpoint(ckpt, parts, spec.ema_decay)
-    bar.close()
+    loss = (lambda: _vae_loss(parts, spec)) if stage == "vae" else (lambda: _flow_loss(parts, spec, latents, contexts))
+    train_stage(parts, stage, model, spec, every, loss, lambda: _save_checkpoint(ckpt, parts, spec.ema_decay), progress)
 
 
 def _flow_loss(parts: Parts, spec: StageSpec, latents: torch.Tensor,

@@ -14,6 +14,7 @@ import hashlib
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,24 +164,33 @@ def _contexts(parts: Parts) -> torch.Tensor:
 def _train(parts: Parts, stage: str, spec: StageSpec, every: int, ckpt: Path,
            latents: torch.Tensor | None = None, contexts: torch.Tensor | None = None, progress: bool = True) -> None:
     model = parts.vae if stage == "vae" else parts.unet
+    loss = (lambda: _vae_loss(parts, spec)) if stage == "vae" else (lambda: _unet_loss(parts, spec, latents, contexts))
+    train_stage(parts, stage, model, spec, every, loss, lambda: _save_checkpoint(ckpt, parts, spec.ema_decay), progress)
+
+
+def train_stage(parts: Any, stage: str, model: torch.nn.Module, spec: StageSpec, every: int,
+                loss_of_step: Callable[[], torch.Tensor], save: Callable[[], None], progress: bool = True) -> None:
+    """One resumable stage of a latent recipe (the VAE, then the denoising network): linear warm-up
+    then a constant lr, clip 1, the EMA of the denoising network stepped after each update, and the
+    state in `parts.state` saved by `save` every `every` steps, so a killed run resumes exactly."""
     model.train()
     if parts.opt is None:
         parts.opt = _optimizer(model, spec.lr)
     st = parts.state
-    bar = tqdm(total=spec.steps, initial=st["step"], desc=f"{stage}", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=spec.steps, initial=st["step"], desc=stage, dynamic_ncols=True, disable=not progress)
     t0 = time.time() - st["seconds"][stage]
     while st["step"] < spec.steps:
         for g in parts.opt.param_groups:
             g["lr"] = spec.lr * min(1.0, (st["step"] + 1) / max(1, spec.warmup_steps))
-        loss = _vae_loss(parts, spec) if stage == "vae" else _unet_loss(parts, spec, latents, contexts)
+        loss = loss_of_step()
         if not torch.isfinite(loss):
             raise UserError(f"the {stage} loss became {loss.item()} at step {st['step']}; lower its lr in the recipe.")
         parts.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         parts.opt.step()
-        if stage == "unet":
-            parts.ema.step(parts.unet.parameters())
+        if stage != "vae":
+            parts.ema.step(model.parameters())
         st["step"] += 1
         st["loss_ema"] = loss.item() if st["loss_ema"] is None else 0.99 * st["loss_ema"] + 0.01 * loss.item()
         bar.update(1)
@@ -188,7 +198,7 @@ def _train(parts: Parts, stage: str, spec: StageSpec, every: int, ckpt: Path,
         if st["step"] % every == 0 or st["step"] == spec.steps:
             st["log"][stage].append({"step": st["step"], "loss_ema": st["loss_ema"]})
             st["seconds"][stage] = time.time() - t0
-            _save_checkpoint(ckpt, parts, spec.ema_decay)
+            save()
     bar.close()
 
 
