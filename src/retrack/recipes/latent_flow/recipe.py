@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from retrack.errors import UserError, require
-from retrack.recipes.latent_tshirt.recipe import DataSpec, Mapping_, StageSpec
-from retrack.validation import POSITIVE_INT, SEED, Int, Text, Validated, load_yaml, option
+from retrack.recipes.latent_tshirt.recipe import Mapping_, RecipeFile
+from retrack.validation import POSITIVE_INT, SEED, Int, Text, option
 
 KIND = "latent-flow"
 SECTIONS = ("data", "text_encoder", "vae", "vae_training", "transformer", "transformer_training", "scheduler")
 
 
 @dataclass(frozen=True)
-class FlowRecipe(Validated):
+class FlowRecipe(RecipeFile):
+    SECTIONS: ClassVar[tuple[str, ...]] = SECTIONS
+    KIND: ClassVar[str] = KIND
+
     data: dict[str, Any] = option(Mapping_())
     text_encoder: dict[str, Any] = option(Mapping_())
     vae: dict[str, Any] = option(Mapping_())
@@ -30,25 +32,6 @@ class FlowRecipe(Validated):
     max_length: int = option(Int(min=4, max=77), 16)
     seed: int = option(SEED, 0)
     checkpoint_every: int = option(POSITIVE_INT, 200)
-
-    def data_spec(self) -> DataSpec:
-        return DataSpec.from_mapping(self.data, "data: of the recipe")
-
-    def stage(self, name: str) -> StageSpec:
-        return StageSpec.from_mapping(getattr(self, name), f"{name}: of the recipe")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> FlowRecipe:
-        p = Path(path)
-        require(p.is_file(), f"--config: recipe {str(p)!r} does not exist.")
-        raw = load_yaml(p, "recipe")
-        require(isinstance(raw, dict), f"recipe {str(p)!r} must be a mapping.")
-        missing = [k for k in SECTIONS if k not in raw]
-        require(not missing, f"recipe {str(p)!r} lacks the key {missing[0]!r}." if missing else "")
-        recipe = cls.from_mapping(raw, f"recipe {str(p)!r}")
-        require(recipe.kind == KIND, f"recipe {str(p)!r} has kind {recipe.kind!r}; this builder makes {KIND!r}.")
-        recipe.check(str(p))
-        return recipe
 
     def check(self, where: str) -> None:
         """Every section parses and every constructor accepts its keys, before any data is built."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -48,8 +48,43 @@ class StageSpec(Validated):
     prompt_dropout: float = option(Float(0.0, 1.0), 0.1)  # UNet stage only: classifier-free guidance
 
 
+class RecipeFile(Validated):
+    """What every latent recipe does with its YAML: the sections it must have (`SECTIONS`), the
+    `kind:` it builds (`KIND`), each section parsed by key, and its own `check` before any data."""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ()
+    KIND: ClassVar[str] = ""
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec.from_mapping(self.data, "data: of the recipe")
+
+    def stage(self, name: str) -> StageSpec:
+        return StageSpec.from_mapping(getattr(self, name), f"{name}: of the recipe")
+
+    def check(self, where: str) -> None:  # pragma: no cover - each recipe checks its own sections
+        raise NotImplementedError
+
+    @classmethod
+    def from_yaml(cls, path: str | Path):
+        p = Path(path)
+        require(p.is_file(), f"--config: recipe {str(p)!r} does not exist.")
+        raw = load_yaml(p, "recipe")
+        require(isinstance(raw, dict), f"recipe {str(p)!r} must be a mapping.")
+        missing = [k for k in cls.SECTIONS if k not in raw]
+        require(not missing, f"recipe {str(p)!r} lacks the key {missing[0]!r}." if missing else "")
+        recipe = cls.from_mapping(raw, f"recipe {str(p)!r}")
+        require(recipe.kind == cls.KIND,
+                f"recipe {str(p)!r} has kind {recipe.kind!r}; this builder makes {cls.KIND!r}.")
+        recipe.check(str(p))
+        return recipe
+
+
 @dataclass(frozen=True)
-class LatentRecipe(Validated):
+class LatentRecipe(RecipeFile):
+    SECTIONS: ClassVar[tuple[str, ...]] = ("data", "text_encoder", "vae", "vae_training", "unet", "unet_training",
+                                           "scheduler")
+    KIND: ClassVar[str] = KIND
+
     data: dict[str, Any] = option(Mapping_())
     text_encoder: dict[str, Any] = option(Mapping_())
     vae: dict[str, Any] = option(Mapping_())
@@ -61,26 +96,6 @@ class LatentRecipe(Validated):
     max_length: int = option(Int(min=4, max=77), 16)
     seed: int = option(SEED, 0)
     checkpoint_every: int = option(POSITIVE_INT, 200)
-
-    def data_spec(self) -> DataSpec:
-        return DataSpec.from_mapping(self.data, "data: of the recipe")
-
-    def stage(self, name: str) -> StageSpec:
-        return StageSpec.from_mapping(getattr(self, name), f"{name}: of the recipe")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> LatentRecipe:
-        p = Path(path)
-        require(p.is_file(), f"--config: recipe {str(p)!r} does not exist.")
-        raw = load_yaml(p, "recipe")
-        require(isinstance(raw, dict), f"recipe {str(p)!r} must be a mapping.")
-        missing = [k for k in ("data", "text_encoder", "vae", "vae_training", "unet", "unet_training", "scheduler")
-                   if k not in raw]
-        require(not missing, f"recipe {str(p)!r} lacks the key {missing[0]!r}." if missing else "")
-        recipe = cls.from_mapping(raw, f"recipe {str(p)!r}")
-        require(recipe.kind == KIND, f"recipe {str(p)!r} has kind {recipe.kind!r}; this builder makes {KIND!r}.")
-        recipe.check(str(p))
-        return recipe
 
     def check(self, where: str) -> None:
         """Every section parses and every constructor accepts its keys, before any data is built."""
