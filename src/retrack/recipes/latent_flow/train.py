@@ -40,6 +40,7 @@ from retrack.recipes.latent_tshirt.train import (
     tree_sha256,
 )
 from retrack.runrecord import atomic_directory, check_output, environment_record, write_json
+from retrack.untrusted import load_checkpoint
 
 UNCOND = len(PROMPTS)  # index of the empty prompt among the encoded contexts
 
@@ -119,8 +120,8 @@ def _models(parts: Parts) -> dict[str, torch.nn.Module]:
 def _resume(parts: Parts, ckpt: Path, work: Path) -> None:
     if not ckpt.is_file():
         return
+    saved = load_checkpoint(ckpt, parts.device)
     try:
-        saved = torch.load(ckpt, map_location=parts.device, weights_only=False)
         for name, module in _models(parts).items():
             module.load_state_dict(saved[name])
         parts.gen.set_state(saved["gen"])
@@ -134,7 +135,7 @@ def _resume(parts: Parts, ckpt: Path, work: Path) -> None:
         if stage == "transformer":
             parts.ema = _ema(parts.transformer, saved["ema_decay"])
             parts.ema.load_state_dict(saved["ema"])
-    except Exception as e:  # noqa: BLE001 - torch.load and load_state_dict raise many types
+    except Exception as e:  # noqa: BLE001 - load_state_dict and set_state raise many types
         raise UserError(f"the checkpoint {str(ckpt)!r} cannot be resumed ({type(e).__name__}); it was written by "
                         f"another recipe or is damaged: delete {str(work)!r} to start over.") from None
 
