@@ -35,6 +35,7 @@ from retrack.objectives.base import (
     WeightedSum,
     split_prepared,
 )
+from retrack.saliency import WeightMask, forget_gradient
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class TrainSettings:
     grad_accum: int = 1  # micro-batches per step; they sum to batch_size
     mixed_precision: str = "no"  # accelerate's: "no", "bf16" or "fp16" (GPU only)
     layout: str = "auto"  # "auto", "joint" (one forward over all rows) or "split" (one per part)
+    saliency: float | None = None  # SalUn: only this top fraction of weights by forget saliency may change
 
 
 @dataclass
@@ -237,10 +239,12 @@ def train(
     """Fine-tune `denoiser` in place with `objective`; returns the per-step log.
 
     Where a layout was forced or `auto` chose one by timing, the first entry also holds it under
-    "layout" (`Layout.record()`: the layout, why, and the timings it was chosen by).
+    "layout" (`Layout.record()`: the layout, why, and the timings it was chosen by). With
+    `settings.saliency` F, only the top F of the weights by forget saliency change (the rest stay
+    bit-identical to the input); the first entry holds the mask's record under "saliency".
 
     `on_gradient(step, params)`, if given, sees every step's combined gradient in p.grad (averaged
-    across processes, before clipping) and the weights it will update.
+    across processes, masked where `saliency` is set, before clipping) and the weights it will update.
     `between_steps(done)`, if given, runs on the main process with the number of optimiser steps
     done (0 before the first, then after each); returning True ends the run there, on every
     process. It may look at `denoiser` but must leave the generator stream and weights alone.
@@ -255,6 +259,8 @@ def train(
     model, opt = accelerator.prepare(denoiser, opt)
     params = [p for p in model.parameters() if p.requires_grad]
     log: list[dict[str, Any]] = []
+    mask = None if settings.saliency is None else _saliency_mask(model, denoiser, data, settings, n, params,
+                                                                   accelerator)
     model.train()
     bar = tqdm(range(settings.steps), desc=f"unlearn ({objective.name})", dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
@@ -271,17 +277,20 @@ def train(
                                     params, accelerator, settings.steps * settings.grad_accum)
         terms = batch_gradient(model, objective, prepared, settings.grad_accum, params, accelerator, step,
                                layout.split)
+        if mask is not None:
+            mask.mask_gradient(params)
         if on_gradient is not None:
             on_gradient(step, params)
         grad_norm = float(accelerator.clip_grad_norm_(params, settings.clip))
         require(math.isfinite(grad_norm), f"the gradient norm became {grad_norm} at step {step}; "
                 "the input model is untouched and nothing was written.")
         _step(opt, settings.lr, step)
+        if mask is not None:
+            mask.restore(params)
         opt.zero_grad(set_to_none=True)
         entry = {"step": step, **terms, "grad_norm": grad_norm}
         bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
-        noted = layout.record() if step == 0 else None
-        log.append(entry if noted is None else {**entry, "layout": noted})
+        log.append({**entry, **_first_notes(layout, mask)} if step == 0 else entry)
         done = step + 1
         stop = _between_steps(between_steps, done, model, accelerator)
     model.eval()
@@ -293,6 +302,33 @@ def train(
         with torch.no_grad():
             _check_finite(objective.terms(model(mb.x, mb.t), mb), done, after_last=True)
     return log
+
+
+def _saliency_mask(model, denoiser: Denoiser, data: TrainData, settings: TrainSettings, n: int,
+                   params: list[torch.nn.Parameter], accelerator) -> WeightMask:
+    """SalUn's mask from the input model's forget gradient, taken before the first step.
+
+    Each process draws its share of the batch from a generator of its own (never the trainer's),
+    in eval mode (no dropout draws from the global state), and the gradients are averaged, so
+    every process holds the same mask.
+    """
+    gen = torch.Generator().manual_seed(((settings.seed * 1_000 + accelerator.process_index) ^ SALIENCY_SEED) % 2**64)
+    model.eval()
+    with accelerator.no_sync(model):
+        grads = forget_gradient(model, denoiser.schedule, data.forget, params, n, settings.grad_accum, gen,
+                                lambda x: _to_model(x, accelerator.device))
+    mask = WeightMask.from_gradients([accelerator.reduce(g, "mean") for g in grads], float(settings.saliency))
+    mask.freeze(params)
+    return mask
+
+
+SALIENCY_SEED = 0x5A11 << 48  # sets the mask's generator apart from every (seed, process) stream
+
+
+def _first_notes(layout, mask: WeightMask | None) -> dict[str, Any]:
+    """What the first log entry also holds: the layout chosen (if any) and the saliency mask."""
+    noted = layout.record()
+    return {**({"layout": noted} if noted is not None else {}), **({"saliency": mask.record()} if mask else {})}
 
 
 def _between_steps(hook: Callable[[int], bool] | None, done: int, model, accelerator) -> bool:

@@ -94,6 +94,11 @@ class UnlearnSettings(Validated):
     snr_gamma: float = option(Float(0.0, min_open=True), 5.0, help="retrack with min-snr: the SNR cap γ")
     forget_t_min: int = option(Int(min=0), 0,
                                help="retrack: forget rows draw timesteps from t-min … T−1 (0: all, the paper's)")
+    saliency: float | None = option(
+        Optional(Float(0.0, 1.0, min_open=True)), None,
+        help="any method: fine-tune only this top fraction F of the weights, ranked by |∇| of the denoising "
+        "loss on the forget images before the first step (SalUn's weight saliency; its paper uses 0.5); the "
+        "other weights stay bit-identical to the input")
     s: float | None = option(Optional(Float(0.0)), None,
                              help="siss: norm of the subtracted forget gradient (default 5)")
     eta: float | None = option(Optional(Float(0.0)), None, help="erasediff: η of the gradient rule (default 1e-3)")
@@ -256,7 +261,7 @@ def _check_takes_effect(cfg: UnlearnConfig) -> None:
 
 def train_settings(cfg: UnlearnSettings) -> TrainSettings:
     return TrainSettings(cfg.steps, cfg.batch_size, cfg.lr, tuple(cfg.betas), cfg.weight_decay,
-                         cfg.clip, cfg.seed, cfg.grad_accum, cfg.mixed_precision, cfg.layout)
+                         cfg.clip, cfg.seed, cfg.grad_accum, cfg.mixed_precision, cfg.layout, cfg.saliency)
 
 
 def process_count() -> int:
