@@ -198,7 +198,8 @@ def test_variants_run_end_to_end_and_are_recorded(tiny_model, tiny_data, tmp_pat
     assert code == 0, capsys.readouterr().err
     record = json.loads((out / "retrack_run.json").read_text())
     assert record["objective"] == {"lam": "auto", "chunk": None, "lam_ratio": 0.5, "surgery": True,
-                                   "forget_weighting": "min-snr", "snr_gamma": 2.0, "forget_t_min": 10}
+                                   "forget_weighting": "min-snr", "snr_gamma": 2.0, "forget_t_min": 10,
+                                   "balance": "none"}
     log = json.loads((out / "retrack_log.json").read_text())
     for e in log:
         assert 0 < e["lam"] < 1 and -1 <= e["cos"] <= 1

@@ -186,7 +186,8 @@ class GradientAccumulator:
         for p, x, y in zip(self.params, g1, g2, strict=True):
             p.grad = x.mul_(a).add_(y, alpha=b)
         cos = dot / (sq1 * sq2) ** 0.5 if sq1 > 0 and sq2 > 0 else 0.0
-        return {"lam": lam, "cos": cos, f"norm_{rule.first}": sq1**0.5, f"norm_{rule.second}": sq2**0.5}
+        chosen = {"lam": lam, "cos": cos, f"norm_{rule.first}": sq1**0.5, f"norm_{rule.second}": sq2**0.5}
+        return chosen if rule.balance == "none" else {**chosen, f"alpha_{rule.first}": a, f"alpha_{rule.second}": b}
 
 
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:

@@ -24,7 +24,8 @@ from retrack.backends import detect
 from retrack.data import ForgetSpec, check_forget_file
 from retrack.errors import UserError, require
 from retrack.layout import LAYOUTS
-from retrack.objectives.retrack import FORGET_WEIGHTINGS
+from retrack.objectives.base import BALANCES
+from retrack.objectives.retrack import FORGET_WEIGHTINGS, ReTrack
 from retrack.runrecord import check_output
 from retrack.trainer import TrainSettings, per_process_batch
 from retrack.training_eval import HOW, TrainingEvaluation
@@ -94,6 +95,9 @@ class UnlearnSettings(Validated):
     snr_gamma: float = option(Float(0.0, min_open=True), 5.0, help="retrack with min-snr: the SNR cap γ")
     forget_t_min: int = option(Int(min=0), 0,
                                help="retrack: forget rows draw timesteps from t-min … T−1 (0: all, the paper's)")
+    balance: str = option(Choice(*BALANCES), "none",
+                          help="retrack: weights of the two gradients: 'none' (λ and 1−λ, the paper's) or 'nash' "
+                          "(their Nash bargaining solution at every step, as MUNBa)")
     saliency: float | None = option(
         Optional(Float(0.0, 1.0, min_open=True)), None,
         help="any method: fine-tune only this top fraction F of the weights, ranked by |∇| of the denoising "
@@ -227,7 +231,7 @@ def resolve_method(cfg: _S, processes: int | None = None) -> _S:
                            for f in defaults})
 
 
-VARIANT_OPTIONS = ("lam_ratio", "surgery", "forget_weighting", "snr_gamma", "forget_t_min")
+VARIANT_OPTIONS = ("lam_ratio", "surgery", "forget_weighting", "snr_gamma", "forget_t_min", "balance")
 
 
 def _check_variant_options(cfg: UnlearnSettings, cls: type) -> None:
@@ -248,6 +252,11 @@ def _check_takes_effect(cfg: UnlearnConfig) -> None:
     require(cfg.lam_ratio == default["lam_ratio"].default or cfg.lam == "auto",
             f"--lam-ratio {cfg.lam_ratio:g} acts only with --lam auto"
             f"{f' (now --lam {cfg.lam})' if cfg.lam is not None else ''}; add --lam auto.")
+    if cfg.balance == "nash":
+        require(not cfg.surgery, "--balance nash weighs the two gradients by bargaining; it does not combine with "
+                                 "--surgery.")
+        require(cfg.lam is None or cfg.lam == ReTrack.lam,
+                f"--balance nash chooses both weights at every step; drop --lam {cfg.lam}.")
     require(cfg.snr_gamma == default["snr_gamma"].default or cfg.forget_weighting == "min-snr",
             f"--snr-gamma {cfg.snr_gamma:g} acts only with --forget-weighting min-snr (now "
             f"{cfg.forget_weighting}); add --forget-weighting min-snr.")

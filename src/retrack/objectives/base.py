@@ -112,17 +112,23 @@ class TwoGradientRule:
         raise ValueError(f"unknown two-gradient rule {self.kind!r}")
 
 
+BALANCES: tuple[str, ...] = ("none", "nash")
+
+
 @dataclass(frozen=True)
 class SplitRule:
     """g = λ·g_first' + (1−λ)·g_second, each gradient from its own forward over its own rows.
 
     The two gradients are taken separately at the cost of one fused step (the rows of each term
-    go through the model on their own, so nothing is computed twice). Two optional changes to
+    go through the model on their own, so nothing is computed twice). Optional changes to
     ReTrack's plain weighted sum use them:
     - surgery (PCGrad, Yu et al. 2020): g_first' = g_first − (⟨g_first, g_second⟩/‖g_second‖²)·g_second
       when the inner product is negative, so the unlearning step never undoes remain fit;
     - lam=None ("auto"): λ solves λ‖g_first'‖ = ratio·(1−λ)‖g_second‖ at every step, i.e. the
-      paper's "two terms of similar order" without tuning λ per model and data set.
+      paper's "two terms of similar order" without tuning λ per model and data set;
+    - balance="nash" (MUNBa, Wu & Harandi, ICCV 2025): g = α1·g_first + α2·g_second with α the
+      two-player Nash bargaining solution (see `nash_alphas`); `lam` is then only the fallback
+      where no bargain exists.
     """
 
     first: str
@@ -130,9 +136,18 @@ class SplitRule:
     lam: float | None = None
     ratio: float = 1.0
     surgery: bool = False
+    balance: str = "none"
 
     def coefficients(self, dot: float, sq_first: float, sq_second: float) -> tuple[float, float, float]:
-        """(a, b, λ) with g = a·g_first + b·g_second, from ⟨g1, g2⟩, ‖g1‖², ‖g2‖²."""
+        """(a, b, λ) with g = a·g_first + b·g_second, from ⟨g1, g2⟩, ‖g1‖², ‖g2‖²; with
+        balance="nash", (α1, α2, the λ of the same direction, α1/(α1 + α2))."""
+        if self.balance == "nash":
+            alphas = nash_alphas(dot, sq_first, sq_second)
+            if alphas is None:  # a zero or exactly opposed gradient: fall back to the fixed λ
+                lam = 0.5 if self.lam is None else self.lam
+                return lam, 1.0 - lam, lam
+            a, b = alphas
+            return a, b, a / (a + b)
         c = -dot / sq_second if self.surgery and dot < 0.0 and sq_second > 0.0 else 0.0
         norm_first = max(sq_first + 2.0 * c * dot + c * c * sq_second, 0.0) ** 0.5
         lam = self.lam
@@ -140,6 +155,28 @@ class SplitRule:
             pull = self.ratio * sq_second**0.5
             lam = pull / (norm_first + pull) if norm_first > 0.0 else 0.5
         return lam, lam * c + (1.0 - lam), lam
+
+
+def nash_alphas(dot: float, sq_first: float, sq_second: float) -> tuple[float, float] | None:
+    """The Nash bargaining weights of two gradients: α ∈ R²₊ with α_i·(Kα)_i = 1, K their Gram
+    matrix [[‖g1‖², ⟨g1,g2⟩], [⟨g1,g2⟩, ‖g2‖²]]; None where none exists.
+
+    Closed form: subtracting the two equations gives ‖g1‖α1 = ‖g2‖α2, and then
+    α_i = 1 / (‖g_i‖·√(1 + cos)), cos the cosine between g1 and g2. So g = α1·g1 + α2·g2 is the sum
+    of the two unit gradients over √(1 + cos): it makes the same progress ⟨g, g_i⟩/‖g_i‖ = √(1 + cos)
+    on both terms (each player's utility), whether they agree or conflict, and its norm is always
+    √2. No positive solution exists when a gradient is zero or cos = −1 (no direction helps both).
+    This is MUNBa's closed form, written as α_i·‖g_i‖ = 1/√(1 + cos) instead of their square roots
+    of differences, which lose precision when the gradients nearly agree.
+    """
+    if not (sq_first > 0.0 and sq_second > 0.0):
+        return None
+    n1, n2 = sq_first**0.5, sq_second**0.5
+    s = 1.0 + dot / (n1 * n2)
+    if not s > 1e-12:
+        return None
+    r = s**-0.5
+    return r / n1, r / n2
 
 
 GradientRule = WeightedSum | TwoGradientRule | SplitRule

@@ -14,7 +14,9 @@ Options beside the paper's objective (all off by default, so the defaults are Al
   min(SNR_t, γ)/SNR_t. The target error of a forget row grows like SNR_t·‖a_u − ā‖², so near
   t = 0 (SNR ≈ 10⁴) a handful of rows dominate the whole loss; the cap bounds every row's term
   by γ·‖a_u − ā‖², as min-SNR weighting (Hang et al. 2023) does for training;
-- `forget_t_min`: forget rows draw t from {t_min, …, T−1} instead of {0, …, T−1}.
+- `forget_t_min`: forget rows draw t from {t_min, …, T−1} instead of {0, …, T−1};
+- `balance="nash"`: the two gradients are weighted by their Nash bargaining solution (MUNBa, Wu &
+  Harandi, ICCV 2025) instead of λ and 1−λ; λ is then only the fallback where no bargain exists.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from retrack.objectives import register
 from retrack.objectives.base import (
+    BALANCES,
     Prepared,
     SplitRule,
     TrainBatch,
@@ -50,6 +53,7 @@ class ReTrack:
     forget_weighting: ForgetWeighting = "none"
     snr_gamma: float = 5.0
     forget_t_min: int = 0
+    balance: str = "none"
 
     name: ClassVar[str] = "retrack"
     needs_remain: ClassVar[bool] = True
@@ -68,6 +72,10 @@ class ReTrack:
             raise ValueError(f"ReTrack needs a positive SNR cap γ, got {self.snr_gamma}")
         if self.forget_t_min < 0:
             raise ValueError(f"the forget t-min must be ≥ 0, got {self.forget_t_min}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"unknown balance {self.balance!r}; choose one of {', '.join(BALANCES)}")
+        if self.balance == "nash" and (self.surgery or self.lam == "auto"):
+            raise ValueError("the Nash balance sets both weights itself; it does not combine with surgery or λ auto")
 
     def prepare(self, batch: TrainBatch, schedule, gen: torch.Generator) -> Prepared:
         f, r = batch.forget, batch.remain
@@ -105,9 +113,9 @@ class ReTrack:
 
     @property
     def rule(self) -> WeightedSum | SplitRule:
-        if self.lam == "auto" or self.surgery:
+        if self.lam == "auto" or self.surgery or self.balance != "none":
             lam = None if self.lam == "auto" else float(self.lam)
-            return SplitRule("unlearn", "remain", lam, self.lam_ratio, self.surgery)
+            return SplitRule("unlearn", "remain", lam, self.lam_ratio, self.surgery, self.balance)
         return WeightedSum({"unlearn": self.lam, "remain": 1.0 - self.lam})
 
 
