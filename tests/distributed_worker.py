@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from retrack.api import unlearn  # noqa: E402
 from retrack.trainer import TrainSettings, train  # noqa: E402
 
 METHODS = {"retrack": {}, "vanilla": {}, "neggrad": {}, "erasediff": {}, "siss": {},
-           "retrack-auto": {"lam": "auto"}}
+           "retrack-auto": {"lam": "auto"}, "retrack-nash": {"balance": "nash"}}
 
 
 def build(method: str):
@@ -40,6 +41,11 @@ def main(out: Path, model: str, data: str) -> None:
         train(denoiser, build(method), tiny_train_data(), SETTINGS, "cpu", False, record)
         final = [p.detach().clone() for p in denoiser.parameters()]
         torch.save({"steps": seen, "final": final}, out / f"{method}-{rank}.pt")
+    # The saliency mask is made from every process's share of the forget draws, and is the same on each.
+    denoiser = tiny_denoiser()
+    log = train(denoiser, build("retrack"), tiny_train_data(), replace(SETTINGS, saliency=0.3), "cpu", False)
+    torch.save({"saliency": log[0]["saliency"], "final": [p.detach().clone() for p in denoiser.parameters()]},
+               out / f"saliency-{rank}.pt")
     # Evaluating on the main process alone: every sample a copy (threshold 100), never stopping ...
     unlearn(model, data, "0,1", str(out / "unlearned"), progress=False, steps=2, batch_size=8,
             grad_accum=2, k=3, device="cpu", cache_dir=str(out / f"cache-{rank}"), eval_every=1,

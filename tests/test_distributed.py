@@ -104,6 +104,15 @@ def test_processes_agree_and_match_one_process_on_the_global_batch(runs, acceler
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_the_saliency_mask_is_the_same_on_every_process(runs):
+    ranks = [torch.load(runs / f"saliency-{r}.pt") for r in range(PROCESSES)]
+    assert all(r["saliency"] == ranks[0]["saliency"] for r in ranks[1:])
+    assert all(torch.equal(x, y) for r in ranks[1:] for x, y in zip(ranks[0]["final"], r["final"], strict=True))
+    before = list(tiny_denoiser().parameters())
+    moved = sum(int((a != b.detach()).sum()) for a, b in zip(ranks[0]["final"], before, strict=True))
+    assert moved == ranks[0]["saliency"]["kept"]  # exactly the masked weights moved
+
+
 def test_only_the_main_process_writes_the_output(runs):
     record = json.loads((runs / "unlearned" / "retrack_run.json").read_text())
     assert record["processes"] == PROCESSES and record["config"]["grad_accum"] == 2
