@@ -1,8 +1,10 @@
 """Cost of one paper ReTrack step in each layout (joint: one forward over the 2B rows; split: one
 forward over the B forget rows and one over the B remain rows; auto: the layout the trainer picks
 by timing both) against the authors' step, one forward+backward of the same UNet on the 2B images;
-the cost of each ReTrack option (--lam auto, --surgery, min-SNR forget weighting, forget t-min)
-against a paper ReTrack step (auto), and peak memory of a ReTrack step for K = 1 and K = 1000 (each
+the cost of each ReTrack option (--lam auto, --surgery, min-SNR forget weighting, forget t-min,
+--balance nash) and of a SalUn weight-saliency mask (--saliency: a step's gradient masking and
+write-back of the frozen weights; the mask itself is made once per run and not timed) against a
+paper ReTrack step (auto), and peak memory of a ReTrack step for K = 1 and K = 1000 (each
 in a fresh process, which reads its own VmHWM; also the peak of a process that only builds the same
 model and data, so the step's own share shows).
 
@@ -36,8 +38,10 @@ VARIANTS = {  # label → ReTrack options beside the paper's objective
     "surgery": {"surgery": True},
     "min-snr weighting": {"forget_weighting": "min-snr"},
     "forget t-min 10": {"forget_t_min": 10},
+    "balance nash": {"balance": "nash"},
     "all together": {"lam": "auto", "surgery": True, "forget_weighting": "min-snr", "forget_t_min": 10},
 }
+SALIENCY = {"saliency 0.5": 0.5}  # label → fraction of weights fine-tuned, on a paper ReTrack step
 
 
 def setup(batch: int, k: int, device: str):
@@ -59,17 +63,36 @@ def setup(batch: int, k: int, device: str):
     return model, objectives.build("retrack", lam=0.005), TrainData(remain, forget, table)
 
 
-def retrack_step(model, objective, data, opt, batch, gen, device, accelerator, split: bool | None = None):
+def retrack_step(model, objective, data, opt, batch, gen, device, accelerator, split: bool | None = None,
+                 mask=None):
     """The trainer's step: draw, prepare, its gradient in the given layout (None: the method's own),
-    clip, AdamW."""
+    (with a saliency mask: mask the gradient), clip, AdamW (and write back the frozen weights)."""
     from retrack.trainer import batch_gradient, draw_batch
 
     b = draw_batch(objective, data, batch, gen, device)
     prep = objective.prepare(b, model.schedule, gen)
-    batch_gradient(model, objective, prep, 1, list(model.parameters()), accelerator, split=split)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    params = list(model.parameters())
+    batch_gradient(model, objective, prep, 1, params, accelerator, split=split)
+    if mask is not None:
+        mask.mask_gradient(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+    if mask is not None:
+        mask.restore(params)
     opt.zero_grad(set_to_none=True)
+
+
+def saliency_mask(model, data, batch: int, fraction: float, device: str):
+    """The mask `train()` makes before the first step (from the forget gradient of the model)."""
+    from retrack.saliency import WeightMask, forget_gradient
+    from retrack.trainer import _to_model
+
+    params = list(model.parameters())
+    grads = forget_gradient(model, model.schedule, data.forget, params, batch, 1, torch.Generator().manual_seed(0),
+                            lambda x: _to_model(x, device))
+    mask = WeightMask.from_gradients(grads, fraction)
+    mask.freeze(params)
+    return mask
 
 
 def plain_step(model, x, t):
@@ -118,6 +141,10 @@ def time_steps(batch: int, repeats: int, device: str, variants: bool = True) -> 
         variant = objectives.build("retrack", **{"lam": 0.005, **options})
         split = None if isinstance(variant.rule, SplitRule) else auto.split  # as train()'s auto: same shapes
         steps[label] = lambda v=variant, s=split: retrack_step(model, v, data, opt, batch, gen, device, accelerator, s)
+    for label, fraction in (SALIENCY.items() if variants else ()):
+        mask = saliency_mask(model, data, batch, fraction, device)
+        steps[label] = lambda m=mask: retrack_step(model, objective, data, opt, batch, gen, device, accelerator,
+                                                   auto.split, m)
     steps["plain"] = lambda: plain_step(model, x, t)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(repeats + 2):  # interleaved, side by side; the first two are warm-up
