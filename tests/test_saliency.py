@@ -37,6 +37,8 @@ def test_fraction_one_keeps_every_weight_and_ties_at_the_threshold_are_kept():
     tied = [torch.tensor([2.0, -2.0, 2.0, 1.0])]  # k = 1, threshold 2: all three 2s stay
     assert saliency_mask(tied, 0.25)[0].tolist() == [True, True, True, False]
     assert saliency_mask(tied, 0.01)[0].tolist() == [True, True, True, False]  # at least one is kept
+    zeros = [torch.tensor([0.0, 0.0, 0.0, 3.0])]  # threshold 0: only the one weight the forget set reaches
+    assert saliency_threshold(zeros, 0.5) == 0.0 and saliency_mask(zeros, 0.5)[0].tolist() == [False] * 3 + [True]
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         saliency_threshold(tied, 0.0)
 

@@ -39,12 +39,17 @@ def saliency_threshold(grads: list[torch.Tensor], fraction: float) -> float:
 
 def saliency_mask(grads: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
     """Per tensor, True where |g| ≥ the global threshold: the top `fraction` of all weights (ties
-    at the threshold are all kept, so slightly more than F·N may be)."""
-    return _at_least(grads, saliency_threshold(grads, fraction))
+    at the threshold are all kept, so slightly more than F·N may be). F = 1 keeps every weight;
+    below 1, a weight whose gradient is exactly zero is never kept (the forget images do not reach
+    it, e.g. a LoRA A matrix under a zero B), so fewer than F·N are kept when more than 1 − F of
+    the gradient is zero, instead of a threshold of 0 keeping them all."""
+    return _at_least(grads, saliency_threshold(grads, fraction), fraction)
 
 
-def _at_least(grads: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
-    return [g.detach().abs().float() >= threshold for g in grads]
+def _at_least(grads: list[torch.Tensor], threshold: float, fraction: float) -> list[torch.Tensor]:
+    if fraction >= 1.0:
+        return [torch.ones_like(g, dtype=torch.bool) for g in grads]
+    return [(a >= threshold) & (a > 0) for a in (g.detach().abs().float() for g in grads)]
 
 
 def forget_gradient(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule,
@@ -85,7 +90,7 @@ class WeightMask:
     @classmethod
     def from_gradients(cls, grads: list[torch.Tensor], fraction: float) -> WeightMask:
         threshold = saliency_threshold(grads, fraction)
-        return cls(_at_least(grads, threshold), fraction, threshold)
+        return cls(_at_least(grads, threshold, fraction), fraction, threshold)
 
     def freeze(self, params: list[torch.nn.Parameter]) -> None:
         """Remember the values of the weights outside the mask (only those: 1 − F of a copy)."""

@@ -318,7 +318,10 @@ def _saliency_mask(model, denoiser: Denoiser, data: TrainData, settings: TrainSe
     with accelerator.no_sync(model):
         grads = forget_gradient(model, denoiser.schedule, data.forget, params, n, settings.grad_accum, gen,
                                 lambda x: _to_model(x, accelerator.device))
-    mask = WeightMask.from_gradients([accelerator.reduce(g, "mean") for g in grads], float(settings.saliency))
+    grads = [accelerator.reduce(g, "mean") for g in grads]
+    require(all(bool(torch.isfinite(g).all()) for g in grads), "the forget images' gradient for --saliency is not "
+            "finite; the input model is untouched and nothing was written.")
+    mask = WeightMask.from_gradients(grads, float(settings.saliency))
     mask.freeze(params)
     return mask
 
