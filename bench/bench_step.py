@@ -85,11 +85,11 @@ def retrack_step(model, objective, data, opt, batch, gen, device, accelerator, s
 def saliency_mask(model, data, batch: int, fraction: float, device: str):
     """The mask `train()` makes before the first step (from the forget gradient of the model)."""
     from retrack.saliency import WeightMask, forget_gradient
-    from retrack.trainer import _to_model
+    from retrack.trainer import to_model_range
 
     params = list(model.parameters())
     grads = forget_gradient(model, model.schedule, data.forget, params, batch, 1, torch.Generator().manual_seed(0),
-                            lambda x: _to_model(x, device))
+                            lambda x: to_model_range(x, device))
     mask = WeightMask.from_gradients(grads, fraction)
     mask.freeze(params)
     return mask

@@ -12,7 +12,7 @@ from conftest import tiny_denoiser, tiny_train_data
 from retrack import objectives
 from retrack.cli import main
 from retrack.saliency import WeightMask, forget_gradient, saliency_mask, saliency_threshold
-from retrack.trainer import TrainSettings, _to_model, train
+from retrack.trainer import TrainSettings, to_model_range, train
 
 FAST = ["--steps", "2", "--batch-size", "4", "--quiet", "--device", "cpu"]
 GRADS = [torch.tensor([[0.5, -4.0], [1.0, 0.0]]), torch.tensor([-3.0, 2.0, 0.25, -0.1])]  # |g|: 8 values
@@ -59,11 +59,11 @@ def test_forget_gradient_is_the_mean_denoising_loss_gradient_in_any_micro_batche
     params = list(model.parameters())
     forget = tiny_train_data().forget
     one, four = (forget_gradient(model, model.schedule, forget, params, 8, k, torch.Generator().manual_seed(3),
-                                 lambda x: _to_model(x, "cpu")) for k in (1, 4))
+                                 lambda x: to_model_range(x, "cpu")) for k in (1, 4))
     assert all(p.grad is None for p in params)  # p.grad left as it was found
     # By hand, from the same generator: 8 uniform forget draws, then t, then ε.
     gen = torch.Generator().manual_seed(3)
-    x0 = _to_model(forget[torch.randint(0, 3, (8,), generator=gen)], "cpu")
+    x0 = to_model_range(forget[torch.randint(0, 3, (8,), generator=gen)], "cpu")
     t = torch.randint(0, 1000, (8,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     gamma, sigma = model.schedule.gamma_sigma(t, x0)

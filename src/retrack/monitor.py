@@ -79,8 +79,8 @@ class Monitor:
     def due(self, done: int) -> bool:
         return done % self.every == 0 or done == self.last
 
-    def __call__(self, done: int) -> bool:
-        if not self.due(done):
+    def __call__(self, done: int, force: bool = False) -> bool:
+        if not (force or self.due(done)):
             return False
         start = time.perf_counter()
         with evaluating(self.module):

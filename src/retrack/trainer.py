@@ -65,7 +65,7 @@ class TrainData:
     neighbours: torch.Tensor | None = None  # (F, K) indices into remain; None = all (if needed)
 
 
-def _to_model(images: torch.Tensor, device) -> torch.Tensor:
+def to_model_range(images: torch.Tensor, device) -> torch.Tensor:
     """uint8 pixels to [-1, 1]; float tensors (VAE latents) are already in the model's space."""
     if images.dtype != torch.uint8:
         return images.to(device).float()
@@ -77,13 +77,13 @@ def draw_batch(objective: Objective, data: TrainData, n: int, gen: torch.Generat
     batch = TrainBatch()
     if objective.needs_forget:
         u = torch.randint(0, data.forget.shape[0], (n,), generator=gen)
-        batch.forget = _to_model(data.forget[u], device)
+        batch.forget = to_model_range(data.forget[u], device)
         if objective.needs_neighbours:
             batch.bank = data.remain
             batch.neighbours = None if data.neighbours is None else data.neighbours[u]
     if objective.needs_remain:
         r = torch.randint(0, data.remain.shape[0], (n,), generator=gen)
-        batch.remain = _to_model(data.remain[r], device)
+        batch.remain = to_model_range(data.remain[r], device)
     return batch
 
 
@@ -317,7 +317,7 @@ def _saliency_mask(model, denoiser: Denoiser, data: TrainData, settings: TrainSe
     model.eval()
     with accelerator.no_sync(model):
         grads = forget_gradient(model, denoiser.schedule, data.forget, params, n, settings.grad_accum, gen,
-                                lambda x: _to_model(x, accelerator.device))
+                                lambda x: to_model_range(x, accelerator.device))
     grads = [accelerator.reduce(g, "mean") for g in grads]
     require(all(bool(torch.isfinite(g).all()) for g in grads), "the forget images' gradient for --saliency is not "
             "finite; the input model is untouched and nothing was written.")

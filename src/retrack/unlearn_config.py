@@ -106,6 +106,15 @@ class UnlearnSettings(Validated):
     s: float | None = option(Optional(Float(0.0)), None,
                              help="siss: norm of the subtracted forget gradient (default 5)")
     eta: float | None = option(Optional(Float(0.0)), None, help="erasediff: η of the gradient rule (default 1e-3)")
+    stop_heldout: str | None = option(
+        Optional(Text()), None,
+        help="stop when forgotten: images of the forget images' kind that the model never saw (a folder, .npz, "
+        "...; at least 20); the run ends at the first check where every forget image's membership loss score "
+        "reaches --stop-percentile of theirs (scored under the input model), --steps becoming the most it runs")
+    stop_percentile: float = option(Float(0.0, 100.0, min_open=True), 50.0,
+                                    help="with --stop-heldout: the percentile of the held-out images' scores the "
+                                    "forget images must reach (50: as familiar as a typical unseen image)")
+    stop_every: int = option(POSITIVE_INT, 1, help="with --stop-heldout: check every N optimiser steps")
     prompt: str | None = option(
         Optional(Text()), None,
         help="text-to-image models: the prompt the model is unlearned under (its embedding is fixed; the data "
@@ -204,8 +213,10 @@ def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
     family.check_settings(cfg.settings(), "unlearn")
     cfg = replace(cfg, evaluation=cfg.evaluation.resolve(device, cfg.prompt))
     require(Path(cfg.data).exists(), f"--data: data path {cfg.data!r} does not exist.")
+    require(cfg.stop_heldout is None or Path(cfg.stop_heldout).exists(),
+            f"--stop-heldout: held-out images {cfg.stop_heldout!r} do not exist.")
     check_forget_file(cfg.forget)
-    protected = [Path(p) for p in (cfg.model, cfg.data) if Path(p).exists()]
+    protected = [Path(p) for p in (cfg.model, cfg.data, cfg.stop_heldout) if p is not None and Path(p).exists()]
     check_output(Path(cfg.out), cfg.overwrite, protected)
     return replace(cfg, device=device)
 
@@ -257,6 +268,9 @@ def _check_takes_effect(cfg: UnlearnConfig) -> None:
                                  "--surgery.")
         require(cfg.lam is None or cfg.lam == ReTrack.lam,
                 f"--balance nash chooses both weights at every step; drop --lam {cfg.lam}.")
+    for name in ("stop_percentile", "stop_every"):
+        require(getattr(cfg, name) == default[name].default or cfg.stop_heldout is not None,
+                f"--{name.replace('_', '-')} acts only with --stop-heldout; add --stop-heldout IMAGES.")
     require(cfg.snr_gamma == default["snr_gamma"].default or cfg.forget_weighting == "min-snr",
             f"--snr-gamma {cfg.snr_gamma:g} acts only with --forget-weighting min-snr (now "
             f"{cfg.forget_weighting}); add --forget-weighting min-snr.")

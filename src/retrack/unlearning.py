@@ -7,9 +7,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from accelerate import PartialState
 
 from retrack.backends import Backend, LoadOptions, detect
+from retrack.backends.base import TrainingSpace
 from retrack.data import ImageSet, Split, load_images, parse_forget, split
 from retrack.errors import require
 from retrack.evaluate import (
@@ -24,8 +26,9 @@ from retrack.monitor import CURVES_FILE, Monitor, draw_curves, merge_log
 from retrack.neighbours import cached_nearest_neighbours
 from retrack.objectives.base import Objective
 from retrack.runrecord import atomic_directory, environment_record, write_json
+from retrack.stopping import NonmemberStop, with_stop
 from retrack.store import Rows
-from retrack.trainer import TrainData, neighbour_table, train
+from retrack.trainer import TrainData, neighbour_table, to_model_range, train
 from retrack.unlearn_config import (
     UnlearnConfig,
     build_objective,
@@ -84,9 +87,11 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
                                           Path(cfg.cache_dir) if cfg.cache_dir else None, progress, cfg.device)
     train_data = TrainData(space.to_tensor(space.rows[parts.remain]), space.to_tensor(forget_rows),
                            neighbour_table(table))
-    log = train(denoiser, objective, train_data, train_settings(cfg), cfg.device, progress, between_steps=monitor)
+    stopper = None if cfg.stop_heldout is None else _stopper(cfg, family, model, images, space, forget_rows, progress)
+    log = train(denoiser, objective, train_data, train_settings(cfg), cfg.device, progress,
+                between_steps=with_stop(monitor, stopper))
     if PartialState().is_main_process:
-        _write_output(Path(cfg.out), model, cfg, objective, images, parts, table, log, monitor)
+        _write_output(Path(cfg.out), model, cfg, objective, images, parts, table, log, monitor, stopper)
     return Path(cfg.out)
 
 
@@ -113,9 +118,30 @@ def _monitor(cfg: UnlearnConfig, ecfg: EvaluateConfig, tools: Instruments, model
                    model.denoiser, ev.stop_at)
 
 
+def _stopper(cfg: UnlearnConfig, family: type[Backend], model: Backend, images: ImageSet, space: TrainingSpace,
+             forget_rows: np.ndarray, progress: bool) -> NonmemberStop:
+    """The stop-when-forgotten rule on the held-out images, in the model's training space (pixels,
+    or latents through the model's VAE), each distinct forget image once."""
+    held = load_images(cfg.stop_heldout, family.image_size(cfg.model))
+    require(held.shape == images.shape, f"the --stop-heldout images are {'×'.join(map(str, held.shape))} (C×H×W) "
+                                        f"but --data's are {'×'.join(map(str, images.shape))}; give images like "
+                                        "the training images.")
+    trained = set(images.image_digests())
+    require(not any(d in trained for d in held.image_digests()),
+            "an image of --stop-heldout occurs in --data, so it is no unseen image; remove it.")
+    held_rows = model.training_space(held, Path(cfg.cache_dir) if cfg.cache_dir else None, progress).rows
+    device = next(model.denoiser.parameters()).device
+    to_model = lambda rows: to_model_range(space.to_tensor(rows), device)  # noqa: E731
+    return NonmemberStop(model.denoiser, to_model(np.unique(forget_rows, axis=0)), to_model(held_rows),
+                         cfg.stop_percentile, cfg.stop_every)
+
+
 def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Objective, images: ImageSet,
-                  parts: Split, table, log: list[dict], monitor: Monitor | None) -> None:
+                  parts: Split, table, log: list[dict], monitor: Monitor | None,
+                  stopper: NonmemberStop | None = None) -> None:
     extra = model.record()
+    if stopper is not None:
+        extra = {**extra, "stopping": stopper.record(len(log))}
     if monitor is not None:
         extra = {**extra, "evaluation": {
             "every": monitor.every, "steps": [e["step"] for e in monitor.entries], "stop_at": cfg.evaluation.stop_at,

@@ -163,6 +163,17 @@ def _forget_sets(cfg: ExperimentConfig, images: ImageSet,
 # ---------------------------------------------------------------------------------------------
 
 
+# The settings a fingerprint has always held, at any value. A setting added later enters a run's
+# fingerprint only where it differs from its default (which leaves the run as it was before the
+# setting existed), so finished runs stay valid when an option is added.
+ALWAYS_FINGERPRINTED = (
+    "steps", "batch_size", "grad_accum", "lr", "weight_decay", "betas", "clip", "k", "lam", "lam_ratio", "surgery",
+    "forget_weighting", "snr_gamma", "forget_t_min", "s", "eta", "prompt", "lora", "lora_alpha",
+    "gradient_checkpointing", "mixed_precision", "recipe", "eval_every", "eval_metrics", "eval_samples", "eval_steps",
+    "eval_seed", "eval_guidance", "eval_target", "stop_at", "copy_rule", "copy_threshold", "descriptor", "sscd",
+    "fid_features", "inception", "classifier", "eval_clip")
+
+
 def _unlearn_settings(run: RunSpec, cfg: ExperimentConfig) -> dict[str, Any]:
     """The run's unlearn options with every default filled in, checked by the API's own rules."""
 
@@ -173,7 +184,9 @@ def _unlearn_settings(run: RunSpec, cfg: ExperimentConfig) -> dict[str, Any]:
         raise UserError(f"methods: {run.label}: {_as_keys(str(e))}") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"methods: {run.label}: a setting has the wrong type ({e}).") from None
-    out = {k: v for k, v in full.settings().items() if k not in PER_RUN}
+    defaults = UnlearnSettings().settings()
+    out = {k: v for k, v in full.settings().items()
+           if k not in PER_RUN and (k in ALWAYS_FINGERPRINTED or v != defaults[k])}
     return {"method": full.method, **out}
 
 

@@ -115,14 +115,23 @@ def execute(res: Resolved, run: RunSpec, folder: Path, data_path: str, progress:
     for name, settings in cfg.metrics.items():
         found, details[name] = get_metric(name).compute(ctx, settings)
         values.update(found)
+    stopping = _stopping_of(folder / "model") if run.method is not None else None
     if not cfg.keep_models and run.method is not None:
         shutil.rmtree(folder / "model", ignore_errors=True)
     record = {**values, "method": run.label, "method_name": run.method, "seed": run.seed,
               "target": run.target, "hyper": run.settings, "fingerprint": res.fingerprint(run),
-              "seconds": round(time.perf_counter() - started, 3), "details": details}
+              "seconds": round(time.perf_counter() - started, 3), "details": details,
+              **({"stopping": stopping} if stopping else {})}
     write_json(folder / FINGERPRINT, {"fingerprint": res.fingerprint(run), "settings": res.fingerprints[run.name]})
     write_json(folder / FINISHED, record)
     return record
+
+
+def _stopping_of(model: Path) -> dict[str, Any] | None:
+    """What a stop-when-forgotten rule did in the run (steps done, where it stopped, its checks),
+    kept in the run's record since the model folder itself may be removed."""
+    path = model / "retrack_run.json"
+    return load_json(path, "the run record").get("stopping") if path.is_file() else None
 
 
 def merge(res: Resolved, runs: list[RunSpec], partial: bool = False) -> str:
