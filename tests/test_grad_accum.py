@@ -15,7 +15,8 @@ from retrack.trainer import TrainSettings, batch_gradient, draw_batch, train
 
 # Every gradient rule: weighted sums, the two-gradient rules, and ReTrack's split-rule options.
 METHODS = {"retrack": {}, "vanilla": {}, "neggrad": {}, "erasediff": {}, "siss": {},
-           "retrack-auto": {"lam": "auto"}, "retrack-surgery": {"surgery": True, "lam": 0.3}}
+           "retrack-auto": {"lam": "auto"}, "retrack-surgery": {"surgery": True, "lam": 0.3},
+           "retrack-nash": {"balance": "nash"}}
 
 
 def build(method: str):

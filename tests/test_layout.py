@@ -29,7 +29,7 @@ ALL_OPTIONS = {"lam": "auto", "surgery": True, "forget_weighting": "min-snr", "f
 METHODS = {"vanilla": {}, "neggrad": {}, "erasediff": {}, "siss": {}, "retrack": {},
            "retrack-lam-auto": {"lam": "auto"}, "retrack-surgery": {"surgery": True, "lam": 0.3},
            "retrack-min-snr": {"forget_weighting": "min-snr"}, "retrack-t-min": {"forget_t_min": 10},
-           "retrack-all": ALL_OPTIONS}
+           "retrack-nash": {"balance": "nash"}, "retrack-all": ALL_OPTIONS}
 
 
 def build(method: str):
