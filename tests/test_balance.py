@@ -13,6 +13,7 @@ from retrack import objectives
 from retrack.cli import main
 from retrack.objectives.base import SplitRule, nash_alphas
 from retrack.trainer import TrainSettings, draw_batch, split_step, train
+from retrack.unlearn_config import build_objective, config_of, resolve_method
 from test_variants import Quadratic, quadratic_step
 
 FAST = ["--steps", "2", "--batch-size", "4", "--quiet", "--device", "cpu"]
@@ -130,8 +131,9 @@ def test_split_step_with_nash_matches_the_trainers_accumulator(accelerator):
 @pytest.mark.parametrize("args,words", [
     (["--balance", "nash", "--surgery"], "--balance nash weighs the two gradients by bargaining; it does not "
                                          "combine with --surgery."),
-    (["--balance", "nash", "--lam", "0.3"], "--balance nash chooses both weights at every step; drop --lam 0.3."),
-    (["--balance", "nash", "--lam", "auto"], "drop --lam auto."),
+    (["--balance", "nash", "--lam", "auto"], "--balance nash chooses both weights at every step; --lam auto "
+                                             "cannot combine with it (a fixed --lam is its fallback where no "
+                                             "bargain exists)."),
     (["--method", "siss", "--balance", "nash"], "--balance is an option of retrack; method 'siss' does not have it."),
     (["--method", "vanilla", "--balance", "nash"], "--balance is an option of retrack"),
     (["--balance", "pareto"], "--balance must be one of none, nash, got 'pareto'"),
@@ -144,13 +146,20 @@ def test_nash_that_cannot_compose_exits_2_with_one_sentence(args, words, tiny_mo
     assert not (tmp_path / "out").exists()
 
 
+def test_nash_takes_the_recipes_lambda_as_its_fallback():
+    cfg = resolve_method(config_of({"model": "m", "data": "d", "forget": "0", "out": "o",
+                                    "recipe": "stable-diffusion", "balance": "nash"}), processes=1)
+    assert build_objective(cfg).rule == SplitRule("unlearn", "remain", 0.5, 1.0, False, "nash")
+
+
 def test_nash_runs_end_to_end_with_saliency_and_is_logged(tiny_model, tiny_data, tmp_path, capsys):
     out = tmp_path / "out"
     code = main([str(a) for a in ["unlearn", "--model", tiny_model, "--data", tiny_data, "--forget", "3,7",
                                   "--out", out, "--k", "5", "--cache-dir", tmp_path / "c", "--balance", "nash",
-                                  "--lam", "0.005", "--saliency", "0.5", *FAST]])
+                                  "--lam", "0.3", "--saliency", "0.5", *FAST]])
     assert code == 0, capsys.readouterr().err
-    assert json.loads((out / "retrack_run.json").read_text())["objective"]["balance"] == "nash"
+    objective = json.loads((out / "retrack_run.json").read_text())["objective"]
+    assert (objective["balance"], objective["lam"]) == ("nash", 0.3)  # λ: the fallback where no bargain exists
     log = json.loads((out / "retrack_log.json").read_text())
     assert "saliency" in log[0] and len(log) == 2
     for e in log:

@@ -25,7 +25,7 @@ from retrack.data import ForgetSpec, check_forget_file
 from retrack.errors import UserError, require
 from retrack.layout import LAYOUTS
 from retrack.objectives.base import BALANCES
-from retrack.objectives.retrack import FORGET_WEIGHTINGS, ReTrack
+from retrack.objectives.retrack import FORGET_WEIGHTINGS
 from retrack.runrecord import check_output
 from retrack.trainer import TrainSettings, per_process_batch
 from retrack.training_eval import HOW, TrainingEvaluation
@@ -83,7 +83,8 @@ class UnlearnSettings(Validated):
     lam: float | str | None = option(
         Optional(Either(Choice("auto"), _PROB)), None,
         help="retrack: weight λ of the unlearning term (default 0.005), or 'auto' to choose it per step from "
-        "the gradient norms (see --lam-ratio); siss: forget-mixing probability λ (default 0.5)")
+        "the gradient norms (see --lam-ratio), with --balance nash only the fallback where no bargain exists; "
+        "siss: forget-mixing probability λ (default 0.5)")
     lam_ratio: float = option(Float(0.0, min_open=True), 1.0,
                               help="retrack with --lam auto: target of λ‖∇L_unlearn‖ / ((1−λ)‖∇L_remain‖)")
     surgery: bool = option(Bool(), False,
@@ -266,8 +267,8 @@ def _check_takes_effect(cfg: UnlearnConfig) -> None:
     if cfg.balance == "nash":
         require(not cfg.surgery, "--balance nash weighs the two gradients by bargaining; it does not combine with "
                                  "--surgery.")
-        require(cfg.lam is None or cfg.lam == ReTrack.lam,
-                f"--balance nash chooses both weights at every step; drop --lam {cfg.lam}.")
+        require(cfg.lam != "auto", "--balance nash chooses both weights at every step; --lam auto cannot "
+                                   "combine with it (a fixed --lam is its fallback where no bargain exists).")
     for name in ("stop_percentile", "stop_every"):
         require(getattr(cfg, name) == default[name].default or cfg.stop_heldout is not None,
                 f"--{name.replace('_', '-')} acts only with --stop-heldout; add --stop-heldout IMAGES.")

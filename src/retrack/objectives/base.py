@@ -128,7 +128,7 @@ class SplitRule:
       paper's "two terms of similar order" without tuning λ per model and data set;
     - balance="nash" (MUNBa, Wu & Harandi, ICCV 2025): g = α1·g_first + α2·g_second with α the
       two-player Nash bargaining solution (see `nash_alphas`); `lam` is then only the fallback
-      where no bargain exists.
+      where no bargain exists (None: ½).
     """
 
     first: str
