@@ -207,6 +207,17 @@ def test_lora_run_writes_the_adapter_and_its_record(sd, tmp_path):
     assert record["config"]["gradient_checkpointing"] is True
 
 
+def test_saliency_ranks_the_lora_adapter_and_leaves_the_zero_gradient_a_matrices(sd, tmp_path):
+    out = tmp_path / "o"
+    assert _unlearn(sd, out, "retrack", "--lora", "2", "--gradient-checkpointing", "--saliency", "0.9",
+                    "--balance", "nash") == 0
+    mask = json.loads((out / "retrack_log.json").read_text())[0]["saliency"]
+    trainable = [(n, p) for n, p in _load(sd, lora_rank=2).denoiser.named_parameters() if p.requires_grad]
+    assert mask["total"] == sum(p.numel() for _, p in trainable)
+    # B starts at 0, so no A entry has a forget gradient and none is kept, though 90% were asked for.
+    assert 0 < mask["kept"] <= sum(p.numel() for n, p in trainable if "lora_B" in n) < 0.9 * mask["total"]
+
+
 def test_a_long_prompt_is_truncated_with_a_warning_and_recorded(sd, tmp_path, capsys):
     out = tmp_path / "o"
     from retrack.cli import main
