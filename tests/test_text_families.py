@@ -352,6 +352,18 @@ def test_retracks_options_run_on_each_family(ws, tmp_path, name):
     assert _files(out, NETWORK[name]) != _files(ws / name, NETWORK[name])
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_nash_balance_and_a_saliency_mask_run_on_each_family(ws, tmp_path, name):
+    """The forget gradient of the mask in the family's own noising (the flows' γ = 1 − σ), with
+    gradient checkpointing and accumulation, and the bargained step."""
+    out = tmp_path / "o"
+    assert _unlearn(ws, name, out, "retrack", "--balance", "nash", "--saliency", "0.3", "--gradient-checkpointing",
+                    "--grad-accum", "2") == 0
+    log = json.loads((out / "retrack_log.json").read_text())
+    assert abs(log[0]["saliency"]["kept_fraction"] - 0.3) < 0.01 and log[0]["alpha_unlearn"] > 0
+    assert _files(out, NETWORK[name]) != _files(ws / name, NETWORK[name])
+
+
 def test_the_latent_cache_is_keyed_by_the_vaes_scaling_and_shift(ws, tmp_path):
     from retrack.backends.stable_diffusion import cached_latents
     from retrack.data import load_images
