@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
+from retrack import keep
 from retrack import layout as layouts
 from retrack.errors import UserError, require
 from retrack.models import Denoiser
@@ -143,7 +144,10 @@ class GradientAccumulator:
         for name, rows in zip(names, (slice(0, n), slice(n, None)), strict=True):
             first = name == names[0]
             with self.accelerator.no_sync(model) if first else contextlib.nullcontext():
-                terms[name] = objective.term(name, model(prepared.x[rows], prepared.t[rows]), prepared)
+                eps = model(prepared.x[rows], prepared.t[rows])
+                terms[name] = objective.term(name, eps, prepared)
+                if name == getattr(objective, "keep_term", None) and keep.distills(objective):
+                    terms["keep"] = objective.term("keep", eps, prepared)  # logged only
                 _check_finite({name: terms[name]}, step)
                 if isinstance(rule, SplitRule) and first:
                     self._add_first(scale * terms[name])
@@ -252,6 +256,8 @@ def train(
     # Only trainable weights reach the optimiser: a LoRA adapter's, not the frozen UNet under it.
     opt = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=settings.lr, betas=settings.betas,
                             weight_decay=settings.weight_decay)
+    # --distill: the frozen input model, copied before the first step (None without it).
+    teacher = keep.teacher_for(denoiser, objective, accelerator.device)
     model, opt = accelerator.prepare(denoiser, opt)
     params = [p for p in model.parameters() if p.requires_grad]
     log: list[dict[str, Any]] = []
@@ -266,6 +272,8 @@ def train(
         # The whole batch is drawn and noised at once, so accumulation changes no draw.
         batch = draw_batch(objective, data, n, gen, accelerator.device)
         prepared = objective.prepare(batch, denoiser.schedule, gen)
+        if teacher is not None:  # the frozen model's ε on the remain rows, before any term
+            teacher.fill(objective, prepared, n // settings.grad_accum, accelerator.autocast)
         if step == 0:  # timed on the first batch's own rows, if at all; the generator is not touched
             layout = layouts.choose(settings.layout, model, objective, split_prepared(prepared, settings.grad_accum)[0],
                                     params, accelerator, settings.steps * settings.grad_accum)

@@ -106,6 +106,10 @@ class UnlearnSettings(Validated):
                                     help="with --stop-heldout: the percentile of the held-out images' scores the "
                                     "forget images must reach (50: as familiar as a typical unseen image)")
     stop_every: int = option(POSITIVE_INT, 1, help="with --stop-heldout: check every N optimiser steps")
+    distill: float = option(Float(0.0), 0.0,
+                            help="weight W of a keep term that distils the frozen input model on the remain rows "
+                            "(their target becomes (ε + W·ε_frozen)/(1 + W)); 0: off, the paper's objectives; "
+                            "not for neggrad, which has no remain rows")
     prompt: str | None = option(
         Optional(Text()), None,
         help="text-to-image models: the prompt the model is unlearned under (its embedding is fixed; the data "
@@ -244,6 +248,10 @@ def _check_variant_options(cfg: UnlearnSettings, cls: type) -> None:
         flag = "--" + name.replace("_", "-")
         require(getattr(cfg, name) == UnlearnSettings.__dataclass_fields__[name].default or hasattr(cls, name),
                 f"{flag} is an option of retrack; method {cfg.method!r} does not have it.")
+    require(cfg.distill == 0 or hasattr(cls, "distill"),
+            f"--distill distils the frozen model on the remain rows a method already feeds through it, and "
+            f"method {cfg.method!r} has none (it is gradient ascent on the forget images alone); use vanilla, "
+            "erasediff, siss or retrack.")
     _check_takes_effect(cfg)
 
 
@@ -281,7 +289,7 @@ def process_count() -> int:
 
 def build_objective(cfg: UnlearnSettings) -> objectives.Objective:
     try:
-        return objectives.build(cfg.method, lam=cfg.lam, s=cfg.s, eta=cfg.eta,
+        return objectives.build(cfg.method, lam=cfg.lam, s=cfg.s, eta=cfg.eta, distill=cfg.distill,
                                 **{name: getattr(cfg, name) for name in VARIANT_OPTIONS})
     except ValueError as e:
         raise UserError(f"{e}.") from None

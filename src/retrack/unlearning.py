@@ -136,6 +136,12 @@ def _stopper(cfg: UnlearnConfig, family: type[Backend], model: Backend, images: 
                          cfg.stop_percentile, cfg.stop_every)
 
 
+def objective_record(objective: Objective) -> dict:
+    """The objective's hyperparameters for the run record; `distill` only where it is on, so a run
+    without it records exactly what it did before the option existed (it is in the settings too)."""
+    return {k: v for k, v in asdict(objective).items() if k != "distill" or v}
+
+
 def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Objective, images: ImageSet,
                   parts: Split, table, log: list[dict], monitor: Monitor | None,
                   stopper: NonmemberStop | None = None) -> None:
@@ -148,7 +154,7 @@ def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Obje
             "stopped_at": monitor.stopped_at, "steps_done": len(log), "curves": CURVES_FILE}}
     record = environment_record(
         cfg,
-        objective=asdict(objective),
+        objective=objective_record(objective),
         seed=cfg.seed,
         processes=process_count(),
         data={"source": images.source, "digest": images.digest(), "size": len(images),

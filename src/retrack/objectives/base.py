@@ -187,3 +187,33 @@ def noisy(
 def sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample squared error summed over C, H, W: shape (B,)."""
     return (pred - target).pow(2).flatten(1).sum(1)
+
+
+FROZEN = "frozen"  # Prepared.targets key: the frozen input model's ε on the keep rows (--distill)
+
+
+def keep_sse(eps: torch.Tensor, target: torch.Tensor, prepared: Prepared, distill: float) -> torch.Tensor:
+    """Per row ‖ε_θ − target‖² + W‖ε_θ − ε_frozen‖² (W = `distill`), as ONE squared error against
+    the mixed target ε̃ = (target + W·ε_frozen)/(1 + W):
+
+        ‖e − p‖² + W‖e − q‖² = (1 + W)‖e − ε̃‖² + W/(1 + W)·‖p − q‖²,
+
+    the last part a constant without gradient, kept so the term's value is the loss it stands for.
+    W = 0 is the plain `sse(eps, target)`. The trainer fills ε_frozen (`FROZEN`) on the rows the
+    objective's `keep_rows` names before the terms are computed.
+    """
+    if not distill:
+        return sse(eps, target)
+    frozen = prepared.targets.get(FROZEN)
+    if frozen is None:
+        raise ValueError("distillation needs the frozen model's ε of the remain rows in the batch "
+                         f"(targets[{FROZEN!r}]); the trainer fills it")
+    w = float(distill)
+    mixed = (target + w * frozen) / (1.0 + w)
+    return (1.0 + w) * sse(eps, mixed) + (w / (1.0 + w)) * sse(target, frozen)
+
+
+def keep_loss(eps: torch.Tensor, prepared: Prepared, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The keep loss for the log: mean over the keep rows of [weight ×] ‖ε_θ − ε_frozen‖², no gradient."""
+    per_row = sse(eps.detach(), prepared.targets[FROZEN])
+    return (per_row if weight is None else weight.detach() * per_row).mean()
