@@ -197,3 +197,29 @@ def test_distill_runs_end_to_end_and_is_recorded(tiny_model, tiny_data, tmp_path
     assert record["objective"]["distill"] == 0.5
     log = json.loads((out / "retrack_log.json").read_text())
     assert len(log) == 2 and all("keep" in e and e["keep"] >= 0 for e in log)
+
+
+@pytest.mark.parametrize("method,options", [("retrack", {}), ("retrack", {"surgery": True, "lam": 0.3}),
+                                            ("erasediff", {}), ("siss", {})])
+def test_micro_batches_and_a_chunked_teacher_give_the_full_batch_gradient(method, options):
+    """The frozen ε filled in chunks of a micro-batch's rows, then 2 micro-batches: the full batch's
+    gradient and keep loss."""
+    from accelerate import Accelerator
+
+    from retrack.trainer import batch_gradient, draw_batch
+
+    accelerator = Accelerator(cpu=True)
+    obj = objectives.build(method, distill=0.8, **options)
+    student, teacher = tiny_denoiser(), keep.Teacher(tiny_denoiser(seed=3), "cpu")
+    params = list(student.parameters())
+    out = []
+    for k in (1, 2):
+        gen = torch.Generator().manual_seed(7)
+        prep = obj.prepare(draw_batch(obj, tiny_train_data(), 8, gen, "cpu"), student.schedule, gen)
+        teacher.fill(obj, prep, 8 // k)
+        student.zero_grad(set_to_none=True)
+        terms = batch_gradient(student, obj, prep, k, params, accelerator)
+        out.append((terms["keep"], torch.cat([p.grad.flatten() for p in params])))
+    (keep1, g1), (keep2, g2) = out
+    assert keep2 == pytest.approx(keep1, rel=1e-5)
+    assert float((g1 - g2).abs().max()) < 1e-5 * float(g1.abs().max())
