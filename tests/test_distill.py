@@ -12,7 +12,7 @@ from conftest import tiny_denoiser, tiny_train_data
 from retrack import keep, objectives
 from retrack.cli import main
 from retrack.errors import UserError
-from retrack.objectives.base import FROZEN, Prepared, TrainBatch, keep_sse, sse
+from retrack.objectives.base import FROZEN, REPLAYED, Prepared, TrainBatch, keep_sse, sse
 from retrack.trainer import TrainSettings, train
 
 FAST = ["--steps", "2", "--batch-size", "4", "--quiet", "--device", "cpu"]
@@ -223,3 +223,106 @@ def test_micro_batches_and_a_chunked_teacher_give_the_full_batch_gradient(method
     (keep1, g1), (keep2, g2) = out
     assert keep2 == pytest.approx(keep1, rel=1e-5)
     assert float((g1 - g2).abs().max()) < 1e-5 * float(g1.abs().max())
+
+
+def test_a_replay_row_has_the_frozen_models_eps_as_its_only_target():
+    """Row 0 a remain row, row 1 a replay row; e = 2, ε = 0, ε_frozen = 1, W = 3: row 0 is 4 + 3 = 7
+    (gradient 10), row 1 is 3·1 = 3 (gradient 6), i.e. target ε̃ = ε_frozen with weight W."""
+    e = torch.full((2, 1, 1, 1), 2.0, dtype=torch.float64, requires_grad=True)
+    prep = Prepared(e.detach(), torch.zeros(2, dtype=torch.long),
+                    {FROZEN: torch.ones(2, 1, 1, 1, dtype=torch.float64),
+                     REPLAYED: torch.tensor([0.0, 1.0], dtype=torch.float64)})
+    value = keep_sse(e, torch.zeros(2, 1, 1, 1, dtype=torch.float64), prep, 3.0)
+    value.sum().backward()
+    assert value.tolist() == [7.0, 3.0] and e.grad.flatten().tolist() == [10.0, 6.0]
+
+
+def test_replay_draws_replace_about_half_the_remain_rows_and_say_which():
+    from retrack.trainer import TrainData, draw_batch
+
+    data = TrainData(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.zeros(2, 1, 2, 2, dtype=torch.uint8),
+                     replay=torch.full((3, 1, 2, 2), 255, dtype=torch.uint8))
+    for method in ("vanilla", "retrack", "erasediff", "siss"):
+        batch = draw_batch(objectives.build(method, distill=1.0), data, 400, torch.Generator().manual_seed(0), "cpu")
+        from_replay = batch.remain.flatten(1).eq(1.0).all(1)  # replay pixels 255 → 1.0, remain 0 → −1.0
+        assert torch.equal(from_replay, batch.replayed) and 160 < int(from_replay.sum()) < 240
+    plain = draw_batch(objectives.build("vanilla", distill=1.0), TrainData(data.remain, data.forget), 8,
+                       torch.Generator().manual_seed(0), "cpu")
+    assert plain.replayed is None
+
+
+def test_training_with_replay_logs_the_keep_loss_and_needs_a_teacher():
+    from retrack.trainer import TrainData
+
+    base = tiny_train_data()
+    g = torch.Generator().manual_seed(9)
+    data = TrainData(base.remain, base.forget, base.neighbours,
+                     torch.randint(0, 256, (5, 1, 8, 8), generator=g, dtype=torch.uint8))
+    log = train(tiny_denoiser(), objectives.build("retrack", distill=1.0), data,
+                TrainSettings(steps=2, batch_size=4, lr=1e-3), "cpu", progress=False)
+    assert log[0]["keep"] == pytest.approx(0.0, abs=1e-12) and log[1]["keep"] > 0
+    with pytest.raises(UserError, match="need --distill"):
+        train(tiny_denoiser(), objectives.build("retrack"), data, TrainSettings(steps=1, batch_size=4), "cpu",
+              progress=False)
+
+
+def test_replay_samples_are_the_models_own_ddim_samples_under_their_own_seed():
+    from retrack import sampling
+
+    model = tiny_denoiser()
+    config = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
+
+    def sample(num, steps, sampler, seed, batch_size, guidance, progress):
+        return sampling.sample(model, config, num, steps, sampler, seed, batch_size, progress)
+
+    got = keep.replay_samples(sample, 3, seed=4, batch_size=2)
+    want = sampling.sample(model, config, 3, 50, "ddim", keep.replay_seed(4), 2, False)
+    assert got.dtype == torch.uint8 and got.shape == (3, 1, 8, 8)
+    assert torch.equal(got, torch.from_numpy(want).permute(0, 3, 1, 2))
+    assert keep.replay_seed(4) != 4
+
+
+def test_replay_without_distill_exits_2_with_one_sentence(tiny_model, tiny_data, tmp_path, capsys):
+    code = main([str(a) for a in ["unlearn", "--model", tiny_model, "--data", tiny_data, "--forget", "3",
+                                  "--out", tmp_path / "out", "--cache-dir", tmp_path / "c", "--replay", "4",
+                                  *FAST]])
+    err = capsys.readouterr().err
+    assert code == 2 and "add --distill" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_replay_runs_end_to_end_and_is_recorded(tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([str(a) for a in ["unlearn", "--model", tiny_model, "--data", tiny_data, "--forget", "3,7",
+                                  "--out", out, "--k", "5", "--cache-dir", tmp_path / "c", "--distill", "1",
+                                  "--replay", "3", "--method", "vanilla", *FAST]])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "retrack_run.json").read_text())
+    assert record["config"]["replay"] == 3 and record["replay"]["samples"] == 3
+    assert record["replay"]["seed"] == keep.replay_seed(0) and record["replay"]["share"] == 0.5
+    log = json.loads((out / "retrack_log.json").read_text())
+    assert all("keep" in e for e in log)
+
+
+def test_a_latent_model_distills_but_refuses_replay(tmp_path, capsys):
+    """Stable Diffusion under a prompt: --distill works on the VAE latents (the frozen copy binds the
+    same prompt); --replay, which adds pixel samples, is refused before anything loads."""
+    pytest.importorskip("transformers")
+    import numpy as np
+
+    from conftest import save_sd_pipeline
+
+    save_sd_pipeline(tmp_path / "sd")
+    np.savez(tmp_path / "rgb.npz", images=np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+
+    def run(out: str, *extra: str) -> int:
+        return main(["unlearn", "--model", str(tmp_path / "sd"), "--data", str(tmp_path / "rgb.npz"), "--forget",
+                     "0,1", "--out", str(tmp_path / out), "--prompt", "a t-shirt", "--steps", "2", "--batch-size",
+                     "2", "--k", "3", "--quiet", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), *extra])
+
+    assert run("refused", "--distill", "1", "--replay", "2") == 2
+    err = capsys.readouterr().err
+    assert "VAE latents" in err.strip().splitlines()[-1] and not (tmp_path / "refused").exists()  # (and library notes)
+    assert run("out", "--distill", "1") == 0, capsys.readouterr().err
+    log = json.loads((tmp_path / "out" / "retrack_log.json").read_text())
+    assert log[0]["keep"] == pytest.approx(0.0, abs=1e-9) and log[1]["keep"] > 0

@@ -17,10 +17,13 @@ from collections.abc import Callable
 import torch
 
 from retrack.errors import require
-from retrack.objectives.base import FROZEN, Objective, Prepared
+from retrack.objectives.base import FROZEN, REPLAYED, Objective, Prepared
 
 MARGIN = 0.1  # the frozen copy needs its weights' bytes plus this fraction …
 MARGIN_BYTES = 64 << 20  # … plus this much for the allocator and the forward's activations
+REPLAY_SHARE = 0.5  # --replay: the probability that a remain draw is a replay sample instead
+REPLAY_STEPS, REPLAY_SAMPLER = 50, "ddim"  # as the evaluation samples
+REPLAY_SEED_OFFSET = 0x7265706C6179  # "replay": its samples' seeds differ from the evaluation's
 
 
 def distills(objective: Objective) -> bool:
@@ -81,18 +84,40 @@ class Teacher:
 
     @torch.no_grad()
     def fill(self, objective: Objective, prepared: Prepared, chunk: int | None = None,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Prepared:
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             replayed: torch.Tensor | None = None) -> Prepared:
         """Put the frozen model's ε of the rows `objective.keep_rows` names into
-        `prepared.targets[FROZEN]`, in forwards of at most `chunk` rows (a micro-batch's share)."""
+        `prepared.targets[FROZEN]`, in forwards of at most `chunk` rows (a micro-batch's share), and
+        which of those rows are replay samples (`replayed`, one per draw) into `targets[REPLAYED]`.
+        Every objective's keep rows are one segment of B rows, row i from remain draw i."""
         rows = objective.keep_rows(prepared)
         x, t = prepared.x[rows], prepared.t[rows]
         chunk = chunk or x.shape[0]
         with autocast():
             eps = [self.model(x[i:i + chunk], t[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
         prepared.targets[FROZEN] = torch.cat(eps).to(x.dtype)
+        if replayed is not None:
+            prepared.targets[REPLAYED] = replayed.to(x.device, x.dtype)
         return prepared
 
 
 def teacher_for(model: torch.nn.Module, objective: Objective, device: torch.device | str) -> Teacher | None:
     """The run's teacher: a frozen copy of `model` where the objective distils, else None."""
     return Teacher(model, device) if distills(objective) else None
+
+
+def replay_seed(seed: int) -> int:
+    """The sampling seed of a run's replay samples: its own, apart from the trainer's generator
+    (seeded by the run seed) and from the evaluation's samples (seeded by the run seed too)."""
+    return (seed + REPLAY_SEED_OFFSET) % 2**63
+
+
+def replay_samples(sample: Callable[..., object], num: int, seed: int, batch_size: int,
+                   progress: bool = False) -> torch.Tensor:
+    """`num` samples of the input model before training (= the frozen model), drawn by the
+    family's own sampler (`Backend.sample`: DDIM, 50 steps, as the evaluation draws), as uint8
+    NCHW pixels like the remain images they stand beside."""
+    import numpy as np
+
+    images = np.asarray(sample(num, REPLAY_STEPS, REPLAY_SAMPLER, replay_seed(seed), batch_size, 0.0, progress))
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

@@ -62,6 +62,7 @@ class TrainData:
     remain: torch.Tensor
     forget: torch.Tensor
     neighbours: torch.Tensor | None = None  # (F, K) indices into remain; None = all (if needed)
+    replay: torch.Tensor | None = None  # --replay: samples of the frozen input model, stored as remain is
 
 
 def to_model_range(images: torch.Tensor, device) -> torch.Tensor:
@@ -83,6 +84,11 @@ def draw_batch(objective: Objective, data: TrainData, n: int, gen: torch.Generat
     if objective.needs_remain:
         r = torch.randint(0, data.remain.shape[0], (n,), generator=gen)
         batch.remain = to_model_range(data.remain[r], device)
+        if data.replay is not None:  # each remain draw is a replay sample with probability REPLAY_SHARE
+            use = torch.rand(n, generator=gen) < keep.REPLAY_SHARE
+            j = torch.randint(0, data.replay.shape[0], (n,), generator=gen)
+            batch.remain[use.to(batch.remain.device)] = to_model_range(data.replay[j[use]], device)
+            batch.replayed = use.to(device)
     return batch
 
 
@@ -258,6 +264,8 @@ def train(
                             weight_decay=settings.weight_decay)
     # --distill: the frozen input model, copied before the first step (None without it).
     teacher = keep.teacher_for(denoiser, objective, accelerator.device)
+    require(data.replay is None or teacher is not None,
+            "replay samples are distilled toward the frozen model, so they need --distill W > 0.")
     model, opt = accelerator.prepare(denoiser, opt)
     params = [p for p in model.parameters() if p.requires_grad]
     log: list[dict[str, Any]] = []
@@ -273,7 +281,7 @@ def train(
         batch = draw_batch(objective, data, n, gen, accelerator.device)
         prepared = objective.prepare(batch, denoiser.schedule, gen)
         if teacher is not None:  # the frozen model's ε on the remain rows, before any term
-            teacher.fill(objective, prepared, n // settings.grad_accum, accelerator.autocast)
+            teacher.fill(objective, prepared, n // settings.grad_accum, accelerator.autocast, batch.replayed)
         if step == 0:  # timed on the first batch's own rows, if at all; the generator is not touched
             layout = layouts.choose(settings.layout, model, objective, split_prepared(prepared, settings.grad_accum)[0],
                                     params, accelerator, settings.steps * settings.grad_accum)
