@@ -7,6 +7,8 @@ averaged across processes before they are combined and clipped. A batch too larg
 split into micro-batches (`grad_accum`) whose gradients add up to exactly the full batch's.
 The rows of a batch go through the model in one forward or in one forward per part (forget rows,
 remain rows), whichever `retrack.layout` found faster; both give the same gradient.
+With `--distill` the trainer also holds a frozen copy of the input model (`retrack.keep`) and fills
+its ε on the remain rows into each prepared batch before any term is computed.
 """
 
 from __future__ import annotations
