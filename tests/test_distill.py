@@ -326,3 +326,28 @@ def test_a_latent_model_distills_but_refuses_replay(tmp_path, capsys):
     assert run("out", "--distill", "1") == 0, capsys.readouterr().err
     log = json.loads((tmp_path / "out" / "retrack_log.json").read_text())
     assert log[0]["keep"] == pytest.approx(0.0, abs=1e-9) and log[1]["keep"] > 0
+
+
+@pytest.mark.parametrize("options", [{}, {"surgery": True, "lam": 0.3}])
+def test_the_split_layout_gives_the_joint_layouts_keep_loss_and_gradient(options):
+    """Each part through its own forward (the remain part's backward right after it) logs the same keep
+    loss and leaves the same gradient as one forward over all rows."""
+    from accelerate import Accelerator
+
+    from retrack.trainer import batch_gradient, draw_batch
+
+    accelerator = Accelerator(cpu=True)
+    obj = objectives.build("retrack", distill=0.8, **options)
+    student, teacher = tiny_denoiser(), keep.Teacher(tiny_denoiser(seed=3), "cpu")
+    params = list(student.parameters())
+    out = []
+    for split in (False, True):
+        gen = torch.Generator().manual_seed(7)
+        prep = obj.prepare(draw_batch(obj, tiny_train_data(), 8, gen, "cpu"), student.schedule, gen)
+        teacher.fill(obj, prep)
+        student.zero_grad(set_to_none=True)
+        terms = batch_gradient(student, obj, prep, 1, params, accelerator, split=split)
+        out.append((terms, torch.cat([p.grad.flatten() for p in params])))
+    (t1, g1), (t2, g2) = out
+    assert t2["keep"] == pytest.approx(t1["keep"], rel=1e-5) and t2["remain"] == pytest.approx(t1["remain"], rel=1e-5)
+    assert float((g1 - g2).abs().max()) < 1e-5 * float(g1.abs().max())
