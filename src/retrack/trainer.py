@@ -7,6 +7,8 @@ averaged across processes before they are combined and clipped. A batch too larg
 split into micro-batches (`grad_accum`) whose gradients add up to exactly the full batch's.
 The rows of a batch go through the model in one forward or in one forward per part (forget rows,
 remain rows), whichever `retrack.layout` found faster; both give the same gradient.
+With `--distill` the trainer also holds a frozen copy of the input model (`retrack.keep`) and fills
+its ε on the remain rows into each prepared batch before any term is computed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
+from retrack import keep
 from retrack import layout as layouts
 from retrack.errors import UserError, require
 from retrack.models import Denoiser
@@ -63,6 +66,7 @@ class TrainData:
     remain: torch.Tensor
     forget: torch.Tensor
     neighbours: torch.Tensor | None = None  # (F, K) indices into remain; None = all (if needed)
+    replay: torch.Tensor | None = None  # --replay: samples of the frozen input model, stored as remain is
 
 
 def to_model_range(images: torch.Tensor, device) -> torch.Tensor:
@@ -84,6 +88,11 @@ def draw_batch(objective: Objective, data: TrainData, n: int, gen: torch.Generat
     if objective.needs_remain:
         r = torch.randint(0, data.remain.shape[0], (n,), generator=gen)
         batch.remain = to_model_range(data.remain[r], device)
+        if data.replay is not None:  # each remain draw is a replay sample with probability REPLAY_SHARE
+            use = torch.rand(n, generator=gen) < keep.REPLAY_SHARE
+            j = torch.randint(0, data.replay.shape[0], (n,), generator=gen)
+            batch.remain[use.to(batch.remain.device)] = to_model_range(data.replay[j[use]], device)
+            batch.replayed = use.to(device)
     return batch
 
 
@@ -145,7 +154,10 @@ class GradientAccumulator:
         for name, rows in zip(names, (slice(0, n), slice(n, None)), strict=True):
             first = name == names[0]
             with self.accelerator.no_sync(model) if first else contextlib.nullcontext():
-                terms[name] = objective.term(name, model(prepared.x[rows], prepared.t[rows]), prepared)
+                eps = model(prepared.x[rows], prepared.t[rows])
+                terms[name] = objective.term(name, eps, prepared)
+                if name == getattr(objective, "keep_term", None) and keep.distills(objective):
+                    terms["keep"] = objective.term("keep", eps, prepared)  # logged only
                 _check_finite({name: terms[name]}, step)
                 if isinstance(rule, SplitRule) and first:
                     self._add_first(scale * terms[name])
@@ -257,6 +269,10 @@ def train(
     # Only trainable weights reach the optimiser: a LoRA adapter's, not the frozen UNet under it.
     opt = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=settings.lr, betas=settings.betas,
                             weight_decay=settings.weight_decay)
+    # --distill: the frozen input model, copied before the first step (None without it).
+    teacher = keep.teacher_for(denoiser, objective, accelerator.device)
+    require(data.replay is None or teacher is not None,
+            "replay samples are distilled toward the frozen model, so they need --distill W > 0.")
     model, opt = accelerator.prepare(denoiser, opt)
     params = [p for p in model.parameters() if p.requires_grad]
     log: list[dict[str, Any]] = []
@@ -273,6 +289,8 @@ def train(
         # The whole batch is drawn and noised at once, so accumulation changes no draw.
         batch = draw_batch(objective, data, n, gen, accelerator.device)
         prepared = objective.prepare(batch, denoiser.schedule, gen)
+        if teacher is not None:  # the frozen model's ε on the remain rows, before any term
+            teacher.fill(objective, prepared, n // settings.grad_accum, accelerator.autocast, batch.replayed)
         if step == 0:  # timed on the first batch's own rows, if at all; the generator is not touched
             layout = layouts.choose(settings.layout, model, objective, split_prepared(prepared, settings.grad_accum)[0],
                                     params, accelerator, settings.steps * settings.grad_accum)

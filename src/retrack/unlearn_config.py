@@ -116,6 +116,14 @@ class UnlearnSettings(Validated):
                                     help="with --stop-heldout: the percentile of the held-out images' scores the "
                                     "forget images must reach (50: as familiar as a typical unseen image)")
     stop_every: int = option(POSITIVE_INT, 1, help="with --stop-heldout: check every N optimiser steps")
+    distill: float = option(Float(0.0), 0.0,
+                            help="weight W of a keep term that distils the frozen input model on the remain rows "
+                            "(their target becomes (ε + W·ε_frozen)/(1 + W)); 0: off, the paper's objectives; "
+                            "not for neggrad, which has no remain rows")
+    replay: int = option(Int(min=0), 0,
+                         help="with --distill: draw this many samples of the input model before training (DDIM, "
+                         "50 steps) and make each remain draw one of them with probability 1/2, its target "
+                         "the frozen model's ε alone (generative replay); pixel models; 0: off")
     prompt: str | None = option(
         Optional(Text()), None,
         help="text-to-image models: the prompt the model is unlearned under (its embedding is fixed; the data "
@@ -212,6 +220,9 @@ def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
     device = cfg.device or default_device()
     _check_options(cfg, device)
     family.check_settings(cfg.settings(), "unlearn")
+    require(cfg.replay == 0 or family.name == "pixel",
+            f"--replay draws pixel samples beside the remain images, which a {family.name} model trains on as "
+            "VAE latents; use --distill without --replay.")
     cfg = replace(cfg, evaluation=cfg.evaluation.resolve(device, cfg.prompt))
     require(Path(cfg.data).exists(), f"--data: data path {cfg.data!r} does not exist.")
     require(cfg.stop_heldout is None or Path(cfg.stop_heldout).exists(),
@@ -254,6 +265,10 @@ def _check_variant_options(cfg: UnlearnSettings, cls: type) -> None:
         flag = "--" + name.replace("_", "-")
         require(getattr(cfg, name) == UnlearnSettings.__dataclass_fields__[name].default or hasattr(cls, name),
                 f"{flag} is an option of retrack; method {cfg.method!r} does not have it.")
+    require(cfg.distill == 0 or hasattr(cls, "distill"),
+            f"--distill distils the frozen model on the remain rows a method already feeds through it, and "
+            f"method {cfg.method!r} has none (it is gradient ascent on the forget images alone); use vanilla, "
+            "erasediff, siss or retrack.")
     _check_takes_effect(cfg)
 
 
@@ -272,6 +287,9 @@ def _check_takes_effect(cfg: UnlearnConfig) -> None:
     for name in ("stop_percentile", "stop_every"):
         require(getattr(cfg, name) == default[name].default or cfg.stop_heldout is not None,
                 f"--{name.replace('_', '-')} acts only with --stop-heldout; add --stop-heldout IMAGES.")
+    require(cfg.replay == 0 or cfg.distill > 0,
+            f"--replay {cfg.replay} adds samples of the input model whose target is the frozen model's ε, "
+            "which only --distill W > 0 brings in; add --distill.")
     require(cfg.snr_gamma == default["snr_gamma"].default or cfg.forget_weighting == "min-snr",
             f"--snr-gamma {cfg.snr_gamma:g} acts only with --forget-weighting min-snr (now "
             f"{cfg.forget_weighting}); add --forget-weighting min-snr.")
@@ -296,7 +314,7 @@ def process_count() -> int:
 
 def build_objective(cfg: UnlearnSettings) -> objectives.Objective:
     try:
-        return objectives.build(cfg.method, lam=cfg.lam, s=cfg.s, eta=cfg.eta,
+        return objectives.build(cfg.method, lam=cfg.lam, s=cfg.s, eta=cfg.eta, distill=cfg.distill,
                                 **{name: getattr(cfg, name) for name in VARIANT_OPTIONS})
     except ValueError as e:
         raise UserError(f"{e}.") from None

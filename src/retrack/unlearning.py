@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from accelerate import PartialState
 
+from retrack import keep
 from retrack.backends import Backend, LoadOptions, detect
 from retrack.backends.base import TrainingSpace
 from retrack.data import ImageSet, Split, load_images, parse_forget, split
@@ -85,8 +86,11 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
                                                  f"size {len(parts.remain)} (K = {cfg.k} is too large).")
         table = cached_nearest_neighbours(Rows(space.rows, parts.remain), forget_rows, int(cfg.k),
                                           Path(cfg.cache_dir) if cfg.cache_dir else None, progress, cfg.device)
+    replay = None
+    if cfg.replay:  # samples of the input model, i.e. of the frozen copy the trainer will make
+        replay = keep.replay_samples(model.sample, cfg.replay, cfg.seed, cfg.batch_size, progress)
     train_data = TrainData(space.to_tensor(space.rows[parts.remain]), space.to_tensor(forget_rows),
-                           neighbour_table(table))
+                           neighbour_table(table), replay)
     stopper = None if cfg.stop_heldout is None else _stopper(cfg, family, model, images, space, forget_rows, progress)
     log = train(denoiser, objective, train_data, train_settings(cfg), cfg.device, progress,
                 between_steps=with_stop(monitor, stopper))
@@ -136,6 +140,12 @@ def _stopper(cfg: UnlearnConfig, family: type[Backend], model: Backend, images: 
                          cfg.stop_percentile, cfg.stop_every)
 
 
+def objective_record(objective: Objective) -> dict:
+    """The objective's hyperparameters for the run record; `distill` only where it is on, so a run
+    without it records exactly what it did before the option existed (it is in the settings too)."""
+    return {k: v for k, v in asdict(objective).items() if k != "distill" or v}
+
+
 def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Objective, images: ImageSet,
                   parts: Split, table, log: list[dict], monitor: Monitor | None,
                   stopper: NonmemberStop | None = None) -> None:
@@ -148,7 +158,7 @@ def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Obje
             "stopped_at": monitor.stopped_at, "steps_done": len(log), "curves": CURVES_FILE}}
     record = environment_record(
         cfg,
-        objective=asdict(objective),
+        objective=objective_record(objective),
         seed=cfg.seed,
         processes=process_count(),
         data={"source": images.source, "digest": images.digest(), "size": len(images),
@@ -156,6 +166,8 @@ def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Obje
               "remain_size": len(parts.remain), **({"conversion": images.conversion} if images.conversion else {})},
         neighbours=table,
         final_terms=log[-1] if log else {},
+        **({"replay": {"samples": cfg.replay, "sampler": keep.REPLAY_SAMPLER, "steps": keep.REPLAY_STEPS,
+                       "seed": keep.replay_seed(cfg.seed), "share": keep.REPLAY_SHARE}} if cfg.replay else {}),
         **extra,
     )
     with atomic_directory(out) as tmp:

@@ -30,6 +30,7 @@ class TrainBatch:
     forget: torch.Tensor | None = None
     neighbours: torch.Tensor | None = None
     bank: torch.Tensor | None = None
+    replayed: torch.Tensor | None = None  # (B,) bool: remain rows drawn from replay samples (--replay)
 
 
 @dataclass
@@ -224,3 +225,42 @@ def noisy(
 def sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample squared error summed over C, H, W: shape (B,)."""
     return (pred - target).pow(2).flatten(1).sum(1)
+
+
+FROZEN = "frozen"  # Prepared.targets key: the frozen input model's ε on the keep rows (--distill)
+REPLAYED = "replayed"  # Prepared.targets key: 1.0 on keep rows drawn from replay samples (--replay), else 0.0
+
+
+def keep_sse(eps: torch.Tensor, target: torch.Tensor, prepared: Prepared, distill: float) -> torch.Tensor:
+    """Per row a‖ε_θ − target‖² + W‖ε_θ − ε_frozen‖² (W = `distill`; a = 1, or 0 on a row drawn from
+    the frozen model's own samples, whose only target is ε_frozen), as ONE squared error against
+    the mixed target ε̃ = (a·target + W·ε_frozen)/(a + W):
+
+        a‖e − p‖² + W‖e − q‖² = (a + W)‖e − ε̃‖² + aW/(a + W)·‖p − q‖²,
+
+    the last part a constant without gradient, kept so the term's value is the loss it stands for.
+    W = 0 is the plain `sse(eps, target)`. The trainer fills ε_frozen (`FROZEN`), and the replay
+    rows (`REPLAYED`) where there are any, on the rows the objective's `keep_rows` names before the
+    terms are computed.
+    """
+    if not distill:
+        return sse(eps, target)
+    frozen = prepared.targets.get(FROZEN)
+    if frozen is None:
+        raise ValueError("distillation needs the frozen model's ε of the remain rows in the batch "
+                         f"(targets[{FROZEN!r}]); the trainer fills it")
+    w = float(distill)
+    replayed = prepared.targets.get(REPLAYED)
+    if replayed is None:
+        mixed = (target + w * frozen) / (1.0 + w)
+        return (1.0 + w) * sse(eps, mixed) + (w / (1.0 + w)) * sse(target, frozen)
+    a = (1.0 - replayed).to(eps.dtype)
+    a_ = a.view(-1, *([1] * (eps.ndim - 1)))
+    mixed = (a_ * target + w * frozen) / (a_ + w)
+    return (a + w) * sse(eps, mixed) + (a * w / (a + w)) * sse(target, frozen)
+
+
+def keep_loss(eps: torch.Tensor, prepared: Prepared, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The keep loss for the log: mean over the keep rows of [weight ×] ‖ε_θ − ε_frozen‖², no gradient."""
+    per_row = sse(eps.detach(), prepared.targets[FROZEN])
+    return (per_row if weight is None else weight.detach() * per_row).mean()

@@ -17,6 +17,10 @@ Options beside the paper's objective (all off by default, so the defaults are Al
 - `forget_t_min`: forget rows draw t from {t_min, …, T−1} instead of {0, …, T−1};
 - `balance="nash"`: the two gradients are weighted by their Nash bargaining solution (MUNBa, Wu &
   Harandi, ICCV 2025) instead of λ and 1−λ; λ is then only the fallback where no bargain exists.
+- `distill` W: the remain term becomes ‖ε_θ − ε‖² + W‖ε_θ − ε_frozen‖² on the remain rows (the
+  frozen input model's ε, filled in by the trainer), one squared error against a mixed target.
+  It rides on the remain term, so the loss is λ·L_unlearn + (1−λ)(L_remain + W·L_keep): `surgery`
+  protects and `lam="auto"` balances the keep term together with the remain term.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from retrack.objectives.base import (
     TrainBatch,
     WeightedSum,
     draw_timesteps,
+    keep_loss,
+    keep_sse,
     noise_like,
     noisy,
     sse,
@@ -54,11 +60,13 @@ class ReTrack:
     snr_gamma: float = 5.0
     forget_t_min: int = 0
     balance: str = "none"
+    distill: float = 0.0
 
     name: ClassVar[str] = "retrack"
     needs_remain: ClassVar[bool] = True
     needs_forget: ClassVar[bool] = True
     needs_neighbours: ClassVar[bool] = True
+    keep_term: ClassVar[str] = "remain"  # --distill distils on the remain rows, x[split:]
 
     def __post_init__(self) -> None:
         if self.lam != "auto" and not (isinstance(self.lam, int | float) and 0.0 <= self.lam <= 1.0):
@@ -76,6 +84,8 @@ class ReTrack:
             raise ValueError(f"unknown balance {self.balance!r}; choose one of {', '.join(BALANCES)}")
         if self.balance == "nash" and (self.surgery or self.lam == "auto"):
             raise ValueError("the Nash balance sets both weights itself; it does not combine with surgery or λ auto")
+        if not self.distill >= 0.0:
+            raise ValueError(f"the distillation weight must be ≥ 0, got {self.distill}")
 
     def prepare(self, batch: TrainBatch, schedule, gen: torch.Generator) -> Prepared:
         f, r = batch.forget, batch.remain
@@ -96,16 +106,23 @@ class ReTrack:
             targets["weight"] = min_snr_weight(schedule.alphas_cumprod, t[:n], self.snr_gamma).to(f)
         return Prepared(x, t, targets, split=n)
 
+    def keep_rows(self, prepared: Prepared) -> slice:
+        return slice(prepared.split, None)
+
     def terms(self, eps: torch.Tensor, prepared: Prepared) -> dict[str, torch.Tensor]:
         n = prepared.targets["target"].shape[0]
-        return {"unlearn": self.term("unlearn", eps[:n], prepared),
-                "remain": self.term("remain", eps[n:], prepared)}
+        terms = {"unlearn": self.term("unlearn", eps[:n], prepared),
+                 "remain": self.term("remain", eps[n:], prepared)}
+        return {**terms, "keep": self.term("keep", eps[n:], prepared)} if self.distill else terms
 
     def term(self, name: str, eps: torch.Tensor, prepared: Prepared) -> torch.Tensor:
-        """One term from the ε of its own rows: forget rows for "unlearn", remain rows for "remain"."""
+        """One term from the ε of its own rows: forget rows for "unlearn", remain rows for "remain"
+        (and "keep", the logged distillation loss, without gradient)."""
         tg = prepared.targets
         if name == "remain":
-            return sse(eps, tg["eps"]).mean()
+            return keep_sse(eps, tg["eps"], prepared, self.distill).mean()
+        if name == "keep":
+            return keep_loss(eps, prepared)
         per_row = sse(eps, tg["target"]) + tg["spread"]
         if "weight" in tg:
             per_row = per_row * tg["weight"]

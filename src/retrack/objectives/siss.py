@@ -3,6 +3,11 @@
 Each remain image r_i is paired with a forget image f_i under a shared ε and t; the noisy input m
 comes from r with probability 1−λ, else from f, and one forward serves both terms. The weights
 are computed in log space, so λ = 0 and λ = 1 are finite (the reference code overflowed there).
+
+With `distill` W > 0 (off by default) the main term distils the frozen input model on every row,
+under the same importance weights: mean_i w_r,i(‖ε_θ(m) − v_r‖² + W‖ε_θ(m) − ε_frozen(m)‖²), so
+the keep term, like the main term, estimates an expectation over the remain images' noising (rows
+noised from a forget image, far from r, weigh little).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from retrack.objectives.base import (
     TrainBatch,
     TwoGradientRule,
     draw_timesteps,
+    keep_loss,
+    keep_sse,
     noise_like,
     sse,
 )
@@ -29,11 +36,13 @@ from retrack.objectives.base import (
 class SISS:
     lam: float = 0.5
     s: float = 5.0
+    distill: float = 0.0
 
     name: ClassVar[str] = "siss"
     needs_remain: ClassVar[bool] = True
     needs_forget: ClassVar[bool] = True
     needs_neighbours: ClassVar[bool] = False
+    keep_term: ClassVar[str] = "main"  # --distill distils on every row, importance-weighted by w_r
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -53,7 +62,12 @@ class SISS:
         v_r = (m - tg["gamma"] * tg["remain"]) / tg["sigma"]
         v_f = (m - tg["gamma"] * tg["forget"]) / tg["sigma"]
         w_r, w_f = siss_weights(v_r, v_f, self.lam)
-        return {"main": (w_r * sse(eps, v_r)).mean(), "corr": (w_f * sse(eps, v_f)).mean()}
+        terms = {"main": (w_r * keep_sse(eps, v_r, prepared, self.distill)).mean(),
+                 "corr": (w_f * sse(eps, v_f)).mean()}
+        return {**terms, "keep": keep_loss(eps, prepared, w_r)} if self.distill else terms
+
+    def keep_rows(self, prepared: Prepared) -> slice:
+        return slice(None)
 
     @property
     def rule(self) -> TwoGradientRule:

@@ -1,4 +1,9 @@
-"""Vanilla fine-tuning on the remain set: the simplest baseline (plain DDPM loss)."""
+"""Vanilla fine-tuning on the remain set: the simplest baseline (plain DDPM loss).
+
+With `distill` W > 0 (off by default) every row also distils the frozen input model: the remain
+term is ‖ε_θ − ε‖² + W‖ε_θ − ε_frozen‖², taken as one squared error against a mixed target
+(`keep_sse`).
+"""
 
 from __future__ import annotations
 
@@ -13,25 +18,33 @@ from retrack.objectives.base import (
     TrainBatch,
     WeightedSum,
     draw_timesteps,
+    keep_loss,
+    keep_sse,
     noise_like,
     noisy,
-    sse,
 )
 
 
 @register
 @dataclass(frozen=True)
 class Vanilla:
+    distill: float = 0.0
+
     name: ClassVar[str] = "vanilla"
     needs_remain: ClassVar[bool] = True
     needs_forget: ClassVar[bool] = False
     needs_neighbours: ClassVar[bool] = False
+    keep_term: ClassVar[str] = "remain"  # the term whose rows --distill distils on: all of them
 
     def prepare(self, batch: TrainBatch, schedule, gen: torch.Generator) -> Prepared:
         return denoising_batch(batch.remain, schedule, gen)
 
+    def keep_rows(self, prepared: Prepared) -> slice:
+        return slice(None)
+
     def terms(self, eps: torch.Tensor, prepared: Prepared) -> dict[str, torch.Tensor]:
-        return {"remain": sse(eps, prepared.targets["eps"]).mean()}
+        terms = {"remain": keep_sse(eps, prepared.targets["eps"], prepared, self.distill).mean()}
+        return {**terms, "keep": keep_loss(eps, prepared)} if self.distill else terms
 
     @property
     def rule(self) -> WeightedSum:
