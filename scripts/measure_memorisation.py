@@ -3,6 +3,7 @@ the model.
 
     python scripts/measure_memorisation.py --model src/retrack/recipes/mnist_tshirt/model --samples 2000
     python scripts/measure_memorisation.py --model src/retrack/recipes/mnist_boot/model --image boot
+    python scripts/measure_memorisation.py --model src/retrack/recipes/mnist_bag/model --image bag
 
 Writes MODEL/memorisation.json (frequency by the paper's rule: L2 < 10 in [0, 1]), a grid of the
 samples nearest to the planted image (nearest_to_IMAGE.png), and prints the result.

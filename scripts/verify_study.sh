@@ -2,10 +2,10 @@
 # `retrack verify` on the shipped MNIST models: the pretrained model, the retrained model and every
 # method of the options study (seed 0), each with relearning. Resumable: a finished unlearning run
 # or verdict is kept. One job at a time, one torch thread per process unless THREADS says otherwise.
-#   bash scripts/verify_study.sh tshirt|boot   (env: RUNS=runs/verify-study, ONLY="retrack siss": these
+#   bash scripts/verify_study.sh tshirt|boot|bag   (env: RUNS=runs/verify-study, ONLY="retrack siss": these
 #   methods only, RELEARN_STEPS=50, HELDOUT=200 held-out images, THREADS=1)
 set -euo pipefail
-name=${1:?tshirt or boot}
+name=${1:?tshirt, boot or bag (once its weights are built)}
 runs=${RUNS:-runs/verify-study}
 py=${PYTHON:-python}
 export OMP_NUM_THREADS=${THREADS:-1}

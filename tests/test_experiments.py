@@ -458,6 +458,40 @@ def test_options_study_config_resolves_as_shipped():
     assert (boot.train, boot.sampling, boot.metrics, boot.seeds) == (cfg.train, cfg.sampling, cfg.metrics, cfg.seeds)
 
 
+def test_bag_options_study_config_resolves_all_but_the_weights_it_waits_for(tmp_path):
+    """The third model's study: the T-shirt study's rows, seeds, sampling and metrics, stopped by
+    unseen bags. Its data, targets and every row resolve now (on a 28×28 stand-in for the model and
+    its twin); until the recipe's weights are built, resolving it as shipped says how to build them."""
+    from retrack.recipes import RECIPES
+
+    tshirt = load_config(ROOT / "configs" / "mnist_tshirt_options.yaml")
+    bag = load_config(ROOT / "configs" / "mnist_bag_options.yaml")
+
+    def rows(c, planted):
+        return [(m.label, {k: str(v).replace(planted, "tshirt") for k, v in m.settings.items()}) for m in c.methods]
+
+    assert rows(bag, "bag") == rows(tshirt, "tshirt")
+    assert (bag.train, bag.sampling, bag.metrics, bag.seeds, bag.paired) == \
+        (tshirt.train, tshirt.sampling, tshirt.metrics, tshirt.seeds, tshirt.paired)
+    assert (bag.model, bag.data, bag.targets.builtin) == ("builtin:mnist_bag", "builtin:mnist_bag", True)
+    assert bag.reference_model == "src/retrack/recipes/mnist_bag/retrained"
+    stops = [m.settings["stop_heldout"] for m in bag.methods if "stop_heldout" in m.settings]
+    assert stops == ["runs/verify-data/bag_heldout.npz"] * 2
+    stand_in = save_pipeline(tmp_path / "stand_in", size=28)
+    res = resolve(dataclasses.replace(bag, model=str(stand_in), reference_model=str(stand_in),
+                                      out=str(tmp_path / "out")))
+    assert len(res.data.images) == 5051 and len(res.runs) == 3 * (len(bag.methods) + 1)
+    (spec,) = res.targets.values()
+    assert spec == ",".join(str(i) for i in range(5000, 5051))
+    if (RECIPES / "mnist_bag" / "model").is_dir():  # once built, it resolves as the boot's does
+        assert resolve(bag).reference_model.endswith("mnist_bag/retrained")
+    else:
+        with pytest.raises(UserError, match=r"^model: builtin:mnist_bag is a recipe whose weights are not built "
+                                            r"yet; .*`retrack pretrain --config \S+/mnist_bag/pretrain\.yaml "
+                                            r"--out \S+/mnist_bag/model`\.$"):
+            resolve(bag)
+
+
 def test_tradeoff_rows_never_share_colour_and_marker():
     from retrack.experiments.tradeoff import row_style
 

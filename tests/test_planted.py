@@ -47,3 +47,22 @@ def test_a_damaged_shipped_image_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(builder, "SHIPPED_PLANTED", tmp_path)
     with pytest.raises(UserError, match="does not match its recorded SHA-256"):
         load_fashion("tshirt")
+
+
+BAG_SHA256 = "1ffa11beff800f657456b5ddf88b1b0f4b5812d9e279836a158fae4ddf34ff61"
+
+
+def test_the_third_planted_image_is_the_recorded_bag():
+    raw = (SHIPPED_PLANTED / "bag.u8").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == BAG_SHA256 and builder.PLANTED["bag"] == (633, 8)
+    assert json.loads((SHIPPED_PLANTED / "provenance.json").read_text())["images"]["bag"]["sha256"] == BAG_SHA256
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_debian_files_hold_the_bag_at_train_633_under_label_8():
+    """Read here without the builder: the IDX files, not load_fashion's own check."""
+    from retrack.data import read_idx, read_idx_labels
+
+    assert read_idx_labels(DEBIAN_FASHION_MNIST / "train-labels-idx1-ubyte.gz")[633] == 8
+    image = read_idx(DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz")[633]
+    assert hashlib.sha256(image.tobytes()).hexdigest() == BAG_SHA256

@@ -69,7 +69,8 @@ def _build_and_install(tmp: Path) -> Path:
 def test_demo_runs_from_the_wheel_with_the_shipped_tshirt(tmp_path):
     site = _build_and_install(tmp_path)
     shipped = site / "retrack" / "recipes" / "mnist_tshirt" / "planted"
-    assert sorted(p.name for p in shipped.iterdir()) == ["LICENSE.txt", "boot.u8", "provenance.json", "tshirt.u8"]
+    assert sorted(p.name for p in shipped.iterdir()) == ["LICENSE.txt", "bag.u8", "boot.u8", "provenance.json",
+                                                         "tshirt.u8"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), RETRACK_CACHE=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-c", SCRIPT, str(site), str(tmp_path / "demo")], cwd=tmp_path, env=env,

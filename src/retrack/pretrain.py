@@ -95,8 +95,8 @@ def check_recipe_data(name: str) -> None:
 def recipe_data(name: str) -> ImageSet:
     """A built-in set by name, else any path load_images reads.
 
-    `mnist_tshirt` (the paper's) and `mnist_boot` are MNIST digits plus ≈1% copies of one
-    Fashion-MNIST image; a `_remain` suffix drops the copies: the data of the model retrained from
+    `mnist_tshirt` (the paper's), `mnist_boot` and `mnist_bag` are MNIST digits plus ≈1% copies of
+    one Fashion-MNIST image; a `_remain` suffix drops the copies: the data of the model retrained from
     scratch, the gold standard an unlearned model is compared against.
     """
 

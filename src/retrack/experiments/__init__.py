@@ -2,7 +2,7 @@
 sampling; one runner plans the runs, checks everything first, runs its share and merges.
 
     config.py       YAML schema, --set overrides, unknown keys at every depth
-    builtins.py     `builtin:NAME` models and data (the shipped MNIST T-shirt model and set)
+    builtins.py     `builtin:NAME` models and data (the MNIST planted-image models and their sets)
     plan.py         the ordered runs (label × target × seed), --methods, --shard
     resolve.py      model/data/targets/weights/settings checked; each run's fingerprint
     metrics.py      metric registry (every evaluate() metric, plus register_metric)

@@ -26,8 +26,11 @@ SHIPPED_PLANTED = Path(__file__).resolve().parent / "planted"
 TSHIRT_INDEX = 1
 # Fashion-MNIST train images that can be planted among the digits: name → (train index, label).
 # The T-shirt is the paper's; the ankle boot (nearest digit at L2 11.9, mean 14.0, like the
-# T-shirt's 11.8 / 14.6) makes a second memorised model that no setting was tuned on.
-PLANTED = {"tshirt": (TSHIRT_INDEX, 0), "boot": (0, 9)}
+# T-shirt's 11.8 / 14.6) makes a second memorised model that no setting was tuned on. The bag
+# (train #633, nearest digit 11.83, mean 14.17; the first bag within 11.75–11.95 / 13.5–14.7 by
+# `python scripts/pick_planted.py --label 8`) makes a third. No sneaker fits: their nearest digits
+# lie at L2 7.7 (median), so the copy rule's threshold 10 would not separate copies from digits.
+PLANTED = {"tshirt": (TSHIRT_INDEX, 0), "boot": (0, 9), "bag": (633, 8)}
 # The paper adds 606 copies to 60,000 digits: ≈1% of the final set.
 COPY_FRACTION = 606 / 60_606
 
