@@ -296,17 +296,7 @@ def train(
                                     params, accelerator, settings.steps * settings.grad_accum)
         terms = batch_gradient(model, objective, prepared, settings.grad_accum, params, accelerator, step,
                                layout.split)
-        if mask is not None:
-            mask.mask_gradient(params)
-        if on_gradient is not None:
-            on_gradient(step, params)
-        grad_norm = float(accelerator.clip_grad_norm_(params, settings.clip))
-        require(math.isfinite(grad_norm), f"the gradient norm became {grad_norm} at step {step}; "
-                "the input model is untouched and nothing was written.")
-        _step(opt, settings.lr, step)
-        if mask is not None:
-            mask.restore(params)
-        opt.zero_grad(set_to_none=True)
+        grad_norm = _update(opt, params, accelerator, settings, step, mask, on_gradient)
         entry = {"step": step, **terms, "grad_norm": grad_norm}
         bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k != "step"})
         log.append({**entry, **_first_notes(layout, mask)} if step == 0 else entry)
@@ -315,12 +305,33 @@ def train(
     model.eval()
     _check_weights(params, done)
     if done > 0:
-        # A step's loss check runs before it, so the last step's result is checked here, on the
-        # last batch's first micro-batch (the memory --grad-accum was chosen for).
-        mb = split_prepared(prepared, settings.grad_accum)[0]
-        with torch.no_grad():
-            _check_finite(objective.terms(model(mb.x, mb.t), mb), done, after_last=True)
+        _check_last_step(model, objective, split_prepared(prepared, settings.grad_accum)[0], done)
     return log
+
+
+def _update(opt, params: list[torch.nn.Parameter], accelerator, settings: TrainSettings, step: int,
+            mask: WeightMask | None, on_gradient: Callable[[int, list[torch.nn.Parameter]], None] | None) -> float:
+    """From the combined gradient in p.grad to the updated weights: mask, show, clip, AdamW, write
+    back the frozen weights; returns the gradient norm before clipping."""
+    if mask is not None:
+        mask.mask_gradient(params)
+    if on_gradient is not None:
+        on_gradient(step, params)
+    grad_norm = float(accelerator.clip_grad_norm_(params, settings.clip))
+    require(math.isfinite(grad_norm), f"the gradient norm became {grad_norm} at step {step}; "
+            "the input model is untouched and nothing was written.")
+    _step(opt, settings.lr, step)
+    if mask is not None:
+        mask.restore(params)
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _check_last_step(model, objective: Objective, mb: Prepared, done: int) -> None:
+    """A step's loss check runs before it, so the last step's result is checked here, on the last
+    batch's first micro-batch (the memory --grad-accum was chosen for)."""
+    with torch.no_grad():
+        _check_finite(objective.terms(model(mb.x, mb.t), mb), done, after_last=True)
 
 
 def _saliency_mask(model, denoiser: Denoiser, data: TrainData, settings: TrainSettings, n: int,
