@@ -160,3 +160,25 @@ def test_bad_stopping_inputs_exit_2_with_one_sentence_and_write_nothing(tiny_mod
     err = capsys.readouterr().err.strip()
     assert words in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not out.exists() and tree_digest(tiny_model) == before
+
+
+def test_the_rule_composes_with_the_keep_term_the_mask_and_the_balance(tiny_model, tiny_data, heldout, tmp_path,
+                                                                        monkeypatch):
+    script = iter([1.0, 1.0, 30.0])
+
+    def fake(denoiser, x0, settings):
+        return np.arange(1.0, 25.0) if x0.shape[0] == 24 else np.full(x0.shape[0], next(script, 30.0))
+
+    monkeypatch.setattr(stopping, "loss_scores", fake)
+    out = tmp_path / "all"
+    assert main(unlearn(tiny_model, tiny_data, out, tmp_path, "--stop-heldout", heldout, "--distill", "1",
+                        "--saliency", "0.5", "--balance", "nash")) == 0
+    record = json.loads((out / "retrack_run.json").read_text())
+    log = json.loads((out / "retrack_log.json").read_text())
+    assert record["stopping"]["stopped_at"] == 2 and len(log) == 2
+    assert log[0]["keep"] == pytest.approx(0.0, abs=1e-12) and "alpha_unlearn" in log[0]
+    assert log[0]["saliency"]["fraction"] == 0.5
+    a = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    frozen = sum(int((a[k] == b[k]).sum()) for k in a)
+    assert frozen >= 0.5 * sum(v.numel() for v in a.values())  # outside the mask: the input's weights
