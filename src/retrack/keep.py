@@ -14,6 +14,7 @@ import contextlib
 import copy
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from retrack.errors import require
@@ -117,7 +118,5 @@ def replay_samples(sample: Callable[..., object], num: int, seed: int, batch_siz
     """`num` samples of the input model before training (= the frozen model), drawn by the
     family's own sampler (`Backend.sample`: DDIM, 50 steps, as the evaluation draws), as uint8
     NCHW pixels like the remain images they stand beside."""
-    import numpy as np
-
     images = np.asarray(sample(num, REPLAY_STEPS, REPLAY_SAMPLER, replay_seed(seed), batch_size, 0.0, progress))
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
