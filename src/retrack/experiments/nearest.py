@@ -33,6 +33,24 @@ def distances_to(samples: np.ndarray, target: np.ndarray) -> np.ndarray:
     return l2_distances(samples, target[None])[:, 0]
 
 
+def median_markdown(medians: Mapping[str, Mapping[int, float]]) -> str:
+    """One line per row: the median distance of its SHOWN nearest samples per seed, their mean over
+    seeds, and that mean against the reference model's (the figure's strip, as a number: a row
+    whose trajectories end as far from the image as the retrained model's reads about 0%)."""
+    seeds = sorted({s for per_seed in medians.values() for s in per_seed})
+    ref = medians.get(REFERENCE_ROW)
+    ref_mean = float(np.mean(list(ref.values()))) if ref else None
+    lines = [f"| row (median L2 of the {SHOWN} samples nearest to the forgotten image) | "
+             + " | ".join(f"seed {s}" for s in seeds) + " | mean | against the reference model |",
+             "|---" * (len(seeds) + 3) + "|"]
+    for label, per_seed in medians.items():
+        mean = float(np.mean(list(per_seed.values())))
+        against = f"{100 * (mean / ref_mean - 1):+.0f}%" if ref_mean and label != REFERENCE_ROW else ""
+        lines.append(f"| {label} | " + " | ".join(f"{per_seed[s]:.2f}" if s in per_seed else "–" for s in seeds)
+                     + f" | {mean:.2f} | {against} |")
+    return "\n".join(lines) + "\n"
+
+
 def nearest_markdown(found: Mapping[str, Mapping[int, float]]) -> str:
     """One line per row, one cell per seed: the distance of the row's nearest sample to the image."""
     seeds = sorted({s for per_seed in found.values() for s in per_seed})
@@ -90,11 +108,12 @@ def load_samples(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray
 
 def nearest_outputs(samples: Mapping[str, Mapping[int, np.ndarray]], target: np.ndarray) -> tuple[str, bytes]:
     """nearest.md and nearest.png from each row's samples per seed (the reference row included)."""
-    found, strips, dists = {}, {}, {}
+    found, medians, strips, dists = {}, {}, {}, {}
     for label, per_seed in samples.items():
         d = {s: distances_to(x, target) for s, x in per_seed.items()}
         found[label] = {s: float(v.min()) for s, v in d.items()}
+        medians[label] = {s: float(np.median(np.sort(v)[:SHOWN])) for s, v in d.items()}
         first = min(per_seed)
         order = np.argsort(d[first], kind="stable")[:SHOWN]
         strips[label], dists[label] = per_seed[first][order], d[first][order]
-    return nearest_markdown(found), draw_nearest(target, strips, dists)
+    return nearest_markdown(found) + "\n" + median_markdown(medians), draw_nearest(target, strips, dists)
