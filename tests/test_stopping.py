@@ -182,3 +182,28 @@ def test_the_rule_composes_with_the_keep_term_the_mask_and_the_balance(tiny_mode
     b = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     frozen = sum(int((a[k] == b[k]).sum()) for k in a)
     assert frozen >= 0.5 * sum(v.numel() for v in a.values())  # outside the mask: the input's weights
+
+
+def test_with_stop_at_as_well_the_run_stops_only_where_both_rules_agree(monkeypatch):
+    _scripted(monkeypatch, [2.0, 12.0, 12.0, 12.0, 12.0, 12.0])  # unseen from step 1 on
+    model = tiny_denoiser()
+    rule = NonmemberStop(model, torch.zeros(1, 1, 8, 8), torch.zeros(20, 1, 8, 8), every=1)
+    copies = iter([0.5, 0.5, 0.0, 0.0])  # evaluations at 0, 2, 4 (every 2) and at forced steps
+
+    class Evaluation:
+        stop_at, stopped_at, seen = ("copies", 0.0), None, []
+
+        def __call__(self, done: int, force: bool = False) -> bool:
+            if done % 2 and not force:
+                return False
+            self.seen.append(done)
+            met = next(copies) == 0.0
+            self.stopped_at = done if met else None
+            return met
+
+    evaluation = Evaluation()
+    log = train(model, build("vanilla"), tiny_train_data(), TrainSettings(steps=8, batch_size=4), "cpu",
+                progress=False, between_steps=with_stop(evaluation, rule))
+    # step 0: copies 0.5 and not unseen; step 1 (forced: unseen): 0.5; step 2: 0.0 and unseen → stop
+    assert evaluation.seen == [0, 1, 2] and len(log) == 2
+    assert rule.stopped_at == 2 and evaluation.stopped_at == 2

@@ -113,15 +113,26 @@ class NonmemberStop:
 
 
 def with_stop(monitor: Callable[..., bool] | None, stopper: NonmemberStop | None) -> Callable[[int], bool] | None:
-    """One between-steps hook: the rule's check, then the evaluation during fine-tuning (if any),
-    which also evaluates the step the rule stops at, so the curves end where the model does."""
+    """One between-steps hook for the rule and the evaluation during fine-tuning (if any).
+
+    The evaluation also measures the step the rule is reached at, so the curves end where the
+    model does. With `--stop-at` as well, the run stops only where both agree: at an evaluation
+    that meets `--stop-at` while every forget image has reached the held-out level (looking unseen
+    is not enough if samples still copy the image, and no copy among the samples is not enough
+    if the model still treats the image as training data)."""
     if stopper is None:
         return monitor
 
     def hook(done: int) -> bool:
-        stop = stopper(done)
-        if monitor is not None:
-            stop = monitor(done, force=stop) or stop
+        unseen = stopper(done)
+        if monitor is None:
+            return unseen
+        met = monitor(done, force=unseen)
+        if getattr(monitor, "stop_at", None) is None:
+            return unseen
+        stop = unseen and met
+        monitor.stopped_at = done if stop else None
+        stopper.stopped_at = done if stop else None
         return stop
 
     return hook
