@@ -151,6 +151,8 @@ def time_steps(batch: int, repeats: int, device: str, variants: bool | list[str]
         steps[label] = lambda v=variant, s=split, f=teacher: retrack_step(model, v, data, opt, batch, gen, device,
                                                                           accelerator, s, teacher=f)
     for label, fraction in (SALIENCY.items() if variants else ()):
+        if variants is not True and label not in variants:
+            continue
         mask = saliency_mask(model, data, batch, fraction, device)
         steps[label] = lambda m=mask: retrack_step(model, objective, data, opt, batch, gen, device, accelerator,
                                                    auto.split, mask=m)
@@ -194,7 +196,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--no-variants", action="store_true", help="time the paper's ReTrack step only")
-    ap.add_argument("--variant", action="append", choices=list(VARIANTS), default=None,
+    ap.add_argument("--variant", action="append", choices=[*VARIANTS, *SALIENCY], default=None,
                     help="time only these options beside the paper's step (repeatable); no peak-memory runs")
     ap.add_argument("--child-k", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-split", type=int, default=0, help=argparse.SUPPRESS)
