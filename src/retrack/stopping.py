@@ -94,8 +94,10 @@ class NonmemberStop:
     def record(self, steps_done: int) -> dict[str, Any]:
         """What the rule saw: the level, every check, where it stopped, and the held-out scores
         under the final model beside those under the input model."""
+        start = time.perf_counter()
         final = loss_scores(self.denoiser, self.heldout, self.settings)
         forget = loss_scores(self.denoiser, self.forget, self.settings)
+        self.seconds += time.perf_counter() - start  # the rule's whole cost, the final scoring included
         initial = self.heldout_scores if self.heldout_scores is not None else final
         return {
             "rule": f"every forget image's membership loss score at or above the {self.target:g}th percentile "
