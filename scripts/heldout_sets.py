@@ -10,6 +10,9 @@ Writes, in --out:
   of the forgotten image's class that no model here was trained on (the planted T-shirt is train #1);
 - boot_heldout.npz: the same for class 9 (ankle boot; the planted boot is train #0);
 - bag_heldout.npz: the same for class 8 (bag; the planted bag is train #633);
+- tshirt_calibration.npz, boot_calibration.npz, bag_calibration.npz: the next --num test images of
+  each class, disjoint from the held-out sets: for a stopping rule (`--stop-heldout`), so that the
+  images a run was stopped on are not the ones its verification compares with;
 - digits_heldout.npz: scikit-learn's 1,797 8×8 digits, upsampled to 20×20 and centred in 28×28 as
   MNIST centres its digits (digits the models never saw, but blurrier than MNIST's: a shifted
   distribution, so members vs these non-members is easier to tell apart than membership alone).
@@ -29,10 +32,11 @@ from retrack.data import image_digest, read_idx, read_idx_labels
 from retrack.experiments.builtins import builtin_data, write_builtin_data
 
 
-def fashion_class(root: Path, label: int, num: int) -> np.ndarray:
+def fashion_class(root: Path, label: int, num: int, skip: int = 0) -> np.ndarray:
+    """Test images `skip` … `skip + num` of one Fashion-MNIST class."""
     images = read_idx(root / "t10k-images-idx3-ubyte.gz")
     labels = read_idx_labels(root / "t10k-labels-idx1-ubyte.gz")
-    return np.ascontiguousarray(images[labels == label][:num, ..., None])
+    return np.ascontiguousarray(images[labels == label][skip:skip + num, ..., None])
 
 
 def sklearn_digits() -> np.ndarray:
@@ -56,10 +60,11 @@ def main() -> None:
         built = builtin_data(name)
         write_builtin_data(built, out, name)
         trained |= set(built.images.image_digests())
-    sets = {"tshirt_heldout": fashion_class(Path(args.fashion), 0, args.num),
-            "boot_heldout": fashion_class(Path(args.fashion), 9, args.num),
-            "bag_heldout": fashion_class(Path(args.fashion), 8, args.num),
-            "digits_heldout": sklearn_digits()}
+    classes = {"tshirt": 0, "boot": 9, "bag": 8}
+    sets = {f"{name}_heldout": fashion_class(Path(args.fashion), label, args.num) for name, label in classes.items()}
+    sets |= {f"{name}_calibration": fashion_class(Path(args.fashion), label, args.num, skip=args.num)
+             for name, label in classes.items()}
+    sets["digits_heldout"] = sklearn_digits()
     for name, images in sets.items():
         clash = [i for i, im in enumerate(images) if image_digest(im) in trained]
         assert not clash, f"{name}: images {clash[:5]} occur in the training data"

@@ -3,14 +3,18 @@
 # method of the options study (seed 0), each with relearning. Resumable: a finished unlearning run
 # or verdict is kept. One job at a time, one torch thread per process unless THREADS says otherwise.
 #   bash scripts/verify_study.sh tshirt|boot|bag   (env: RUNS=runs/verify-study, ONLY="retrack siss": these
-#   methods only, RELEARN_STEPS=50, HELDOUT=200 held-out images, THREADS=1)
+#   methods only, PHASE=unlearn: make the unlearned models only, PHASE=verify: verify only the models
+#   already made, RELEARN_STEPS=50, HELDOUT=200 held-out images, THREADS=1)
+# Relearning runs at the pretrained model's own training settings (its provenance.json: lr 1e-3,
+# batch 128), a relearning attack, not a gentle fine-tune. The stopping rule's row stops on the
+# calibration images, disjoint from the held-out images the verdict compares with.
 set -euo pipefail
 name=${1:?tshirt, boot or bag (once its weights are built)}
 runs=${RUNS:-runs/verify-study}
 py=${PYTHON:-python}
 export OMP_NUM_THREADS=${THREADS:-1}
 data=$runs/data
-[ -f "$data/${name}_heldout.npz" ] || "$py" scripts/heldout_sets.py --out "$data" --num "${HELDOUT:-200}"
+[ -f "$data/${name}_calibration.npz" ] || "$py" scripts/heldout_sets.py --out "$data" --num "${HELDOUT:-200}"
 recipes=src/retrack/recipes/mnist_$name
 P=$recipes/model
 R=$recipes/retrained
@@ -19,10 +23,14 @@ F=@$data/mnist_${name}_forget.txt
 H=$data/${name}_heldout.npz
 out=$runs/$name
 mkdir -p "$out/models"
-common=(--pretrained "$P" --data "$D" --forget "$F" --heldout "$H" --reference-model "$R" --quiet
-        --relearn-steps "${RELEARN_STEPS:-50}" --eval-every 10)
+C=$data/${name}_calibration.npz
+common=(--pretrained "$P" --data "$D" --forget "$F" --heldout "$H" --auc-heldout "$data/digits_heldout.npz"
+        --reference-model "$R" --quiet --relearn-steps "${RELEARN_STEPS:-50}" --eval-every 10
+        --relearn-settings training)
+phase=${PHASE:-both}
 verify() {  # label model [flags]
   local label=$1 model=$2; shift 2
+  [ "$phase" != unlearn ] || return 0
   [ -f "$out/$label/verdict.json" ] && return
   echo "== verify $label ($(date -u +%T))"
   "$py" -m retrack verify --model "$model" "${common[@]}" --out "$out/$label" "$@"
@@ -33,7 +41,9 @@ while IFS='|' read -r label flags; do
   [ -n "$label" ] || continue
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $label "* ]]; then continue; fi
   model=$out/models/$label
+  flags=${flags//CALIBRATION/$C}
   if [ ! -f "$model/retrack_run.json" ]; then
+    [ "$phase" != verify ] || continue
     echo "== unlearn $label ($(date -u +%T))"
     # shellcheck disable=SC2086
     "$py" -m retrack unlearn --model "$P" --data "$D" --forget "$F" --out "$model" --seed 0 --quiet --overwrite $flags
@@ -51,5 +61,11 @@ retrack-surgery-t-min-10|--method retrack --k 10 --lam 0.005 --surgery --forget-
 retrack-min-snr|--method retrack --k 10 --lam 0.005 --forget-weighting min-snr --snr-gamma 5.0
 retrack-auto|--method retrack --k 10 --lam auto --lam-ratio 1.0
 retrack-min-snr-100-steps|--method retrack --k 10 --lam 0.005 --forget-weighting min-snr --snr-gamma 5.0 --steps 100
+retrack-stop|--method retrack --k 10 --lam 0.005 --stop-heldout CALIBRATION --steps 100
+retrack-distill-1|--method retrack --k 10 --lam 0.005 --distill 1.0
+retrack-saliency-0.5|--method retrack --k 10 --lam 0.005 --saliency 0.5
+retrack-surgery-t-min-10-distill-1|--method retrack --k 10 --lam 0.005 --surgery --forget-t-min 10 --distill 1.0
+retrack-k-all|--method retrack --k all --lam 0.005
+retrack-nash|--method retrack --k 10 --lam 0.005 --balance nash
 METHODS
 echo "== done $name ($(date -u +%T))"

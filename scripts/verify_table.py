@@ -17,7 +17,8 @@ from pathlib import Path
 
 ORDER = ("pretrained", "retrained", "vanilla", "retrack", "retrack-surgery", "retrack-t-min-10",
          "retrack-surgery-t-min-10", "siss", "neggrad", "erasediff", "retrack-min-snr", "retrack-auto",
-         "retrack-min-snr-100-steps")
+         "retrack-min-snr-100-steps", "retrack-stop", "retrack-distill-1", "retrack-saliency-0.5",
+         "retrack-surgery-t-min-10-distill-1", "retrack-k-all", "retrack-nash")
 
 
 def row(label: str, v: dict) -> str:
@@ -59,12 +60,18 @@ def main() -> None:
         verdicts[label] = json.loads(found[label].read_text())
     first = next(iter(verdicts.values()))
     attacks = list(first["attacks"])
+    auc_set = first.get("auc_nonmembers") or first["nonmembers"]
+    relearn = (first.get("relearning") or {}).get("model") or {}
+    how = relearn.get("settings") or {}
     lines = [f"Non-members: {first['nonmembers']['n']} held-out images ({Path(first['nonmembers']['source']).name}); "
-             f"members for the AUC: {first['members']['n']} remain images; α = {first['alpha']}, each attack at "
+             f"AUC: {first['members']['n']} remain images against {auc_set['n']} non-members "
+             f"({Path(auc_set['source']).name}); α = {first['alpha']}, each attack at "
              f"{first['level']:.4g} (Bonferroni). Percentile: share of non-members the model finds at least as "
              "familiar as the forget image (✱: flagged as a member). Relearning: the "
              f"{next(iter((first.get('relearning') or {}).get('pretrained_levels', {'membership': 0})))} signal "
-             "(first attack's score of the forget image) while fine-tuning on the remain set.", "",
+             "(first attack's score of the forget image) while fine-tuning on the remain set"
+             + (f" at lr {how['lr']:g}, batch {how['batch_size']} ({first['relearning'].get('settings_kind', '?')} "
+                "settings)." if how else "."), "",
              "| model | verdict | " + " | ".join(f"{a}: percentile (p)" for a in attacks)
              + " | model − retrained, percentile | AUC " + "/".join(attacks) + " | relearning: loss score, back"
              " at | after relearning: loss percentile (p) |",

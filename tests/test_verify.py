@@ -244,3 +244,83 @@ def test_the_report_shows_a_verdict_found_beside_the_run(world, tmp_path):
     assert v["summary"].split(";")[0] in html and "forgotten" in html
     assert "AUC members vs non-members (pretrained)" in html and "back at step" in html
     assert html.count("<img") >= 1  # the relearning curves
+
+
+# ---------------------------------------------------------------------------------------------
+# The AUC against non-members like the remain images, and relearning at the training settings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_auc_is_measured_against_the_auc_heldout_images_when_given(world, tmp_path):
+    from retrack.backends import load
+
+    like_remain = _images(12, 7)
+    np.savez(tmp_path / "like.npz", images=like_remain)
+    result, plain = _verify(world, "pretrained", tmp_path / "plain", "--attacks", "loss")
+    assert result.returncode == 0, result.stderr
+    result, v = _verify(world, "pretrained", tmp_path / "auc", "--attacks", "loss", "--auc-heldout",
+                        tmp_path / "like.npz")
+    assert result.returncode == 0, result.stderr
+    loss = v["attacks"]["loss"]
+    assert loss["auc_against"] == "--auc-heldout" and plain["attacks"]["loss"]["auc_against"] == "--heldout"
+    # the verdict and the AUC against --heldout are those of the run without the extra set
+    assert loss["auc_vs_heldout"] == plain["attacks"]["loss"]["auc"]
+    assert v["images"] == plain["images"] and v["auc_nonmembers"]["n"] == 12
+    # the AUC itself, recomputed from scores measured here: members against the 12 images
+    model = load(str(world["pretrained"]), "cpu")
+    members = np.load(world["data"])["images"][v["members"]["indices"]]
+    s = AttackSettings()
+    found = membership_scores(model.denoiser, members, ("loss",), s)["loss"]
+    extra = membership_scores(model.denoiser, like_remain, ("loss",), s)["loss"]
+    assert loss["auc"]["pretrained"] == pytest.approx(cal.auc(found, extra))
+    assert loss["auc_nonmembers"]["pretrained"]["n"] == 12
+
+
+def test_bad_auc_heldout_exits_2(world, tmp_path):
+    np.savez(tmp_path / "few.npz", images=_images(5, 7))
+    assert "an AUC needs at least 10" in _bad(world, tmp_path, "--auc-heldout", tmp_path / "few.npz")
+    remain = np.load(world["data"])["images"][:1]
+    np.savez(tmp_path / "trained.npz", images=np.concatenate([_images(12, 7), remain]))
+    assert "of --auc-heldout occurs in --data" in _bad(world, tmp_path, "--auc-heldout", tmp_path / "trained.npz")
+    assert "--auc-heldout: images" in _bad(world, tmp_path, "--auc-heldout", tmp_path / "missing.npz")
+
+
+def test_relearning_takes_the_pretrained_models_training_settings(world, tmp_path):
+    import shutil
+
+    from retrack.unlearn_config import UnlearnConfig
+    from retrack.verify import training_settings
+
+    recorded = tmp_path / "recorded"
+    shutil.copytree(world["pretrained"], recorded)
+    (recorded / "provenance.json").write_text(json.dumps({"config": {"lr": 0.0123, "batch_size": 4,
+                                                                     "weight_decay": 0.01}}))
+    assert training_settings(str(recorded)) == {"batch_size": 4, "lr": 0.0123, "betas": (0.9, 0.999),
+                                                "weight_decay": 0.01, "clip": 1.0}
+    assert training_settings(str(world["pretrained"])) is None
+
+    def relearned(out: str, pretrained: Path, *extra) -> dict:
+        w = world
+        result = run_cli("verify", "--model", w["retrained"], "--pretrained", pretrained, "--data", w["data"],
+                         "--forget", "8,9", "--heldout", w["heldout"], "--out", tmp_path / out, "--members", 8,
+                         "--quiet", "--device", "cpu", "--attacks", "loss", "--relearn-steps", 2, "--eval-every", 1,
+                         *extra)
+        assert result.returncode == 0, result.stderr
+        return json.loads((tmp_path / out / "verdict.json").read_text())
+
+    v = relearned("auto", recorded)
+    r = v["relearning"]
+    assert r["settings_kind"] == "training" and r["settings_from"].endswith("provenance.json")
+    assert r["model"]["settings"] == {"lr": 0.0123, "batch_size": 4, "betas": [0.9, 0.999],
+                                           "weight_decay": 0.01, "clip": 1.0, "seed": 0,
+                                           "objective": "vanilla (remain only)"}
+    assert "training settings (lr 0.0123, batch 4)" in v["summary"]
+    r = relearned("gentle", recorded, "--relearn-settings", "unlearning")["relearning"]
+    gentle_lr = UnlearnConfig.__dataclass_fields__["lr"].default
+    assert r["settings_kind"] == "unlearning" and r["model"]["settings"]["lr"] == gentle_lr
+    r = relearned("override", recorded, "--relearn-lr", 0.5)["relearning"]
+    assert r["model"]["settings"]["lr"] == 0.5 and r["model"]["settings"]["batch_size"] == 4
+    r = relearned("fallback", world["pretrained"])["relearning"]  # nothing recorded: the unlearning settings
+    assert r["settings_kind"] == "unlearning"
+    message = _bad(world, tmp_path, "--relearn-settings", "training", "--relearn-steps", "2")
+    assert "records no training settings" in message

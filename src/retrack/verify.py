@@ -45,6 +45,7 @@ from retrack.validation import (
     SEED,
     Bool,
     Check,
+    Choice,
     Device,
     Float,
     Int,
@@ -60,6 +61,8 @@ from retrack.validation import (
 VERDICT_FILE = "verdict.json"
 RECORD_FILE = "verdict.run.json"
 RELEARN_SIGNALS = ("membership", "copies", "nll")
+RELEARN_SETTINGS = ("auto", "training", "unlearning")
+MIN_AUC_NONMEMBERS = 10
 
 
 class Names(Check):
@@ -105,6 +108,10 @@ class VerifyConfig(Validated):
         Text(),
         help="non-members: images of the model's shape that it never saw, like the forget images (at "
         "least 20, more with several attacks: the message says how many)")
+    auc_heldout: str | None = option(
+        _PATH, None,
+        help="non-members like the remain images (e.g. unseen digits), for each attack's AUC against the "
+        "remain members (default: --heldout, whose AUC also measures how unlike the remain images they are)")
     reference_model: str | None = option(
         _PATH, None,
         help="the model retrained without the forget images: its scores beside the model's, image by "
@@ -155,12 +162,17 @@ class VerifyConfig(Validated):
         Float(0.0, 1.0, min_open=True), 0.9,
         help="a signal has returned once it has covered this fraction of the way to the pretrained "
         "model's value")
+    relearn_settings: str = option(
+        Choice(*RELEARN_SETTINGS), "auto",
+        help="relearning optimiser: training (the pretrained model's own training settings, from the "
+        "provenance.json retrack pretrain writes: a relearning attack), unlearning (the unlearning run's, "
+        "a gentle fine-tune), auto (training where recorded, else unlearning)")
     relearn_lr: float | None = option(
         Optional(Float(0.0, min_open=True)), None,
-        help="relearning learning rate (default: the unlearning run's)")
+        help="relearning learning rate (default: from --relearn-settings)")
     relearn_batch_size: int | None = option(
         Optional(POSITIVE_INT), None,
-        help="relearning batch (default: the unlearning run's)")
+        help="relearning batch (default: from --relearn-settings)")
     relearn_reference: bool = option(
         Bool(), True,
         help="also relearn the --reference-model (false: only the model, e.g. when the retrained model's "
@@ -193,9 +205,16 @@ def resolve_verify(cfg: VerifyConfig) -> VerifyConfig:
             detect(path, None, flag)
     require(Path(cfg.data).exists(), f"--data: data path {cfg.data!r} does not exist.")
     require(Path(cfg.heldout).exists(), f"--heldout: held-out images {cfg.heldout!r} do not exist.")
+    require(cfg.auc_heldout is None or Path(cfg.auc_heldout).exists(),
+            f"--auc-heldout: images {cfg.auc_heldout!r} do not exist.")
+    require(cfg.relearn_settings != "training" or cfg.relearn_steps == 0 or training_settings(cfg.pretrained),
+            f"--relearn-settings training: {cfg.pretrained!r} records no training settings (the provenance.json "
+            "that retrack pretrain writes); pass --relearn-settings unlearning or --relearn-lr and "
+            "--relearn-batch-size.")
     check_forget_file(cfg.forget)
     calibration.needed_nonmembers(cfg.alpha, len(cfg.attacks))
-    inputs = [Path(p) for p in (cfg.model, cfg.pretrained, cfg.data, cfg.heldout, cfg.reference_model)
+    inputs = [Path(p) for p in (cfg.model, cfg.pretrained, cfg.data, cfg.heldout, cfg.auc_heldout,
+                                cfg.reference_model)
               if p is not None and Path(p).exists()]
     check_output(Path(cfg.out), cfg.overwrite, inputs)
     return replace(cfg, device=default_device(cfg.device))
@@ -214,35 +233,45 @@ class Images:
     member_indices: np.ndarray
     nonmembers: np.ndarray
     remain: np.ndarray  # every remain image (relearning)
+    auc_nonmembers: np.ndarray | None = None  # --auc-heldout: non-members like the remain images
 
 
-def gather_images(cfg: VerifyConfig, data: ImageSet, heldout: ImageSet, shape: tuple[int, int, int]) -> Images:
-    """The three sets, checked: shapes, enough non-members, no held-out image that was trained on."""
-    c, h, w = shape
+def gather_images(cfg: VerifyConfig, data: ImageSet, heldout: ImageSet, shape: tuple[int, int, int],
+                  auc_heldout: ImageSet | None = None) -> Images:
+    """The sets, checked: shapes, enough non-members, no held-out image that was trained on."""
     require(data.shape == shape, f"the --data images are {_fmt(data.shape)} (C×H×W) but the model takes "
                                  f"{_fmt(shape)}.")
-    require(heldout.shape == shape, f"the --heldout images are {_fmt(heldout.shape)} (C×H×W) but the model takes "
-                                    f"{_fmt(shape)}; give held-out images of the model's shape.")
     calibration.check_nonmembers(len(heldout), cfg.alpha, len(cfg.attacks))
     parts = split(data, parse_forget(cfg.forget, data))
     digests = data.image_digests()
     forget_of: dict[str, list[int]] = {}
     for i in parts.forget:
         forget_of.setdefault(digests[i], []).append(int(i))
-    held = heldout.image_digests()
-    for j, d in enumerate(held):
-        require(d not in forget_of, f"held-out image {j} of --heldout is also a forget image (data index "
-                                    f"{forget_of.get(d, [0])[0]}); a non-member cannot be one of the images tested.")
     trained = set(digests[i] for i in parts.remain)
-    for j, d in enumerate(held):
-        require(d not in trained, f"held-out image {j} of --heldout occurs in --data (a training image), so it is "
-                                  "no non-member; remove it.")
+    for flag, held in (("--heldout", heldout), ("--auc-heldout", auc_heldout)):
+        if held is not None:
+            _check_nonmembers(flag, held, shape, forget_of, trained)
+    require(auc_heldout is None or len(auc_heldout) >= MIN_AUC_NONMEMBERS,
+            f"--auc-heldout gives {len(auc_heldout or [])} images; an AUC needs at least {MIN_AUC_NONMEMBERS}.")
     firsts = [v[0] for v in forget_of.values()]
     rng = np.random.default_rng(cfg.seed)
     n = min(cfg.members, len(parts.remain))
     member_indices = np.sort(rng.choice(parts.remain, size=n, replace=False))
     return Images(data.images[firsts], list(forget_of.values()), data.images[member_indices], member_indices,
-                  heldout.images, data.images[parts.remain])
+                  heldout.images, data.images[parts.remain],
+                  None if auc_heldout is None else auc_heldout.images)
+
+
+def _check_nonmembers(flag: str, held: ImageSet, shape: tuple[int, int, int], forget_of: dict[str, list[int]],
+                      trained: set[str]) -> None:
+    """Non-members are of the model's shape, and neither a forget image nor a training image."""
+    require(held.shape == shape, f"the {flag} images are {_fmt(held.shape)} (C×H×W) but the model takes "
+                                 f"{_fmt(shape)}; give held-out images of the model's shape.")
+    for j, d in enumerate(held.image_digests()):
+        require(d not in forget_of, f"held-out image {j} of {flag} is also a forget image (data index "
+                                    f"{forget_of.get(d, [0])[0]}); a non-member cannot be one of the images tested.")
+        require(d not in trained, f"held-out image {j} of {flag} occurs in --data (a training image), so it is "
+                                  "no non-member; remove it.")
 
 
 def _fmt(shape: tuple[int, ...]) -> str:
@@ -263,8 +292,10 @@ def score_model(model: Backend, images: Images, cfg: VerifyConfig, progress: boo
     s = cfg.attack_settings
     weights = tree_sha256(Path(model.source)) if Path(model.source).is_dir() else None
     out = {}
-    for part in ("forget", "members", "nonmembers"):
+    for part in ("forget", "members", "nonmembers", "auc_nonmembers"):
         rows = getattr(images, part)
+        if rows is None:
+            continue
         path = None if weights is None else _cache_path(weights, rows, cfg, str(model.device))
         cached = _read_scores(path, len(rows), len(cfg.attacks))
         if cached is None:
@@ -325,14 +356,20 @@ def judge(scores: dict[str, dict[str, dict[str, np.ndarray]]], images: Images, c
                       "reference_flagged_by": flagged.get("reference"), "less_familiar_than_nonmembers": over})
         per_image.append(entry)
     attacks = {}
+    auc_part = "auc_nonmembers" if images.auc_nonmembers is not None else "nonmembers"
     for a in cfg.attacks:
         attacks[a] = {"description": DESCRIPTIONS[a], "lower_is_member": True,
-                      "auc": {who: calibration.auc(by["members"][a], by["nonmembers"][a])
-                              for who, by in scores.items()},
+                      "auc": {who: calibration.auc(by["members"][a], by[auc_part][a]) for who, by in scores.items()},
+                      "auc_against": "--auc-heldout" if auc_part == "auc_nonmembers" else "--heldout",
                       "members": {who: calibration.distribution(by["members"][a]) for who, by in scores.items()},
                       "nonmembers": {who: calibration.distribution(by["nonmembers"][a])
                                      for who, by in scores.items()},
                       "forget": {who: by["forget"][a].tolist() for who, by in scores.items()}}
+        if auc_part == "auc_nonmembers":
+            attacks[a]["auc_vs_heldout"] = {who: calibration.auc(by["members"][a], by["nonmembers"][a])
+                                            for who, by in scores.items()}
+            attacks[a]["auc_nonmembers"] = {who: calibration.distribution(by["auc_nonmembers"][a])
+                                            for who, by in scores.items()}
     return {"alpha": cfg.alpha, "tests": m, "level": level, "correction": "Bonferroni over the attacks",
             "images": per_image, "attacks": attacks}
 
@@ -375,7 +412,10 @@ def _relearn_sentence(relearning: dict[str, Any]) -> str:
                 if s["returned_at"] is not None]
         never = [name for name, s in rec["signals"].items() if s["returned_at"] is None]
         label = "the model" if who == "model" else "the retrained model"
-        text = f"relearning {label} on the remain set: "
+        how = rec["settings"]
+        kinds = {"training": "the pretrained model's training settings", "unlearning": "the unlearning settings"}
+        kind = kinds.get(relearning.get("settings_kind"), "the given settings")
+        text = f"relearning {label} on the remain set at {kind} (lr {how['lr']:g}, batch {how['batch_size']}): "
         text += ", ".join(back) + " back to the pretrained level" if back else "nothing back to the pretrained level"
         if never:
             text += f" ({', '.join(never)} not within {rec['steps_done']} steps)" if back else \
@@ -394,10 +434,27 @@ def _relearn_sentence(relearning: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def relearn_settings(cfg: VerifyConfig) -> tuple[TrainSettings, dict[str, Any]]:
-    """The unlearning run's optimiser settings (its retrack_run.json), else the unlearning defaults;
-    --relearn-lr and --relearn-batch-size override them."""
+def training_settings(pretrained: str) -> dict[str, Any] | None:
+    """The optimiser settings the pretrained model was trained with, from the provenance.json that
+    `retrack pretrain` writes (AdamW with torch's betas, gradients clipped to norm 1), else None."""
+    try:
+        found = json.loads((Path(pretrained) / "provenance.json").read_text())["config"]
+        return {"batch_size": int(found["batch_size"]), "lr": float(found["lr"]), "betas": (0.9, 0.999),
+                "weight_decay": float(found.get("weight_decay", 0.0)), "clip": 1.0}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
+
+def relearn_settings(cfg: VerifyConfig) -> tuple[TrainSettings, dict[str, Any]]:
+    """The optimiser of relearning: the pretrained model's training settings (a relearning attack at
+    the strength that taught the model the image), or the unlearning run's (its retrack_run.json, else
+    the unlearning defaults), per --relearn-settings; --relearn-lr and --relearn-batch-size override."""
+
+    trained = None if cfg.relearn_settings == "unlearning" else training_settings(cfg.pretrained)
+    if trained is not None:
+        settings = _train_settings(cfg, trained)
+        return settings, {"settings_from": str(Path(cfg.pretrained) / "provenance.json"),
+                          "settings_kind": "training"}
     record = Path(cfg.model) / "retrack_run.json"
     base = {f: UnlearnConfig.__dataclass_fields__[f].default
             for f in ("batch_size", "lr", "betas", "weight_decay", "clip")}
@@ -409,14 +466,14 @@ def relearn_settings(cfg: VerifyConfig) -> tuple[TrainSettings, dict[str, Any]]:
             source = str(record)
         except (ValueError, KeyError, TypeError):
             pass
-    if cfg.relearn_lr is not None:
-        base["lr"] = cfg.relearn_lr
-    if cfg.relearn_batch_size is not None:
-        base["batch_size"] = cfg.relearn_batch_size
-    settings = TrainSettings(steps=cfg.relearn_steps, batch_size=int(base["batch_size"]), lr=float(base["lr"]),
-                             betas=tuple(base["betas"]), weight_decay=float(base["weight_decay"]),
-                             clip=float(base["clip"]), seed=cfg.seed)
-    return settings, {"settings_from": source}
+    return _train_settings(cfg, base), {"settings_from": source, "settings_kind": "unlearning"}
+
+
+def _train_settings(cfg: VerifyConfig, base: dict[str, Any]) -> TrainSettings:
+    lr = cfg.relearn_lr if cfg.relearn_lr is not None else base["lr"]
+    batch = cfg.relearn_batch_size if cfg.relearn_batch_size is not None else base["batch_size"]
+    return TrainSettings(steps=cfg.relearn_steps, batch_size=int(batch), lr=float(lr), betas=tuple(base["betas"]),
+                         weight_decay=float(base["weight_decay"]), clip=float(base["clip"]), seed=cfg.seed)
 
 
 def _signals(cfg: VerifyConfig, model: Backend, pretrained: Backend, images: Images,
@@ -503,6 +560,7 @@ def run_verify(cfg: VerifyConfig, progress: bool = True) -> dict[str, Any]:
     """The expensive part, on a resolved config; nothing is written unless it all succeeds."""
     start = time.perf_counter()
     data, held = load_images(cfg.data), load_images(cfg.heldout)
+    auc_held = None if cfg.auc_heldout is None else load_images(cfg.auc_heldout)
     loaded = {"model": load(cfg.model, cfg.device), "pretrained": load(cfg.pretrained, cfg.device)}
     shape = loaded["model"].denoiser.sample_shape
     require(not loaded["model"].resizes_images and loaded["model"].training_space(data, None, False).rows.dtype
@@ -517,7 +575,7 @@ def run_verify(cfg: VerifyConfig, progress: bool = True) -> dict[str, Any]:
                               f"pass a {flag} of the same shape.")
     for m in loaded.values():
         cfg.attack_settings.check(m.num_timesteps, cfg.attacks)
-    images = gather_images(cfg, data, held, shape)
+    images = gather_images(cfg, data, held, shape, auc_held)
     require(cfg.relearn_steps == 0 or "copies" not in cfg.relearn_signals or shape == (1, 28, 28),
             "relearning with copies counts them by the paper's L2 rule, set for 1×28×28 images; leave copies "
             "out of --relearn-signals for other sizes.")
@@ -531,12 +589,17 @@ def run_verify(cfg: VerifyConfig, progress: bool = True) -> dict[str, Any]:
                "members": {"n": len(images.member_indices), "source": "remain images of --data",
                            "indices": images.member_indices.tolist()},
                "nonmembers": {"n": len(images.nonmembers), "source": cfg.heldout, "digest": held.digest()},
+               "auc_nonmembers": None if auc_held is None else {"n": len(auc_held), "source": cfg.auc_heldout,
+                                                                  "digest": auc_held.digest()},
                "relearning": relearning,
                "settings": {"attacks": cfg.attack_settings.record(cfg.attacks), "alpha": cfg.alpha,
                             "members": cfg.members, "batch_size": cfg.batch_size},
                "seconds": round(time.perf_counter() - start, 1)}
     record = environment_record(cfg, data={"source": data.source, "digest": data.digest(), "size": len(data)},
                                 heldout={"source": held.source, "digest": held.digest(), "size": len(held)},
+                                auc_heldout=None if auc_held is None else {"source": auc_held.source,
+                                                                           "digest": auc_held.digest(),
+                                                                           "size": len(auc_held)},
                                 models={who: tree_sha256(Path(m.source)) for who, m in loaded.items()
                                         if Path(m.source).is_dir()})
     with atomic_directory(Path(cfg.out)) as tmp:

@@ -64,8 +64,10 @@ def verdict_section(page: Page, run: Path) -> None:
             rows.append(cells)
     page.table("verdict", ("forget image (data index)", "verdict", "attack",
                            *[f"{w}: percentile · p" for w in whos]), rows)
+    against = (v.get("auc_nonmembers") or v.get("nonmembers") or {}).get("source", "the non-members")
     page.table("attack-power", ("attack", *[f"AUC members vs non-members ({w})" for w in whos]),
                [(a, *[(v["attacks"][a].get("auc") or {}).get(w) for w in whos]) for a in attacks])
+    page.text(f"Non-members of the AUC: {against}.", note=True)
     relearning = v.get("relearning")
     if not relearning:
         page.text("No relearning was run (retrack verify --relearn-steps N).", note=True)
