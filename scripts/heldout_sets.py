@@ -13,7 +13,8 @@ Writes, in --out:
 - tshirt_calibration.npz, boot_calibration.npz, bag_calibration.npz: the next --num test images of
   each class, disjoint from the held-out sets: for a stopping rule (`--stop-heldout`), so that the
   images a run was stopped on are not the ones its verification compares with;
-- digits_heldout.npz: scikit-learn's 1,797 8×8 digits, upsampled to 20×20 and centred in 28×28 as
+- digits_heldout.npz: the first --num of scikit-learn's 1,797 8×8 digits (its order cycles through
+  the ten classes), upsampled to 20×20 and centred in 28×28 as
   MNIST centres its digits (digits the models never saw, but blurrier than MNIST's: a shifted
   distribution, so members vs these non-members is easier to tell apart than membership alone).
 Every held-out image is checked not to occur among the training images.
@@ -64,7 +65,7 @@ def main() -> None:
     sets = {f"{name}_heldout": fashion_class(Path(args.fashion), label, args.num) for name, label in classes.items()}
     sets |= {f"{name}_calibration": fashion_class(Path(args.fashion), label, args.num, skip=args.num)
              for name, label in classes.items()}
-    sets["digits_heldout"] = sklearn_digits()
+    sets["digits_heldout"] = sklearn_digits()[:args.num]
     for name, images in sets.items():
         clash = [i for i, im in enumerate(images) if image_digest(im) in trained]
         assert not clash, f"{name}: images {clash[:5]} occur in the training data"

@@ -96,6 +96,12 @@ class UnlearnSettings(Validated):
     snr_gamma: float = option(Float(0.0, min_open=True), 5.0, help="retrack with min-snr: the SNR cap γ")
     forget_t_min: int = option(Int(min=0), 0,
                                help="retrack: forget rows draw timesteps from t-min … T−1 (0: all, the paper's)")
+    forget_level: str | None = option(
+        Optional(Text()), None,
+        help="retrack: images of the forget images' kind that the model never saw (a folder, .npz, ...; at least "
+        "20); each forget row's target moves toward its neighbours only until its denoising error reaches "
+        "theirs at that timestep under the input model: the paper's redirection at high noise, no more "
+        "unfamiliar than an unseen image at low noise")
     balance: str = option(Choice(*BALANCES), "none",
                           help="retrack: weights of the two gradients: 'none' (λ and 1−λ, the paper's) or 'nash' "
                           "(their Nash bargaining solution at every step, as MUNBa)")
@@ -225,10 +231,11 @@ def resolve_unlearn(cfg: UnlearnConfig) -> UnlearnConfig:
             "VAE latents; use --distill without --replay.")
     cfg = replace(cfg, evaluation=cfg.evaluation.resolve(device, cfg.prompt))
     require(Path(cfg.data).exists(), f"--data: data path {cfg.data!r} does not exist.")
-    require(cfg.stop_heldout is None or Path(cfg.stop_heldout).exists(),
-            f"--stop-heldout: held-out images {cfg.stop_heldout!r} do not exist.")
+    for flag, path in (("--stop-heldout", cfg.stop_heldout), ("--forget-level", cfg.forget_level)):
+        require(path is None or Path(path).exists(), f"{flag}: held-out images {path!r} do not exist.")
     check_forget_file(cfg.forget)
-    protected = [Path(p) for p in (cfg.model, cfg.data, cfg.stop_heldout) if p is not None and Path(p).exists()]
+    protected = [Path(p) for p in (cfg.model, cfg.data, cfg.stop_heldout, cfg.forget_level)
+                 if p is not None and Path(p).exists()]
     check_output(Path(cfg.out), cfg.overwrite, protected)
     return replace(cfg, device=device)
 
@@ -265,6 +272,9 @@ def _check_variant_options(cfg: UnlearnSettings, cls: type) -> None:
         flag = "--" + name.replace("_", "-")
         require(getattr(cfg, name) == UnlearnSettings.__dataclass_fields__[name].default or hasattr(cls, name),
                 f"{flag} is an option of retrack; method {cfg.method!r} does not have it.")
+    require(cfg.forget_level is None or hasattr(cls, "level"),
+            f"--forget-level sets how far ReTrack's forget target moves toward the neighbours; method "
+            f"{cfg.method!r} has no such target (use --method retrack).")
     require(cfg.distill == 0 or hasattr(cls, "distill"),
             f"--distill distils the frozen model on the remain rows a method already feeds through it, and "
             f"method {cfg.method!r} has none (it is gradient ascent on the forget images alone); use vanilla, "

@@ -4,7 +4,7 @@ model's space → neighbours → objective → trainer → output folder written
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,12 @@ from retrack.evaluate import (
     measure,
     metric_images,
 )
+from retrack.levels import unseen_levels
 from retrack.monitor import CURVES_FILE, Monitor, draw_curves, merge_log
 from retrack.neighbours import cached_nearest_neighbours
 from retrack.objectives.base import Objective
 from retrack.runrecord import atomic_directory, environment_record, write_json
-from retrack.stopping import NonmemberStop, with_stop
+from retrack.stopping import MIN_HELDOUT, NonmemberStop, with_stop
 from retrack.store import Rows
 from retrack.trainer import TrainData, neighbour_table, to_model_range, train
 from retrack.unlearn_config import (
@@ -79,6 +80,11 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     require(cfg.forget_t_min < steps, f"--forget-t-min must be below the model's {steps} timesteps, "
                                       f"got {cfg.forget_t_min}.")
     objective = build_objective(cfg)
+    level = None
+    if cfg.forget_level is not None:  # measured on the input model, before any step
+        level = unseen_levels(denoiser, _unseen_rows("--forget-level", cfg.forget_level, family, model, images,
+                                                     space, cfg, progress), cfg.seed)
+        objective = replace(objective, level=tuple(level["levels"]))
     forget_rows = space.rows[parts.forget]
     table = None
     if objective.needs_neighbours and cfg.k != "all":
@@ -95,7 +101,7 @@ def run_unlearn(cfg: UnlearnConfig, progress: bool = True) -> Path:
     log = train(denoiser, objective, train_data, train_settings(cfg), cfg.device, progress,
                 between_steps=with_stop(monitor, stopper))
     if PartialState().is_main_process:
-        _write_output(Path(cfg.out), model, cfg, objective, images, parts, table, log, monitor, stopper)
+        _write_output(Path(cfg.out), model, cfg, objective, images, parts, table, log, monitor, stopper, level)
     return Path(cfg.out)
 
 
@@ -126,30 +132,42 @@ def _stopper(cfg: UnlearnConfig, family: type[Backend], model: Backend, images: 
              forget_rows: np.ndarray, progress: bool) -> NonmemberStop:
     """The stop-when-forgotten rule on the held-out images, in the model's training space (pixels,
     or latents through the model's VAE), each distinct forget image once."""
-    held = load_images(cfg.stop_heldout, family.image_size(cfg.model))
-    require(held.shape == images.shape, f"the --stop-heldout images are {'×'.join(map(str, held.shape))} (C×H×W) "
+    device = next(model.denoiser.parameters()).device
+    held = _unseen_rows("--stop-heldout", cfg.stop_heldout, family, model, images, space, cfg, progress)
+    forget = to_model_range(space.to_tensor(np.unique(forget_rows, axis=0)), device)
+    return NonmemberStop(model.denoiser, forget, held, cfg.stop_percentile, cfg.stop_every)
+
+
+def _unseen_rows(flag: str, path: str, family: type[Backend], model: Backend, images: ImageSet,
+                 space: TrainingSpace, cfg: UnlearnConfig, progress: bool):
+    """Images the model never saw, checked (their shape is the data's, none is a training image),
+    in the model's training space and range, on its device."""
+    held = load_images(path, family.image_size(cfg.model))
+    require(held.shape == images.shape, f"the {flag} images are {'×'.join(map(str, held.shape))} (C×H×W) "
                                         f"but --data's are {'×'.join(map(str, images.shape))}; give images like "
                                         "the training images.")
     trained = set(images.image_digests())
     require(not any(d in trained for d in held.image_digests()),
-            "an image of --stop-heldout occurs in --data, so it is no unseen image; remove it.")
-    held_rows = model.training_space(held, Path(cfg.cache_dir) if cfg.cache_dir else None, progress).rows
-    device = next(model.denoiser.parameters()).device
-    to_model = lambda rows: to_model_range(space.to_tensor(rows), device)  # noqa: E731
-    return NonmemberStop(model.denoiser, to_model(np.unique(forget_rows, axis=0)), to_model(held_rows),
-                         cfg.stop_percentile, cfg.stop_every)
+            f"an image of {flag} occurs in --data, so it is no unseen image; remove it.")
+    require(len(held) >= MIN_HELDOUT, f"{flag} gives {len(held)} images; a level of unseen images needs at "
+                                      f"least {MIN_HELDOUT}.")
+    rows = model.training_space(held, Path(cfg.cache_dir) if cfg.cache_dir else None, progress).rows
+    return to_model_range(space.to_tensor(rows), next(model.denoiser.parameters()).device)
 
 
 def objective_record(objective: Objective) -> dict:
     """The objective's hyperparameters for the run record; `distill` only where it is on, so a run
     without it records exactly what it did before the option existed (it is in the settings too)."""
-    return {k: v for k, v in asdict(objective).items() if k != "distill" or v}
+    return {k: v for k, v in asdict(objective).items() if (k != "distill" or v) and k != "level"}
 
 
 def _write_output(out: Path, model: Backend, cfg: UnlearnConfig, objective: Objective, images: ImageSet,
                   parts: Split, table, log: list[dict], monitor: Monitor | None,
-                  stopper: NonmemberStop | None = None) -> None:
+                  stopper: NonmemberStop | None = None, level: dict | None = None) -> None:
     extra = model.record()
+    if level is not None:  # the grid it was measured on; every t is the linear interpolation
+        extra = {**extra, "forget_level": {"heldout": cfg.forget_level, "seed": cfg.seed,
+                                           **{k: v for k, v in level.items() if k != "levels"}}}
     if stopper is not None:
         extra = {**extra, "stopping": stopper.record(len(log))}
     if monitor is not None:

@@ -17,6 +17,11 @@ Options beside the paper's objective (all off by default, so the defaults are Al
 - `forget_t_min`: forget rows draw t from {t_min, …, T−1} instead of {0, …, T−1};
 - `balance="nash"`: the two gradients are weighted by their Nash bargaining solution (MUNBa, Wu &
   Harandi, ICCV 2025) instead of λ and 1−λ; λ is then only the fallback where no bargain exists.
+- `level` (`--forget-level`): each forget row's target moves from the true noise ε toward v̄ only
+  until its error ‖target − ε‖² reaches L_t, the input model's denoising error on unseen images of
+  the forget images' kind at that timestep (levels.py): v̄ where it is closer than that (high
+  noise, where trajectories are decided), ε + √(L_t/‖v̄ − ε‖²)·(v̄ − ε) where the paper's target
+  would make the image far less familiar than an image never seen (low noise);
 - `distill` W: the remain term becomes ‖ε_θ − ε‖² + W‖ε_θ − ε_frozen‖² on the remain rows (the
   frozen input model's ε, filled in by the trainer), one squared error against a mixed target.
   It rides on the remain term, so the loss is λ·L_unlearn + (1−λ)(L_remain + W·L_keep): `surgery`
@@ -61,6 +66,7 @@ class ReTrack:
     forget_t_min: int = 0
     balance: str = "none"
     distill: float = 0.0
+    level: tuple[float, ...] | None = None  # L_t for t = 0 … T−1 (levels.unseen_levels), or None
 
     name: ClassVar[str] = "retrack"
     needs_remain: ClassVar[bool] = True
@@ -101,6 +107,11 @@ class ReTrack:
         x = noisy(x0, t, eps, schedule)
         gamma, sigma = schedule.gamma_sigma(t[:n], f)
         target, spread = weighted_target(x[:n], gamma, sigma, batch.bank, batch.neighbours, self.chunk)
+        if self.level is not None:
+            if len(self.level) != schedule.num_steps:
+                raise ValueError(f"the forget level has {len(self.level)} timesteps, the model {schedule.num_steps}")
+            level = torch.tensor(self.level, dtype=torch.float64, device=t.device)[t[:n]]
+            target, spread = level_target(eps[:n], target, spread, level)
         targets = {"target": target, "spread": spread, "eps": eps[n:]}
         if self.forget_weighting == "min-snr":
             targets["weight"] = min_snr_weight(schedule.alphas_cumprod, t[:n], self.snr_gamma).to(f)
@@ -134,6 +145,19 @@ class ReTrack:
             lam = None if self.lam == "auto" else float(self.lam)
             return SplitRule("unlearn", "remain", lam, self.lam_ratio, self.surgery, self.balance)
         return WeightedSum({"unlearn": self.lam, "remain": 1.0 - self.lam})
+
+
+def level_target(eps: torch.Tensor, target: torch.Tensor, spread: torch.Tensor,
+                 level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ε + s·(v̄ − ε) with s = min(1, √(L/‖v̄ − ε‖²)) per row, so that ‖target − ε‖² = min(‖v̄ − ε‖², L),
+    and the spread of the scaled neighbour targets, s²·spread (the loss's constant stays exact)."""
+    d = (target - eps).double()
+    far = d.flatten(1).pow(2).sum(1)
+    s = (level.to(far) / far.clamp_min(1e-30)).sqrt().clamp(max=1.0)
+    scaled = (eps.double() + s.view(-1, *([1] * (d.dim() - 1))) * d).to(target.dtype)
+    near = (s >= 1.0).view(-1, *([1] * (d.dim() - 1)))  # rows already within the level: exactly v̄
+    scaled_spread = (s.pow(2) * spread.double()).to(spread.dtype)
+    return torch.where(near, target, scaled), torch.where(s >= 1.0, spread, scaled_spread)
 
 
 def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
