@@ -324,3 +324,19 @@ def test_relearning_takes_the_pretrained_models_training_settings(world, tmp_pat
     assert r["settings_kind"] == "unlearning"
     message = _bad(world, tmp_path, "--relearn-settings", "training", "--relearn-steps", "2")
     assert "records no training settings" in message
+
+
+def test_relearning_with_related_images_adds_them_to_the_remain_set(world, tmp_path):
+    related = _images(12, 9)
+    np.savez(tmp_path / "related.npz", images=related)
+    result, v = _verify(world, "retrained", tmp_path / "with", "--attacks", "loss", "--relearn-steps", 2,
+                        "--eval-every", 1, "--relearn-batch-size", 4, "--relearn-with", tmp_path / "related.npz")
+    assert result.returncode == 0, result.stderr
+    assert v["relearning"]["data"] == {"remain": 8, "added": 12, "added_from": str(tmp_path / "related.npz")}
+    assert "the remain set and 12 --relearn-with images" in v["summary"]
+    forget = np.load(world["data"])["images"][8:9]
+    np.savez(tmp_path / "leak.npz", images=np.concatenate([related, forget]))
+    assert "of --relearn-with is also a forget image" in _bad(world, tmp_path, "--relearn-with", tmp_path / "leak.npz")
+    held = np.load(world["heldout"])["images"][:1]
+    np.savez(tmp_path / "tested.npz", images=np.concatenate([related, held]))
+    assert "also in --heldout" in _bad(world, tmp_path, "--relearn-with", tmp_path / "tested.npz")

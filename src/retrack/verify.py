@@ -173,6 +173,11 @@ class VerifyConfig(Validated):
     relearn_batch_size: int | None = option(
         Optional(POSITIVE_INT), None,
         help="relearning batch (default: from --relearn-settings)")
+    relearn_with: str | None = option(
+        _PATH, None,
+        help="relearning: images added to the remain set, related to the forget images but not them (e.g. "
+        "unseen images of their class, disjoint from --heldout): a relearning attack with auxiliary data, "
+        "as DiMRA; checked like --heldout")
     relearn_reference: bool = option(
         Bool(), True,
         help="also relearn the --reference-model (false: only the model, e.g. when the retrained model's "
@@ -205,8 +210,8 @@ def resolve_verify(cfg: VerifyConfig) -> VerifyConfig:
             detect(path, None, flag)
     require(Path(cfg.data).exists(), f"--data: data path {cfg.data!r} does not exist.")
     require(Path(cfg.heldout).exists(), f"--heldout: held-out images {cfg.heldout!r} do not exist.")
-    require(cfg.auc_heldout is None or Path(cfg.auc_heldout).exists(),
-            f"--auc-heldout: images {cfg.auc_heldout!r} do not exist.")
+    for flag, path in (("--auc-heldout", cfg.auc_heldout), ("--relearn-with", cfg.relearn_with)):
+        require(path is None or Path(path).exists(), f"{flag}: images {path!r} do not exist.")
     require(cfg.relearn_settings != "training" or cfg.relearn_steps == 0 or training_settings(cfg.pretrained),
             f"--relearn-settings training: {cfg.pretrained!r} records no training settings (the provenance.json "
             "that retrack pretrain writes); pass --relearn-settings unlearning or --relearn-lr and "
@@ -214,7 +219,7 @@ def resolve_verify(cfg: VerifyConfig) -> VerifyConfig:
     check_forget_file(cfg.forget)
     calibration.needed_nonmembers(cfg.alpha, len(cfg.attacks))
     inputs = [Path(p) for p in (cfg.model, cfg.pretrained, cfg.data, cfg.heldout, cfg.auc_heldout,
-                                cfg.reference_model)
+                                cfg.relearn_with, cfg.reference_model)
               if p is not None and Path(p).exists()]
     check_output(Path(cfg.out), cfg.overwrite, inputs)
     return replace(cfg, device=default_device(cfg.device))
@@ -234,10 +239,11 @@ class Images:
     nonmembers: np.ndarray
     remain: np.ndarray  # every remain image (relearning)
     auc_nonmembers: np.ndarray | None = None  # --auc-heldout: non-members like the remain images
+    relearn_with: np.ndarray | None = None  # --relearn-with: added to the remain set for relearning
 
 
 def gather_images(cfg: VerifyConfig, data: ImageSet, heldout: ImageSet, shape: tuple[int, int, int],
-                  auc_heldout: ImageSet | None = None) -> Images:
+                  auc_heldout: ImageSet | None = None, relearn_with: ImageSet | None = None) -> Images:
     """The sets, checked: shapes, enough non-members, no held-out image that was trained on."""
     require(data.shape == shape, f"the --data images are {_fmt(data.shape)} (C×H×W) but the model takes "
                                  f"{_fmt(shape)}.")
@@ -248,9 +254,14 @@ def gather_images(cfg: VerifyConfig, data: ImageSet, heldout: ImageSet, shape: t
     for i in parts.forget:
         forget_of.setdefault(digests[i], []).append(int(i))
     trained = set(digests[i] for i in parts.remain)
-    for flag, held in (("--heldout", heldout), ("--auc-heldout", auc_heldout)):
+    for flag, held in (("--heldout", heldout), ("--auc-heldout", auc_heldout), ("--relearn-with", relearn_with)):
         if held is not None:
             _check_nonmembers(flag, held, shape, forget_of, trained)
+    if relearn_with is not None:
+        tested = set(heldout.image_digests())
+        require(not any(d in tested for d in relearn_with.image_digests()),
+                "an image of --relearn-with is also in --heldout: the images the forget images are compared with "
+                "after relearning must stay unseen; give disjoint sets.")
     require(auc_heldout is None or len(auc_heldout) >= MIN_AUC_NONMEMBERS,
             f"--auc-heldout gives {len(auc_heldout or [])} images; an AUC needs at least {MIN_AUC_NONMEMBERS}.")
     firsts = [v[0] for v in forget_of.values()]
@@ -259,7 +270,8 @@ def gather_images(cfg: VerifyConfig, data: ImageSet, heldout: ImageSet, shape: t
     member_indices = np.sort(rng.choice(parts.remain, size=n, replace=False))
     return Images(data.images[firsts], list(forget_of.values()), data.images[member_indices], member_indices,
                   heldout.images, data.images[parts.remain],
-                  None if auc_heldout is None else auc_heldout.images)
+                  None if auc_heldout is None else auc_heldout.images,
+                  None if relearn_with is None else relearn_with.images)
 
 
 def _check_nonmembers(flag: str, held: ImageSet, shape: tuple[int, int, int], forget_of: dict[str, list[int]],
@@ -415,7 +427,9 @@ def _relearn_sentence(relearning: dict[str, Any]) -> str:
         how = rec["settings"]
         kinds = {"training": "the pretrained model's training settings", "unlearning": "the unlearning settings"}
         kind = kinds.get(relearning.get("settings_kind"), "the given settings")
-        text = f"relearning {label} on the remain set at {kind} (lr {how['lr']:g}, batch {how['batch_size']}): "
+        added = (relearning.get("data") or {}).get("added")
+        data = f"the remain set and {added} --relearn-with images" if added else "the remain set"
+        text = f"relearning {label} on {data} at {kind} (lr {how['lr']:g}, batch {how['batch_size']}): "
         text += ", ".join(back) + " back to the pretrained level" if back else "nothing back to the pretrained level"
         if never:
             text += f" ({', '.join(never)} not within {rec['steps_done']} steps)" if back else \
@@ -516,8 +530,11 @@ def run_relearning(cfg: VerifyConfig, loaded: dict[str, Backend], images: Images
                    progress: bool) -> dict[str, Any]:
     settings, provenance = relearn_settings(cfg)
     levels = _levels(cfg, loaded["pretrained"], images, scores)
-    remain = torch.from_numpy(np.ascontiguousarray(images.remain.transpose(0, 3, 1, 2)))
-    out: dict[str, Any] = {"pretrained_levels": levels, **provenance}
+    rows = images.remain if images.relearn_with is None else np.concatenate([images.remain, images.relearn_with])
+    remain = torch.from_numpy(np.ascontiguousarray(rows.transpose(0, 3, 1, 2)))
+    out: dict[str, Any] = {"pretrained_levels": levels, **provenance,
+                           "data": {"remain": len(images.remain), "added": 0 if images.relearn_with is None
+                                    else len(images.relearn_with), "added_from": cfg.relearn_with}}
     for who in ("model", "reference"):
         if who not in loaded or (who == "reference" and not cfg.relearn_reference):
             continue
@@ -561,6 +578,7 @@ def run_verify(cfg: VerifyConfig, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     data, held = load_images(cfg.data), load_images(cfg.heldout)
     auc_held = None if cfg.auc_heldout is None else load_images(cfg.auc_heldout)
+    extra = None if cfg.relearn_with is None else load_images(cfg.relearn_with)
     loaded = {"model": load(cfg.model, cfg.device), "pretrained": load(cfg.pretrained, cfg.device)}
     shape = loaded["model"].denoiser.sample_shape
     require(not loaded["model"].resizes_images and loaded["model"].training_space(data, None, False).rows.dtype
@@ -575,7 +593,7 @@ def run_verify(cfg: VerifyConfig, progress: bool = True) -> dict[str, Any]:
                               f"pass a {flag} of the same shape.")
     for m in loaded.values():
         cfg.attack_settings.check(m.num_timesteps, cfg.attacks)
-    images = gather_images(cfg, data, held, shape, auc_held)
+    images = gather_images(cfg, data, held, shape, auc_held, extra)
     require(cfg.relearn_steps == 0 or "copies" not in cfg.relearn_signals or shape == (1, 28, 28),
             "relearning with copies counts them by the paper's L2 rule, set for 1×28×28 images; leave copies "
             "out of --relearn-signals for other sizes.")
