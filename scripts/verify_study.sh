@@ -4,7 +4,9 @@
 # or verdict is kept. One job at a time, one torch thread per process unless THREADS says otherwise.
 #   bash scripts/verify_study.sh tshirt|boot|bag   (env: RUNS=runs/verify-study, ONLY="retrack siss": these
 #   methods only, PHASE=unlearn: make the unlearned models only, PHASE=verify: verify only the models
-#   already made, RELEARN_STEPS=50, HELDOUT=200 held-out images, THREADS=1)
+#   already made, RELATED=1: relearn with the calibration images of the class added to the remain set
+#   (--relearn-with, a relearning attack with related data) into RUNS/NAME-related, RELEARN_STEPS=50,
+#   HELDOUT=200 held-out images, THREADS=1)
 # Relearning runs at the pretrained model's own training settings (its provenance.json: lr 1e-3,
 # batch 128), a relearning attack, not a gentle fine-tune. The stopping rule's row stops on the
 # calibration images, disjoint from the held-out images the verdict compares with.
@@ -22,12 +24,17 @@ D=$data/mnist_$name.npz
 F=@$data/mnist_${name}_forget.txt
 H=$data/${name}_heldout.npz
 out=$runs/$name
-mkdir -p "$out/models"
+models=$out/models
+mkdir -p "$models"
 C=$data/${name}_calibration.npz
 common=(--pretrained "$P" --data "$D" --forget "$F" --heldout "$H" --auc-heldout "$data/digits_heldout.npz"
         --reference-model "$R" --quiet --relearn-steps "${RELEARN_STEPS:-50}" --eval-every 10
         --relearn-settings training)
 phase=${PHASE:-both}
+if [ -n "${RELATED:-}" ]; then
+  common+=(--relearn-with "$C")
+  out=$runs/$name-related
+fi
 verify() {  # label model [flags]
   local label=$1 model=$2; shift 2
   [ "$phase" != unlearn ] || return 0
@@ -40,7 +47,7 @@ verify retrained "$R" --relearn-reference false
 while IFS='|' read -r label flags; do
   [ -n "$label" ] || continue
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $label "* ]]; then continue; fi
-  model=$out/models/$label
+  model=$models/$label
   flags=${flags//CALIBRATION/$C}
   if [ ! -f "$model/retrack_run.json" ]; then
     [ "$phase" != verify ] || continue
