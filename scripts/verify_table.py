@@ -6,6 +6,12 @@ Copies each verdict.json to OUT/<label>.json and writes OUT/summary.md: per mode
 each attack's percentile and p-value of the forget image among the non-members, the model − retrained
 difference's percentile, each attack's AUC (members vs non-members), and relearning (the step at
 which the membership score came back to the pretrained level, if it did).
+
+    python scripts/verify_table.py --brief runs/verify-study/tshirt runs/verify-study/boot --out results/verify_brief
+
+writes OUT/brief.md instead: one row per model, per study folder its verdict, the forget image's
+loss-attack percentile among the non-members, and that percentile after relearning (and after
+relearning with related images, from FOLDER-related where it exists).
 """
 
 from __future__ import annotations
@@ -45,12 +51,51 @@ def row(label: str, v: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _after(v: dict | None) -> str:
+    after = ((v or {}).get("relearning") or {}).get("model", {}).get("after")
+    if not after:
+        return "—"
+    t = after["images"][0]
+    return f"{t['percentile']:.1f}%" + (" ✱" if t["member"] else "")
+
+
+def brief(folders: list[Path], out: Path) -> str:
+    """One row per model label, three cells per folder: verdict, loss percentile, after relearning
+    (remain only / with related images)."""
+    found = [{p.parent.name: json.loads(p.read_text()) for p in f.glob("*/verdict.json")} for f in folders]
+    related = [{p.parent.name: json.loads(p.read_text()) for p in f.with_name(f.name + "-related").glob(
+        "*/verdict.json")} for f in folders]
+    labels = [x for x in ORDER if any(x in v for v in found)] + sorted(set().union(*found) - set(ORDER))
+    head = "| model | " + " | ".join(f"{f.name}: verdict | loss percentile | after relearning: remain / related"
+                                     for f in folders) + " |"
+    lines = [head, "|---" * (1 + 3 * len(folders)) + "|"]
+    for label in labels:
+        cells = [label]
+        for by, rel in zip(found, related, strict=True):
+            v = by.get(label)
+            if v is None:
+                cells += ["—", "—", "—"]
+                continue
+            t = v["images"][0]["model"]["loss"]
+            cells += [v["images"][0]["verdict"], f"{t['percentile']:.1f}%" + (" ✱" if t["member"] else ""),
+                      f"{_after(v)} / {_after(rel.get(label))}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "brief.md").write_text(text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder")
+    ap.add_argument("folder", nargs="+")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--brief", action="store_true")
     args = ap.parse_args()
-    root, out = Path(args.folder), Path(args.out)
+    if args.brief:
+        print(brief([Path(f) for f in args.folder], Path(args.out)))
+        return
+    root, out = Path(args.folder[0]), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     found = {p.parent.name: p for p in root.glob("*/verdict.json")}
     labels = [x for x in ORDER if x in found] + sorted(set(found) - set(ORDER))
