@@ -5,7 +5,8 @@
 #   bash scripts/verify_study.sh tshirt|boot|bag   (env: RUNS=runs/verify-study, ONLY="retrack siss": these
 #   methods only, PHASE=unlearn: make the unlearned models only, PHASE=verify: verify only the models
 #   already made, RELATED=1: relearn with the calibration images of the class added to the remain set
-#   (--relearn-with, a relearning attack with related data) into RUNS/NAME-related, RELEARN_STEPS=50,
+#   (--relearn-with, a relearning attack with related data) into RUNS/NAME-related, RELEARN_LR=2e-4:
+#   relearning at this learning rate instead, into RUNS/NAME[-related]-lr2e-4, RELEARN_STEPS=50,
 #   HELDOUT=200 held-out images, THREADS=1)
 # Relearning runs at the pretrained model's own training settings (its provenance.json: lr 1e-3,
 # batch 128), a relearning attack, not a gentle fine-tune. The stopping rule's row stops on the
@@ -33,7 +34,11 @@ common=(--pretrained "$P" --data "$D" --forget "$F" --heldout "$H" --auc-heldout
 phase=${PHASE:-both}
 if [ -n "${RELATED:-}" ]; then
   common+=(--relearn-with "$C")
-  out=$runs/$name-related
+  out=$out-related
+fi
+if [ -n "${RELEARN_LR:-}" ]; then
+  common+=(--relearn-lr "$RELEARN_LR")
+  out=$out-lr$RELEARN_LR
 fi
 verify() {  # label model [flags]
   local label=$1 model=$2; shift 2

@@ -166,3 +166,12 @@ def test_nash_runs_end_to_end_with_saliency_and_is_logged(tiny_model, tiny_data,
         a1, a2, n1, n2, c = e["alpha_unlearn"], e["alpha_remain"], e["norm_unlearn"], e["norm_remain"], e["cos"]
         assert a1 * n1 == pytest.approx(a2 * n2, rel=1e-9) and a1 * n1 == pytest.approx((1 + c) ** -0.5, rel=1e-9)
         assert e["lam"] == pytest.approx(a1 / (a1 + a2), rel=1e-12)
+
+
+@pytest.mark.parametrize("dot, sq1, sq2", [(0.0, 4.0, 9.0), (3.0, 4.0, 9.0), (-5.0, 4.0, 9.0), (1e-3, 1e6, 1e-4)])
+def test_for_two_gradients_nash_points_where_lam_auto_with_ratio_1_points(dot, sq1, sq2):
+    a, b, lam = NASH.coefficients(dot, sq1, sq2)
+    auto_a, auto_b, auto_lam = SplitRule("unlearn", "remain", None, 1.0).coefficients(dot, sq1, sq2)
+    assert lam == pytest.approx(auto_lam, rel=1e-12)  # the λ of the same direction
+    assert a / b == pytest.approx(auto_a / auto_b, rel=1e-12)  # parallel steps, lengths apart
+    assert auto_lam == pytest.approx(sq2**0.5 / (sq1**0.5 + sq2**0.5), rel=1e-12)
