@@ -4,7 +4,7 @@ forgets down to.
 ReTrack's target for a noisy forget image points at its neighbours; its distance from the true
 noise grows like SNR_t·‖a_u − ā‖², so at low noise the paper's objective teaches the model to
 denoise the forgotten image far *worse* than an image it never saw (on the shipped T-shirt model,
-3–4× the retrained model's error at t = 10–200): the over-forgetting that raises the image's NLL
+3–5× the retrained model's error at t = 10–200): the over-forgetting that raises the image's NLL
 past the retrained model's and bends other samples. The retrained model's error on the image is
 close to the input model's error on unseen images of the same kind at every timestep, which needs
 no retrained model to measure: this module measures it, once, before the first step.
