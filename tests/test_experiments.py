@@ -463,11 +463,11 @@ def test_options_study_config_resolves_as_shipped():
     assert (boot.train, boot.sampling, boot.metrics, boot.seeds) == (cfg.train, cfg.sampling, cfg.metrics, cfg.seeds)
 
 
-def test_bag_options_study_config_resolves_all_but_the_weights_it_waits_for(tmp_path):
+def test_bag_options_study_config_resolves_and_says_how_to_build_missing_weights(tmp_path, monkeypatch):
     """The third model's study: the T-shirt study's rows, seeds, sampling and metrics, stopped by
-    unseen bags. Its data, targets and every row resolve now (on a 28×28 stand-in for the model and
-    its twin); until the recipe's weights are built, resolving it as shipped says how to build them."""
-    from retrack.recipes import RECIPES
+    unseen bags. Its data, targets and every row resolve (on a 28×28 stand-in for the model and its
+    twin, and as shipped); where the recipe's weights are missing, resolving says how to build them."""
+    from retrack.experiments import builtins
 
     tshirt = load_config(ROOT / "configs" / "mnist_tshirt_options.yaml")
     bag = load_config(ROOT / "configs" / "mnist_bag_options.yaml")
@@ -488,13 +488,12 @@ def test_bag_options_study_config_resolves_all_but_the_weights_it_waits_for(tmp_
     assert len(res.data.images) == 5051 and len(res.runs) == 3 * (len(bag.methods) + 1)
     (spec,) = res.targets.values()
     assert spec == ",".join(str(i) for i in range(5000, 5051))
-    if (RECIPES / "mnist_bag" / "model").is_dir():  # once built, it resolves as the boot's does
-        assert resolve(bag).reference_model.endswith("mnist_bag/retrained")
-    else:
-        with pytest.raises(UserError, match=r"^model: builtin:mnist_bag is a recipe whose weights are not built "
-                                            r"yet; .*`retrack pretrain --config \S+/mnist_bag/pretrain\.yaml "
-                                            r"--out \S+/mnist_bag/model`\.$"):
-            resolve(bag)
+    assert resolve(bag).reference_model.endswith("mnist_bag/retrained")  # the built weights ship
+    monkeypatch.setattr(builtins, "RECIPES", tmp_path / "checkout")  # a checkout without them
+    with pytest.raises(UserError, match=r"^model: builtin:mnist_bag is a recipe whose weights are not built "
+                                        r"yet; .*`retrack pretrain --config \S+/mnist_bag/pretrain\.yaml "
+                                        r"--out \S+/mnist_bag/model`\.$"):
+        resolve(bag)
 
 
 def test_tradeoff_rows_never_share_colour_and_marker():
